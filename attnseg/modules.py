@@ -1,0 +1,162 @@
+"""Drop-in nn.Modules with the official DANet parameter names.
+
+A ``PAM_Module`` / ``CAM_Module`` / ``DANetHead`` state_dict from junfu1115/DANet loads into
+:class:`PositionAttention` / :class:`ChannelAttention` / :class:`DANetHead` with ``strict=True``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import functional as F_attn
+
+__all__ = ["PositionAttention", "ChannelAttention", "DANetHead"]
+
+
+def _check_backend(backend: str) -> str:
+    if not isinstance(backend, str) or backend not in F_attn.BACKENDS:
+        raise ValueError(f"backend must be one of {F_attn.BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _backend_repr(backend: str) -> str:
+    if backend != "auto":
+        return f"backend={backend!r}"
+    return f"backend='auto' (cpu: {F_attn.resolve_backend('auto', 'cpu')})"
+
+
+class PositionAttention(nn.Module):
+    """DANet position attention (PAM): gamma · softmax(q kᵀ) v + x over all H·W pixel pairs.
+
+    Args:
+        in_channels: C of the [B, C, H, W] input.
+        reduction: query/key width is C // reduction (8 in DANet). Must divide C.
+        backend: "auto", "native", "triton" or "reference" (see :mod:`attnseg.functional`).
+
+    Parameters (official names): query_conv, key_conv (1×1, C -> C/reduction, bias),
+    value_conv (1×1, C -> C, bias), gamma ([1], zero-initialised).
+    """
+
+    def __init__(self, in_channels: int, reduction: int = 8, backend: str = "auto"):
+        super().__init__()
+        if not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"PositionAttention: in_channels must be a positive int, got {in_channels!r}")
+        if not isinstance(reduction, int) or reduction < 1:
+            raise ValueError(f"PositionAttention: reduction must be a positive int, got {reduction!r}")
+        if in_channels % reduction != 0:
+            raise ValueError(
+                f"PositionAttention: in_channels ({in_channels}) must be divisible by reduction ({reduction})"
+            )
+        self.in_channels = in_channels
+        self.reduction = reduction
+        self.backend = _check_backend(backend)
+        key_channels = in_channels // reduction
+        self.query_conv = nn.Conv2d(in_channels, key_channels, kernel_size=1)
+        self.key_conv = nn.Conv2d(in_channels, key_channels, kernel_size=1)
+        self.value_conv = nn.Conv2d(in_channels, in_channels, kernel_size=1)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"PositionAttention: x must have {self.in_channels} channels, got shape {tuple(x.shape)}"
+            )
+        return F_attn.position_attention(
+            x, self.query_conv(x), self.key_conv(x), self.value_conv(x), self.gamma, backend=self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, reduction={self.reduction}, {_backend_repr(self.backend)}"
+
+
+class ChannelAttention(nn.Module):
+    """DANet channel attention (CAM): gamma · A X + x with A a C×C softmax over channel pairs.
+
+    Args:
+        in_channels: optional, C of the input; checked in forward when given.
+        variant: "official" (softmax(rowmax(E) − E), as DANet's code and checkpoints) or
+            "paper" (softmax(E), as the paper writes it).
+        backend: "auto", "native", "triton" or "reference".
+
+    Parameters: gamma ([1], zero-initialised), as the official ``CAM_Module``.
+    """
+
+    def __init__(self, in_channels: int | None = None, variant: str = "official", backend: str = "auto"):
+        super().__init__()
+        if variant not in F_attn.CAM_VARIANTS:
+            raise ValueError(f"ChannelAttention: variant must be one of {F_attn.CAM_VARIANTS}, got {variant!r}")
+        if in_channels is not None and (not isinstance(in_channels, int) or in_channels < 1):
+            raise ValueError(f"ChannelAttention: in_channels must be a positive int or None, got {in_channels!r}")
+        self.in_channels = in_channels
+        self.variant = variant
+        self.backend = _check_backend(backend)
+        self.gamma = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            self.in_channels is not None
+            and isinstance(x, torch.Tensor)
+            and x.dim() == 4
+            and x.shape[1] != self.in_channels
+        ):
+            raise ValueError(f"ChannelAttention: x must have {self.in_channels} channels, got shape {tuple(x.shape)}")
+        return F_attn.channel_attention(x, self.gamma, variant=self.variant, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        channels = f"in_channels={self.in_channels}, " if self.in_channels is not None else ""
+        return f"{channels}variant={self.variant!r}, {_backend_repr(self.backend)}"
+
+
+def _conv_bn_relu(in_channels: int, out_channels: int, norm_layer) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+        norm_layer(out_channels),
+        nn.ReLU(),
+    )
+
+
+def _classifier(in_channels: int, num_classes: int) -> nn.Sequential:
+    return nn.Sequential(nn.Dropout2d(0.1, False), nn.Conv2d(in_channels, num_classes, 1))
+
+
+class DANetHead(nn.Module):
+    """The DANet head: PAM and CAM branches on a dilated-FCN feature map, summed and classified.
+
+    Args:
+        in_channels: backbone channels (2048 for ResNet-50/101); inter_channels = in_channels // 4.
+        num_classes: output classes.
+        norm_layer: normalisation layer class (``nn.BatchNorm2d``, or ``nn.SyncBatchNorm``).
+        backend: passed to both attention modules.
+        cam_variant: "official" or "paper" (see :class:`ChannelAttention`).
+
+    Returns ``(fused_logits, pam_logits, cam_logits)``, each [B, num_classes, H, W], like the
+    official head. Submodule names match the official ones (conv5a, conv5c, sa, sc, conv51,
+    conv52, conv6, conv7, conv8), so ``head.*`` checkpoint weights load strictly.
+    """
+
+    def __init__(self, in_channels: int, num_classes: int, norm_layer=nn.BatchNorm2d, backend: str = "auto",
+                 cam_variant: str = "official"):
+        super().__init__()
+        if not isinstance(in_channels, int) or in_channels < 4 or in_channels % 4 != 0:
+            raise ValueError(f"DANetHead: in_channels must be a positive multiple of 4, got {in_channels!r}")
+        inter_channels = in_channels // 4
+        if inter_channels % 8 != 0:
+            raise ValueError(
+                f"DANetHead: in_channels // 4 ({inter_channels}) must be divisible by 8 (PAM's reduction); "
+                f"got in_channels={in_channels}"
+            )
+        self.conv5a = _conv_bn_relu(in_channels, inter_channels, norm_layer)
+        self.conv5c = _conv_bn_relu(in_channels, inter_channels, norm_layer)
+        self.sa = PositionAttention(inter_channels, backend=backend)
+        self.sc = ChannelAttention(inter_channels, variant=cam_variant, backend=backend)
+        self.conv51 = _conv_bn_relu(inter_channels, inter_channels, norm_layer)
+        self.conv52 = _conv_bn_relu(inter_channels, inter_channels, norm_layer)
+        self.conv6 = _classifier(inter_channels, num_classes)
+        self.conv7 = _classifier(inter_channels, num_classes)
+        self.conv8 = _classifier(inter_channels, num_classes)
+
+    def forward(self, x: torch.Tensor):
+        sa_conv = self.conv51(self.sa(self.conv5a(x)))
+        sc_conv = self.conv52(self.sc(self.conv5c(x)))
+        return self.conv8(sa_conv + sc_conv), self.conv6(sa_conv), self.conv7(sc_conv)

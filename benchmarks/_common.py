@@ -1,0 +1,474 @@
+"""Helpers shared by the attnseg benchmarks: isolation, peak memory, timing, output.
+
+One place for everything a benchmark script needs besides its own workload:
+
+* :func:`import_attnseg`: imports the installed attnseg, or the checkout this file lives in.
+* :class:`IsolatedRunner`: runs one measurement in a fresh child process (forked from a
+  forkserver that has already imported torch, so a child starts in milliseconds) and turns a
+  crash, a kill (e.g. by the OOM killer) or a timeout into a failure reason.
+* :class:`PeakMemoryMeter`: peak memory of a call above what was resident before it (see its
+  docstring for the method), and :func:`check_memory_meter`, which validates it on tensors of
+  known size.
+* :func:`measure_call`: warm-up, then repeats, each timed (and measured for memory).
+* :func:`format_table`, :func:`write_csv`, :func:`plot_loglog`, :func:`progress`: output.
+  matplotlib is optional: without it :func:`plot_loglog` says why and writes nothing.
+"""
+
+from __future__ import annotations
+
+import csv
+import ctypes
+import ctypes.util
+import dataclasses
+import gc
+import importlib
+import multiprocessing
+import os
+import resource
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+
+MIB = 1024**2
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+# ---------------------------------------------------------------------------------------------
+# Imports and progress
+# ---------------------------------------------------------------------------------------------
+
+
+def import_attnseg():
+    """Import attnseg: the installed package if there is one, else this checkout's.
+
+    Sets ``ATTNSEG_QUIET=1`` first: benchmarks report a missing backend themselves, once,
+    instead of the import-time warning (which would also repeat in every child process).
+    """
+    os.environ.setdefault("ATTNSEG_QUIET", "1")
+    try:
+        return importlib.import_module("attnseg")
+    except ModuleNotFoundError as exc:
+        if exc.name != "attnseg":
+            raise
+    sys.path.insert(0, str(REPO_ROOT))
+    return importlib.import_module("attnseg")
+
+
+def progress(message: str) -> None:
+    """A progress line on stderr (stdout carries only the results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Running one measurement in a fresh process
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ChildOutcome:
+    """What came back from one child: ``result`` if it finished, else ``failure``."""
+
+    result: dict | None
+    failure: str | None  # short reason, e.g. "out of memory" or "killed by SIGKILL (out of memory?)"
+    detail: str | None  # the exception with its message, where there was one
+    wall_s: float
+
+
+def _short_reason(exc: BaseException) -> str:
+    """A few words for a table cell: "out of memory" for any allocation failure, else the type."""
+    message = str(exc)
+    if isinstance(exc, MemoryError) or "can't allocate memory" in message or "out of memory" in message:
+        return "out of memory"
+    return type(exc).__name__
+
+
+def _child_entry(connection, target, payload, memory_headroom_bytes):
+    """Runs in the child: limit its memory, call ``target(payload)``, send the outcome."""
+    try:
+        if memory_headroom_bytes:
+            limit = _proc_status_bytes("VmSize") + memory_headroom_bytes
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+        connection.send(("ok", target(payload)))
+    except BaseException as exc:  # report everything, including MemoryError and KeyboardInterrupt
+        detail = f"{type(exc).__name__}: {exc}".strip().splitlines()[0]
+        try:
+            connection.send(("error", _short_reason(exc), detail))
+        except Exception:
+            pass
+    finally:
+        connection.close()
+
+
+class IsolatedRunner:
+    """Runs ``target(payload) -> dict`` in a fresh process, one at a time.
+
+    Children are forked from a forkserver that imported ``preload`` (torch, attnseg) once but
+    never ran a torch op, so each child is a clean process (no allocator state, no thread
+    pools, no CUDA context) that starts in milliseconds instead of the ~2 s of a torch import.
+    ``target`` must be a module-level function (it is pickled by name).
+    """
+
+    def __init__(self, preload: Sequence[str] = ("torch",)):
+        methods = multiprocessing.get_all_start_methods()
+        self.start_method = "forkserver" if "forkserver" in methods else "spawn"
+        self._context = multiprocessing.get_context(self.start_method)
+        if self.start_method == "forkserver":
+            self._context.set_forkserver_preload(list(preload))
+
+    def run(self, target: Callable[[dict], dict], payload: dict, *, timeout_s: float | None = None,
+            memory_headroom_bytes: int | None = None) -> ChildOutcome:
+        """Run ``target(payload)`` in a child and wait for it (at most ``timeout_s``).
+
+        ``memory_headroom_bytes`` (CPU only; CUDA reserves huge address ranges) limits the
+        child's address space to its size at start plus that much, so that a case too big for
+        the machine fails with an allocation error instead of waking the kernel's OOM killer.
+        """
+        started = time.perf_counter()
+        receiver, sender = self._context.Pipe(duplex=False)
+        process = self._context.Process(
+            target=_child_entry, args=(sender, target, payload, memory_headroom_bytes), daemon=True
+        )
+        process.start()
+        sender.close()
+        message = None
+        try:
+            if receiver.poll(timeout_s):
+                message = receiver.recv()
+        except EOFError:  # the child died before sending anything
+            pass
+        timed_out = message is None and process.is_alive()
+        if timed_out:
+            process.kill()
+        process.join()
+        receiver.close()
+        wall_s = time.perf_counter() - started
+        if message is not None and message[0] == "ok":
+            return ChildOutcome(message[1], None, None, wall_s)
+        if message is not None:
+            return ChildOutcome(None, message[1], message[2], wall_s)
+        if timed_out:
+            return ChildOutcome(None, f"timed out after {timeout_s:g} s", None, wall_s)
+        code = process.exitcode
+        if code is not None and code < 0:
+            name = signal.Signals(-code).name
+            hint = " (out of memory?)" if name == "SIGKILL" else ""
+            return ChildOutcome(None, f"killed by {name}{hint}", None, wall_s)
+        return ChildOutcome(None, f"child exited with status {code} without a result", None, wall_s)
+
+
+def available_memory_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (Linux), or None."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# Peak memory
+# ---------------------------------------------------------------------------------------------
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``VmXXX`` field of /proc/self/status in bytes, or None where there is none."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _load_malloc_trim():
+    path = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(path).malloc_trim if path else None
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS counter (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
+class PeakMemoryMeter:
+    """Peak memory of a call above what was in use just before it, in MiB.
+
+    CUDA: ``torch.cuda.max_memory_allocated() - torch.cuda.memory_allocated()`` after
+    ``torch.cuda.reset_peak_memory_stats()``: bytes handed out by the caching allocator.
+
+    CPU (Linux), method "vmhwm": before the call, ``gc.collect()``, then ``malloc_trim(0)``
+    (glibc), then ``"5"`` written to ``/proc/self/clear_refs``, which resets the peak resident
+    set (VmHWM) to the current one, and the current resident set (VmRSS) is the baseline;
+    after the call, the peak is VmHWM − baseline. The ``malloc_trim`` matters: glibc keeps
+    freed blocks of up to 32 MiB resident in its heap for reuse, so without it memory freed by
+    a warm-up call would already count in the baseline and hide the measured call's use of it.
+    These are pages actually touched, as the kernel counts them (page granularity, allocator
+    fragmentation included): what the process really needs, not what tensors add up to.
+
+    CPU fallback "ru_maxrss", where clear_refs cannot be written: baseline = VmRSS before the
+    call, peak = ru_maxrss after it. ru_maxrss is a lifetime peak that cannot be reset, so only
+    the first call in the process is measured (one-time allocations included), and a call whose
+    peak stays below an earlier peak of the process shows as 0.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device = torch.device(device)
+        self._malloc_trim = None
+        if self.device.type == "cuda":
+            self.method = "cuda"
+            self.resettable = True
+        elif self.device.type == "cpu":
+            self._malloc_trim = _load_malloc_trim()
+            self.resettable = _reset_peak_rss() and _proc_status_bytes("VmHWM") is not None
+            self.method = "vmhwm" if self.resettable else "ru_maxrss"
+        else:
+            raise ValueError(f"no peak-memory measurement for device type {self.device.type!r}")
+        self._baseline = 0
+
+    def describe(self) -> str:
+        """One line naming the method, for a benchmark's header."""
+        if self.method == "cuda":
+            return "torch.cuda.max_memory_allocated() above memory_allocated() at the start of the call"
+        trim = "gc + malloc_trim(0)" if self._malloc_trim is not None else "gc (no malloc_trim: not glibc)"
+        if self.method == "vmhwm":
+            return f"VmHWM - VmRSS of a fresh process, {trim}, VmHWM reset via /proc/self/clear_refs"
+        return (f"ru_maxrss - VmRSS ({trim}); /proc/self/clear_refs is not writable, so the peak cannot be "
+                "reset: the first call of each process is measured, one-time allocations included")
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def start(self) -> None:
+        """Take the baseline; call right before the measured call."""
+        gc.collect()
+        if self.device.type == "cuda":
+            self.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._baseline = torch.cuda.memory_allocated(self.device)
+            return
+        if self._malloc_trim is not None:
+            self._malloc_trim(0)
+        if self.resettable:
+            _reset_peak_rss()
+        current = _proc_status_bytes("VmRSS")
+        self._baseline = current if current is not None else self._ru_maxrss_bytes()
+
+    def stop(self) -> float:
+        """Peak above the baseline since :meth:`start`, in MiB."""
+        self.synchronize()
+        if self.device.type == "cuda":
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.resettable:
+            peak = _proc_status_bytes("VmHWM")
+        else:
+            peak = self._ru_maxrss_bytes()
+        return max(0, peak - self._baseline) / MIB
+
+    @staticmethod
+    def _ru_maxrss_bytes() -> int:
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+def check_memory_meter(device: str) -> dict:
+    """Measure allocations of known size with :class:`PeakMemoryMeter` (run it in a child).
+
+    Returns ``{"method": ..., "checks": [(label, expected MiB, measured MiB), ...]}``. The
+    second check is the trap a warm-up sets: a block freed into glibc's heap stays resident.
+    """
+    device = torch.device(device)
+    meter = PeakMemoryMeter(device)
+
+    def floats(mib: int) -> torch.Tensor:  # torch.ones touches every page; torch.empty would not
+        return torch.ones(mib * MIB // 4, device=device)
+
+    checks = []
+    meter.start()
+    tensor = floats(1024)
+    del tensor
+    checks.append(("1024 MiB tensor", 1024.0, meter.stop()))
+    if meter.resettable:
+        for mib in (32, 16):  # each freed at once: raises glibc's mmap threshold, then leaves 16 MiB in its heap
+            floats(mib)
+        meter.start()
+        tensor = floats(16)
+        del tensor
+        checks.append(("16 MiB tensor, same size freed just before", 16.0, meter.stop()))
+    return {"method": meter.describe(), "checks": checks}
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class CallMeasurement:
+    peak_mib: float  # the largest peak over the measured calls
+    times_s: list[float]
+
+    @property
+    def median_s(self) -> float:
+        return statistics.median(self.times_s)
+
+
+def measure_call(call: Callable[[], Any], meter: PeakMemoryMeter, *, repeats: int, warmups: int = 1,
+                 before_each: Callable[[], None] | None = None) -> CallMeasurement:
+    """Time ``call`` ``repeats`` times after ``warmups`` untimed calls, measuring its peak memory.
+
+    With a resettable meter every timed call is also measured for memory (the warm-up makes
+    one-time allocations, such as thread pools, not count). Without one, only the first call of
+    the process can be measured, so the first warm-up is the measured call.
+    ``before_each`` runs before every call, outside the measurement (e.g. to drop gradients).
+    """
+    if repeats < 1 or warmups < 1:
+        raise ValueError(f"need repeats >= 1 and warmups >= 1, got {repeats} and {warmups}")
+    prepare = before_each or (lambda: None)
+    peaks: list[float] = []
+    for warmup in range(warmups):
+        prepare()
+        if warmup == 0 and not meter.resettable:
+            meter.start()
+            call()
+            peaks.append(meter.stop())
+        else:
+            call()
+            meter.synchronize()
+    times = []
+    for _ in range(repeats):
+        prepare()
+        meter.start()
+        started = time.perf_counter()
+        call()
+        meter.synchronize()
+        times.append(time.perf_counter() - started)
+        peak = meter.stop()
+        if meter.resettable:
+            peaks.append(peak)
+    return CallMeasurement(max(peaks), times)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+def format_mib(mib: float) -> str:
+    return f"{mib:,.0f}" if mib >= 100 else f"{mib:.1f}"
+
+
+def format_seconds(seconds: float) -> str:
+    if seconds >= 1:
+        return f"{seconds:.2f} s"
+    if seconds >= 1e-3:
+        return f"{seconds * 1e3:.1f} ms"
+    return f"{seconds * 1e6:.0f} us"
+
+
+def format_ratio(numerator: float | None, denominator: float | None) -> str:
+    if numerator is None or denominator is None or denominator <= 0:
+        return "-"
+    ratio = numerator / denominator
+    return f"{ratio:.3f}" if ratio < 0.1 else f"{ratio:.2f}"
+
+
+def format_bytes(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(count) < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
+    raise AssertionError("unreachable")
+
+
+def format_table(header: Sequence[str], rows: Iterable[Sequence[str]], align: str | None = None) -> str:
+    """A plain-text table; ``align`` has one character per column, "<" (left) or ">" (right)."""
+    rows = [list(map(str, row)) for row in rows]
+    align = align or "<" * len(header)
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *rows)]
+
+    def line(cells):
+        return "  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(cells, align, widths)).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    return "\n".join([line(header), rule, *(line(row) for row in rows)])
+
+
+def write_csv(path: str | Path, rows: Sequence[dict]) -> None:
+    """Write ``rows`` (dicts sharing their keys) as CSV, creating the parent folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=list(rows[0]) if rows else [])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+@dataclasses.dataclass
+class PlotPanel:
+    """One log-log panel: ``series`` maps a label to (xs, ys); ``styles`` to matplotlib kwargs."""
+
+    title: str
+    xlabel: str
+    ylabel: str
+    series: dict[str, tuple[list[float], list[float]]]
+    styles: dict[str, dict] = dataclasses.field(default_factory=dict)
+
+
+def plot_loglog(path: str | Path, panels: Sequence[Sequence[PlotPanel]], suptitle: str) -> str | None:
+    """Save a grid of log-log panels (rows of columns) as a PNG.
+
+    Returns None on success, or why nothing was written (matplotlib is optional).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        return f"matplotlib is not installed ({exc}); `pip install matplotlib` for --plot"
+    n_rows, n_cols = len(panels), max(len(row) for row in panels)
+    figure, axes = plt.subplots(n_rows, n_cols, figsize=(6.5 * n_cols, 4.5 * n_rows), squeeze=False)
+    for row_index, row in enumerate(panels):
+        for col_index in range(n_cols):
+            axis = axes[row_index][col_index]
+            if col_index >= len(row):
+                axis.set_visible(False)
+                continue
+            panel = row[col_index]
+            for label, (xs, ys) in panel.series.items():
+                if xs:
+                    axis.plot(xs, ys, label=label, **panel.styles.get(label, {}))
+            axis.set_xscale("log")
+            axis.set_yscale("log")
+            axis.set_title(panel.title)
+            axis.set_xlabel(panel.xlabel)
+            axis.set_ylabel(panel.ylabel)
+            axis.grid(True, which="both", alpha=0.3)
+            if panel.series:
+                axis.legend(fontsize="small")
+    figure.suptitle(suptitle)
+    figure.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    return None

@@ -1,0 +1,69 @@
+"""Shared pytest setup for attnseg.
+
+* ``ATTNSEG_QUIET=1`` is set before attnseg is imported, so a missing extension does not warn
+  once per worker; the tests report it themselves (below).
+* ``@pytest.mark.requires_native`` marks a test that needs the compiled extension (attnseg._C).
+  Without it the test is SKIPPED with ``attnseg.native_unavailable_reason()`` as the reason,
+  unless ``ATTNSEG_REQUIRE_NATIVE=1`` (set by CI), where it FAILS instead: CI can never go
+  green with the kernels missing.
+* Every test starts from the same seed (autouse fixture), whatever ran before it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ["ATTNSEG_QUIET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import attnseg  # noqa: E402
+
+# tests/ on sys.path for the shared helpers module, whatever pytest's import mode.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+SEED = 0
+REQUIRE_NATIVE = os.environ.get("ATTNSEG_REQUIRE_NATIVE") == "1"
+
+
+def _native_missing_message() -> str:
+    return f"attnseg native extension not loaded: {attnseg.native_unavailable_reason()}"
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "requires_native: needs the compiled attnseg._C ops; skipped without them, "
+        "failed without them when ATTNSEG_REQUIRE_NATIVE=1",
+    )
+
+
+def pytest_report_header(config):
+    state = "loaded" if attnseg.native_available() else _native_missing_message()
+    return [
+        f"attnseg {attnseg.__version__}: native extension {state}; "
+        f"ATTNSEG_REQUIRE_NATIVE={'1' if REQUIRE_NATIVE else 'unset'}; "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads"
+    ]
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("requires_native") is None or attnseg.native_available():
+        return
+    if not REQUIRE_NATIVE:
+        pytest.skip(_native_missing_message())
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    # Reported as a failure of the test itself (call phase), not a setup error.
+    if item.get_closest_marker("requires_native") is not None and not attnseg.native_available():
+        pytest.fail(f"ATTNSEG_REQUIRE_NATIVE=1 but {_native_missing_message()}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seed():
+    torch.manual_seed(SEED)
+    yield

@@ -1,0 +1,374 @@
+"""The generic attention op (torch.ops.attnseg.attention_fwd / attention_bwd through
+attnseg.attention(backend="native")) against attnseg.reference.
+
+Shapes: a covering set, not the cartesian product (CI has 2 cores). Together the cases hit
+B in {1, 3}, Nq and Nk in {1, 7, 97, 1024} with Nq != Nk, E in {1, 3, 64, 80},
+Ev in {1, 64, 512, 513} and scale in {1, E**-0.5, negative}, in fp64 and fp32, forward and
+dq / dk / dv with gradients flowing into both ``out`` and ``lse``.
+Tolerances: see helpers.py.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import attnseg
+from attnseg import reference
+from helpers import FP64_TOL, assert_matches_reference, magnitude, max_abs_err
+
+requires_native = pytest.mark.requires_native
+
+# (B, Nq, Nk, E, Ev, scale); scale "inv_sqrt" means E ** -0.5.
+SHAPES = [
+    (1, 1, 1, 1, 1, 1.0),
+    (3, 7, 97, 3, 64, "inv_sqrt"),
+    (1, 97, 7, 64, 513, -0.7),
+    (3, 1024, 97, 80, 1, 1.0),
+    (1, 97, 1024, 64, 512, 1.0),  # DANet's PAM widths (E = 64, Ev = 512), Nq != Nk
+    (3, 1024, 1024, 1, 64, -2.0),
+    (1, 1, 1024, 80, 513, "inv_sqrt"),
+    (3, 1024, 1, 3, 512, -0.25),  # Nk = 1: every row of P is exactly 1
+    (1, 7, 7, 80, 64, 1.0),
+]
+
+
+def _scale_value(scale, e):
+    return e**-0.5 if scale == "inv_sqrt" else scale
+
+
+def _shape_id(shape):
+    b, nq, nk, e, ev, scale = shape
+    return f"B{b}-Nq{nq}-Nk{nk}-E{e}-Ev{ev}-s{scale}"
+
+
+def _contiguous_views(q, k, v):
+    return q, k, v
+
+
+def _run(leaves, make_qkv, scale, backend, grad_out, grad_lse):
+    """(out, lse, grads of the leaves) of attnseg.attention on views made from fresh leaves."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in leaves]
+    q, k, v = make_qkv(*leaves)
+    out, lse = attnseg.attention(q, k, v, scale, backend=backend, return_lse=True)
+    grads = torch.autograd.grad((out, lse), leaves, (grad_out.to(out.dtype), grad_lse.to(lse.dtype)))
+    return out.detach(), lse.detach(), grads
+
+
+def _compare_native_to_reference(leaves, make_qkv, scale, *, names=("q", "k", "v")):
+    """Native vs the fp64 reference (and PyTorch in the same dtype), forward, lse and grads."""
+    dtype = leaves[0].dtype
+    with torch.no_grad():
+        q, k, v = make_qkv(*leaves)
+    b, nq, _ = q.shape
+    grad_out = torch.randn(b, nq, v.shape[-1], dtype=torch.float64)
+    grad_lse = torch.randn(b, nq, dtype=torch.float64)
+    reduction = max(q.shape[1], k.shape[1], q.shape[2], v.shape[2])
+
+    out, lse, grads = _run(leaves, make_qkv, scale, "native", grad_out, grad_lse)
+    leaves64 = [t.detach().double() for t in leaves]
+    out64, lse64, grads64 = _run(leaves64, make_qkv, scale, "reference", grad_out, grad_lse)
+    if dtype == torch.float64:
+        same = (None, None, (None, None, None))
+    else:
+        same = _run(leaves, make_qkv, scale, "reference", grad_out, grad_lse)
+
+    lse_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    assert out.is_contiguous(), f"out must be contiguous, got strides {out.stride()}"
+    assert_matches_reference("out", out, out64, same[0], reduction=reduction, expected_dtype=dtype)
+    assert_matches_reference("lse", lse, lse64, same[1], reduction=reduction, expected_dtype=lse_dtype)
+    for name, g, g64, g_same in zip(names, grads, grads64, same[2]):
+        assert_matches_reference(f"d{name}", g, g64, g_same, reduction=reduction, expected_dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference comparisons
+# ---------------------------------------------------------------------------------------------
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
+def test_matches_reference(shape, dtype):
+    b, nq, nk, e, ev, scale = shape
+    leaves = [torch.randn(b, nq, e, dtype=dtype), torch.randn(b, nk, e, dtype=dtype), torch.randn(b, nk, ev, dtype=dtype)]
+    _compare_native_to_reference(leaves, _contiguous_views, _scale_value(scale, e))
+
+
+# Non-contiguous layouts: the kernels take strides (DESIGN.md, "Layout"). Each case builds
+# (q, k, v) as views of base tensors; gradients are compared on the bases.
+STRIDED_LAYOUTS = {
+    # q, k, v as the 1x1 convolutions give them: channel-first [B, E, N] transposed to [B, N, E]
+    "channel_first": (
+        lambda b, nq, nk, e, ev, dt: [torch.randn(b, e, nq, dtype=dt), torch.randn(b, e, nk, dtype=dt), torch.randn(b, ev, nk, dtype=dt)],
+        lambda q, k, v: (q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)),
+    ),
+    # slices with a step in the token dim (k) and in the feature dim (q: last stride 2)
+    "step_slices": (
+        lambda b, nq, nk, e, ev, dt: [torch.randn(b, nq, 2 * e, dtype=dt), torch.randn(b, 2 * nk + 1, e, dtype=dt), torch.randn(b, nk, ev, dtype=dt)],
+        lambda q, k, v: (q[..., ::2], k[:, 1::2], v),
+    ),
+    # a transposed v and a batch-broadcast k (stride 0 in B, shared keys)
+    "transposed_v_expanded_k": (
+        lambda b, nq, nk, e, ev, dt: [torch.randn(b, nq, e, dtype=dt), torch.randn(1, nk, e, dtype=dt), torch.randn(b, ev, nk, dtype=dt)],
+        lambda q, k, v: (q, k.expand(q.shape[0], -1, -1), v.transpose(1, 2)),
+    ),
+    # a batch-strided slice: every other batch element, and a permuted [N, B, E] buffer
+    "batch_step_and_permuted": (
+        lambda b, nq, nk, e, ev, dt: [torch.randn(2 * b, nq, e, dtype=dt), torch.randn(nk, b, e, dtype=dt), torch.randn(b, nk, ev, dtype=dt)],
+        lambda q, k, v: (q[::2], k.permute(1, 0, 2), v),
+    ),
+}
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("layout", list(STRIDED_LAYOUTS))
+def test_non_contiguous_inputs(layout, dtype):
+    make_leaves, make_qkv = STRIDED_LAYOUTS[layout]
+    b, nq, nk, e, ev = 3, 97, 70, 64, 80
+    leaves = make_leaves(b, nq, nk, e, ev, dtype)
+    q, k, v = make_qkv(*leaves)
+    assert not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous()), "layout is not strided"
+    assert (q.shape, k.shape, v.shape) == ((b, nq, e), (b, nk, e), (b, nk, ev))
+    _compare_native_to_reference(leaves, make_qkv, e**-0.5, names=("q_base", "k_base", "v_base"))
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+def test_large_logits(dtype):
+    """|S| in the thousands (DANet's unscaled q·k on large features): finite, and correct."""
+    b, nq, nk, e, ev = 2, 97, 130, 64, 64
+    q = 12.0 * torch.randn(b, nq, e, dtype=dtype)
+    k = 12.0 * torch.randn(b, nk, e, dtype=dtype)
+    v = torch.randn(b, nk, ev, dtype=dtype)
+    logits = torch.bmm(q.double(), k.double().transpose(1, 2))
+    assert logits.abs().max() > 2000, "inputs do not produce large logits"
+    # Rows are then nearly one-hot: exp(S - max) underflows for almost every key.
+    _compare_native_to_reference([q, k, v], _contiguous_views, 1.0)
+
+
+@requires_native
+@pytest.mark.parametrize("where", ["q", "k", "v"])
+def test_nan_input_propagates(where):
+    """A NaN in an input gives NaN exactly where the reference has NaN, not a crash."""
+    b, nq, nk, e, ev = 2, 9, 11, 5, 6
+    tensors = {"q": torch.randn(b, nq, e), "k": torch.randn(b, nk, e), "v": torch.randn(b, nk, ev)}
+    tensors[where][1, 3, 2] = float("nan")
+    q, k, v = (tensors[n].requires_grad_() for n in ("q", "k", "v"))
+    out = attnseg.attention(q, k, v, backend="native")
+    with torch.no_grad():
+        expected = reference.attention(q, k, v)
+    assert torch.isnan(expected).any()
+    assert torch.equal(torch.isnan(out), torch.isnan(expected)), "NaN pattern differs from the reference"
+    finite = ~torch.isnan(expected)
+    torch.testing.assert_close(out[finite], expected[finite])
+    # The backward must not crash either, and may not hide the NaN.
+    grads = torch.autograd.grad(out.sum(), (q, k, v))
+    assert any(torch.isnan(g).any() for g in grads), "a NaN input gave entirely finite gradients"
+
+
+@requires_native
+def test_nq_nk_9409():
+    """mmsegmentation's 769 crop: N = 97 x 97 = 9409, one fp32 forward and backward.
+
+    Kept cheap: small widths, and the reference only for a subset of query rows. Rows of the
+    output depend only on their own query, and with grad_out / grad_lse zero outside the subset
+    the exact dk and dv are the subset's contribution alone, so a [1, m, E] reference gives the
+    exact expected dq (subset rows), dk and dv of the full 9409 x 9409 problem.
+    """
+    n, e, ev = 97 * 97, 3, 5
+    q, k, v = torch.randn(1, n, e), torch.randn(1, n, e), torch.randn(1, n, ev)
+    rows = torch.cat([torch.tensor([0, 1, 63, 64, 65, 127, 128, 4095, 4096, n - 2, n - 1]), torch.randperm(n)[:53]]).unique()
+    grad_out = torch.zeros(1, n, ev, dtype=torch.float64)
+    grad_lse = torch.zeros(1, n, dtype=torch.float64)
+    grad_out[:, rows] = torch.randn(1, len(rows), ev, dtype=torch.float64)
+    grad_lse[:, rows] = torch.randn(1, len(rows), dtype=torch.float64)
+
+    out, lse, (dq, dk, dv) = _run([q, k, v], _contiguous_views, 1.0, "native", grad_out, grad_lse)
+    assert out.shape == (1, n, ev) and lse.shape == (1, n)
+
+    def sub(qkv_leaves):
+        return _run(qkv_leaves, lambda q_, k_, v_: (q_[:, rows], k_, v_), 1.0, "reference", grad_out[:, rows], grad_lse[:, rows])
+
+    out64, lse64, (dq64, dk64, dv64) = sub([q.double(), k.double(), v.double()])
+    out32, lse32, (dq32, dk32, dv32) = sub([q, k, v])
+    assert_matches_reference("out[rows]", out[:, rows], out64, out32, reduction=n)
+    assert_matches_reference("lse[rows]", lse[:, rows], lse64, lse32, reduction=n)
+    assert_matches_reference("dq[rows]", dq[:, rows], dq64[:, rows], dq32[:, rows], reduction=n)
+    assert_matches_reference("dk", dk, dk64, dk32, reduction=n)
+    assert_matches_reference("dv", dv, dv64, dv32, reduction=n)
+    others = torch.ones(n, dtype=torch.bool)
+    others[rows] = False
+    assert torch.count_nonzero(dq[:, others]) == 0, "dq is non-zero for rows with zero incoming gradient"
+
+
+@requires_native
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("used", ["out_only", "lse_only"])
+def test_partial_output_gradients(used, dtype):
+    """Only one of (out, lse) reaches the loss: the other's gradient is absent (None/zero)."""
+    b, nq, nk, e, ev = 2, 33, 47, 16, 24
+    leaves = [torch.randn(b, nq, e, dtype=dtype), torch.randn(b, nk, e, dtype=dtype), torch.randn(b, nk, ev, dtype=dtype)]
+
+    def grads(backend, ts):
+        ts = [t.detach().clone().requires_grad_() for t in ts]
+        if used == "out_only":
+            out = attnseg.attention(*ts, 0.5, backend=backend)  # return_lse=False
+            weight = torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)
+            loss = (out * weight).sum()
+        else:
+            _, lse = attnseg.attention(*ts, 0.5, backend=backend, return_lse=True)
+            loss = (lse * torch.linspace(-1, 1, lse.numel(), dtype=lse.dtype).view_as(lse)).sum()
+        return torch.autograd.grad(loss, ts)
+
+    native = grads("native", leaves)
+    ref64 = grads("reference", [t.double() for t in leaves])
+    same = grads("reference", leaves) if dtype != torch.float64 else (None,) * 3
+    for name, g, g64, gs in zip("qkv", native, ref64, same):
+        assert_matches_reference(f"d{name}", g, g64, gs, reduction=max(nk, ev))
+
+
+@requires_native
+@pytest.mark.parametrize("scale", [1.0, 0.125, -1.5])
+def test_lse_is_logsumexp_of_scaled_logits(scale):
+    q, k, v = torch.randn(2, 7, 3, dtype=torch.float64), torch.randn(2, 97, 3, dtype=torch.float64), torch.randn(2, 97, 1, dtype=torch.float64)
+    _, lse = attnseg.attention(q, k, v, scale, backend="native", return_lse=True)
+    expected = torch.logsumexp(scale * torch.bmm(q, k.transpose(1, 2)), dim=-1)
+    assert lse.dtype == torch.float64 and lse.shape == (2, 7)
+    assert max_abs_err(lse, expected) <= FP64_TOL * magnitude(expected)
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck (float64, small shapes): the suite users run.
+# ---------------------------------------------------------------------------------------------
+
+GRADCHECK_SHAPES = [
+    # (B, Nq, Nk, E, Ev, scale)
+    (1, 1, 1, 1, 1, 1.0),
+    (2, 5, 7, 3, 4, 1.0),
+    (1, 7, 3, 4, 9, -0.6),
+    (2, 4, 9, 2, 1, 0.5),
+]
+
+
+@requires_native
+@pytest.mark.parametrize("with_lse", [False, True], ids=["out", "out+lse"])
+@pytest.mark.parametrize("shape", GRADCHECK_SHAPES, ids=_shape_id)
+def test_gradcheck_attention(shape, with_lse):
+    b, nq, nk, e, ev, scale = shape
+    inputs = (
+        torch.randn(b, nq, e, dtype=torch.float64, requires_grad=True),
+        torch.randn(b, nk, e, dtype=torch.float64, requires_grad=True),
+        torch.randn(b, nk, ev, dtype=torch.float64, requires_grad=True),
+    )
+
+    def fn(q, k, v):
+        return attnseg.attention(q, k, v, scale, backend="native", return_lse=with_lse)
+
+    assert torch.autograd.gradcheck(fn, inputs, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+@requires_native
+def test_gradcheck_attention_lse_only_strided():
+    """The grad_lse path alone (grad_out absent) through channel-first strided views."""
+    base = (
+        torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True),  # [B, E, Nq]
+        torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True),  # [B, E, Nk]
+        torch.randn(2, 4, 6, dtype=torch.float64, requires_grad=True),  # [B, Ev, Nk]
+    )
+
+    def fn(q, k, v):
+        _, lse = attnseg.attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), -0.8,
+                                   backend="native", return_lse=True)
+        return lse
+
+    assert torch.autograd.gradcheck(fn, base, eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.library.opcheck: schema, fake kernels, autograd registration, AOT dispatch.
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention_fwd_samples():
+    def qkv(b, nq, nk, e, ev, dtype, requires_grad):
+        q = torch.randn(b, nq, e, dtype=dtype, requires_grad=requires_grad)
+        k = torch.randn(b, nk, e, dtype=dtype, requires_grad=requires_grad)
+        v = torch.randn(b, nk, ev, dtype=dtype, requires_grad=requires_grad)
+        return q, k, v
+
+    torch.manual_seed(1)
+    samples = [
+        ("fp32", (*qkv(2, 5, 7, 3, 4, torch.float32, True), 1.0)),
+        ("fp64_nograd", (*qkv(1, 9, 2, 8, 5, torch.float64, False), -0.5)),
+    ]
+    q = torch.randn(2, 3, 6, requires_grad=True).transpose(1, 2)  # channel-first view [2, 6, 3]
+    k = torch.randn(2, 14, 3)[:, ::2]  # step slice [2, 7, 3]
+    v = torch.randn(2, 5, 7).transpose(1, 2)  # transposed [2, 7, 5]
+    samples.append(("strided", (q, k, v, 0.25)))
+    return samples
+
+
+@requires_native
+@pytest.mark.parametrize("sample", range(3), ids=["fp32", "fp64_nograd", "strided"])
+def test_opcheck_attention_fwd(sample):
+    _, args = _attention_fwd_samples()[sample]
+    torch.library.opcheck(torch.ops.attnseg.attention_fwd.default, args)
+
+
+@requires_native
+@pytest.mark.parametrize("with_grad_lse", [False, True], ids=["no_grad_lse", "grad_lse"])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_opcheck_attention_bwd(strided, with_grad_lse):
+    b, nq, nk, e, ev, scale = 2, 6, 5, 3, 4, 0.7
+    if strided:
+        q = torch.randn(b, e, nq).transpose(1, 2)
+        k = torch.randn(b, nk, 2 * e)[..., ::2]
+        v = torch.randn(b, ev, nk).transpose(1, 2)
+    else:
+        q, k, v = torch.randn(b, nq, e), torch.randn(b, nk, e), torch.randn(b, nk, ev)
+    out, lse = torch.ops.attnseg.attention_fwd(q, k, v, scale)
+    grad_out = torch.randn(b, ev, nq).transpose(1, 2) if strided else torch.randn(b, nq, ev)
+    grad_lse = torch.randn(b, nq) if with_grad_lse else None
+    torch.library.opcheck(torch.ops.attnseg.attention_bwd.default, (grad_out, grad_lse, q, k, v, out, lse, scale))
+
+
+@requires_native
+@pytest.mark.parametrize("official", [True, False], ids=["official", "paper"])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_opcheck_channel_attention_fwd(strided, official):
+    if strided:  # [B, C, N] view of a channels_last [B, C, H, W] map, as functional passes it
+        x = torch.randn(2, 5, 3, 4).to(memory_format=torch.channels_last).flatten(2)
+        assert not x.is_contiguous()
+        x.requires_grad_()
+    else:
+        x = torch.randn(2, 5, 12, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(torch.ops.attnseg.channel_attention_fwd.default, (x, official))
+
+
+@requires_native
+@pytest.mark.parametrize("official", [True, False], ids=["official", "paper"])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
+def test_opcheck_channel_attention_bwd(strided, official):
+    x = torch.randn(2, 12, 5).transpose(1, 2) if strided else torch.randn(2, 5, 12)
+    _, attn = torch.ops.attnseg.channel_attention_fwd(x, official)
+    grad_y = torch.randn(2, 12, 5).transpose(1, 2) if strided else torch.randn(2, 5, 12)
+    torch.library.opcheck(torch.ops.attnseg.channel_attention_bwd.default, (grad_y, x, attn, official))
+
+
+# ---------------------------------------------------------------------------------------------
+# Runs without the extension: the reference backend through the same public call.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("scale", [1.0, -0.3])
+def test_reference_backend_lse_and_out(scale):
+    """The reference backend of attnseg.attention returns softmax(q kᵀ·scale) v and its lse."""
+    q, k, v = torch.randn(2, 7, 3), torch.randn(2, 11, 3), torch.randn(2, 11, 5)
+    out, lse = attnseg.attention(q, k, v, scale, backend="reference", return_lse=True)
+    logits = scale * torch.bmm(q.double(), k.double().transpose(1, 2))
+    expected = torch.bmm(torch.softmax(logits, -1), v.double())
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
