@@ -31,7 +31,7 @@ os.environ.setdefault("MAX_JOBS", default_max_jobs())
 
 debug = os.environ.get("ATTNSEG_DEBUG") == "1"
 cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-cxx_flags += ["-fopenmp-simd", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+cxx_flags += ["-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 
 sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
 sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]

@@ -22,6 +22,7 @@ import ctypes.util
 import dataclasses
 import gc
 import importlib
+import math
 import multiprocessing
 import os
 import resource
@@ -59,9 +60,9 @@ def import_attnseg():
     return importlib.import_module("attnseg")
 
 
-def progress(message: str) -> None:
-    """A progress line on stderr (stdout carries only the results)."""
-    print(message, file=sys.stderr, flush=True)
+def progress(message: str, *, end: str = "\n") -> None:
+    """Progress on stderr (stdout carries only the results); ``end=""`` to finish the line later."""
+    print(message, file=sys.stderr, end=end, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,8 +91,9 @@ def _short_reason(exc: BaseException) -> str:
 def _child_entry(connection, target, payload, memory_headroom_bytes):
     """Runs in the child: limit its memory, call ``target(payload)``, send the outcome."""
     try:
-        if memory_headroom_bytes:
-            limit = _proc_status_bytes("VmSize") + memory_headroom_bytes
+        address_space = _proc_status_bytes("VmSize")
+        if memory_headroom_bytes and address_space is not None:
+            limit = address_space + memory_headroom_bytes
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         connection.send(("ok", target(payload)))
     except BaseException as exc:  # report everything, including MemoryError and KeyboardInterrupt
@@ -105,7 +107,7 @@ def _child_entry(connection, target, payload, memory_headroom_bytes):
 
 
 class IsolatedRunner:
-    """Runs ``target(payload) -> dict`` in a fresh process, one at a time.
+    """Runs ``target(payload) -> dict`` in a fresh process, one at a time (payload: picklable).
 
     Children are forked from a forkserver that imported ``preload`` (torch, attnseg) once but
     never ran a torch op, so each child is a clean process (no allocator state, no thread
@@ -120,7 +122,7 @@ class IsolatedRunner:
         if self.start_method == "forkserver":
             self._context.set_forkserver_preload(list(preload))
 
-    def run(self, target: Callable[[dict], dict], payload: dict, *, timeout_s: float | None = None,
+    def run(self, target: Callable[[Any], dict], payload: Any, *, timeout_s: float | None = None,
             memory_headroom_bytes: int | None = None) -> ChildOutcome:
         """Run ``target(payload)`` in a child and wait for it (at most ``timeout_s``).
 
@@ -135,15 +137,19 @@ class IsolatedRunner:
         )
         process.start()
         sender.close()
-        message = None
+        message, timed_out = None, False
         try:
-            if receiver.poll(timeout_s):
+            if receiver.poll(timeout_s):  # also true at end of file: the child died
                 message = receiver.recv()
-        except EOFError:  # the child died before sending anything
+            else:
+                timed_out = True
+                process.kill()
+        except EOFError:  # the child died before sending anything; its exit code says how
             pass
-        timed_out = message is None and process.is_alive()
-        if timed_out:
+        except BaseException:  # e.g. Ctrl-C: do not leave the child running
             process.kill()
+            process.join()
+            raise
         process.join()
         receiver.close()
         wall_s = time.perf_counter() - started
@@ -225,8 +231,8 @@ class PeakMemoryMeter:
 
     CPU fallback "ru_maxrss", where clear_refs cannot be written: baseline = VmRSS before the
     call, peak = ru_maxrss after it. ru_maxrss is a lifetime peak that cannot be reset, so only
-    the first call in the process is measured (one-time allocations included), and a call whose
-    peak stays below an earlier peak of the process shows as 0.
+    the first call in the process is measured (one-time allocations included), and a call that
+    does not raise the process's earlier peak reads NaN (unknown), not that earlier peak.
     """
 
     def __init__(self, device: torch.device):
@@ -242,6 +248,7 @@ class PeakMemoryMeter:
         else:
             raise ValueError(f"no peak-memory measurement for device type {self.device.type!r}")
         self._baseline = 0
+        self._earlier_peak = 0
 
     def describe(self) -> str:
         """One line naming the method, for a benchmark's header."""
@@ -269,11 +276,12 @@ class PeakMemoryMeter:
             self._malloc_trim(0)
         if self.resettable:
             _reset_peak_rss()
+        self._earlier_peak = self._ru_maxrss_bytes()
         current = _proc_status_bytes("VmRSS")
-        self._baseline = current if current is not None else self._ru_maxrss_bytes()
+        self._baseline = current if current is not None else self._earlier_peak
 
     def stop(self) -> float:
-        """Peak above the baseline since :meth:`start`, in MiB."""
+        """Peak above the baseline since :meth:`start`, in MiB (NaN where it cannot be known)."""
         self.synchronize()
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)
@@ -281,6 +289,8 @@ class PeakMemoryMeter:
             peak = _proc_status_bytes("VmHWM")
         else:
             peak = self._ru_maxrss_bytes()
+            if peak <= self._earlier_peak and self._earlier_peak > self._baseline:
+                return math.nan  # hidden under an earlier peak of the process
         return max(0, peak - self._baseline) / MIB
 
     @staticmethod
@@ -373,6 +383,8 @@ def measure_call(call: Callable[[], Any], meter: PeakMemoryMeter, *, repeats: in
 
 
 def format_mib(mib: float) -> str:
+    if math.isnan(mib):
+        return "unknown"
     return f"{mib:,.0f}" if mib >= 100 else f"{mib:.1f}"
 
 
@@ -443,6 +455,7 @@ def plot_loglog(path: str | Path, panels: Sequence[Sequence[PlotPanel]], suptitl
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        from matplotlib.ticker import FuncFormatter, NullFormatter
     except ImportError as exc:
         return f"matplotlib is not installed ({exc}); `pip install matplotlib` for --plot"
     n_rows, n_cols = len(panels), max(len(row) for row in panels)
@@ -459,6 +472,13 @@ def plot_loglog(path: str | Path, panels: Sequence[Sequence[PlotPanel]], suptitl
                     axis.plot(xs, ys, label=label, **panel.styles.get(label, {}))
             axis.set_xscale("log")
             axis.set_yscale("log")
+            x_values = sorted({x for xs, _ in panel.series.values() for x in xs})
+            if x_values:  # tick the measured sizes themselves, in plain numbers
+                axis.set_xticks(x_values, [f"{x:,.0f}" for x in x_values], rotation=45)
+                axis.xaxis.set_minor_formatter(NullFormatter())
+            plain = FuncFormatter(lambda value, _: f"{value:g}")
+            axis.yaxis.set_major_formatter(plain)
+            axis.yaxis.set_minor_formatter(plain)
             axis.set_title(panel.title)
             axis.set_xlabel(panel.xlabel)
             axis.set_ylabel(panel.ylabel)

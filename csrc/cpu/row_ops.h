@@ -7,11 +7,10 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && !defined(ATTNSEG_NO_CLONES)
-#define ATTNSEG_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#define ATTNSEG_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define ATTNSEG_CLONES
 #endif
@@ -25,7 +24,9 @@ __attribute__((always_inline)) inline float exp_poly(float x) {
   const float hi = 88.37626f, lo = -87.33654f;
   float xc = x > hi ? hi : x;
   xc = xc < lo ? lo : xc;
-  const float fn = std::floor(xc * 1.44269504088896341f + 0.5f);
+  // round to nearest by adding and removing 1.5·2^23 (no libm call, so the loop vectorises)
+  const float round_magic = 12582912.0f;
+  const float fn = (xc * 1.44269504088896341f + round_magic) - round_magic;
   float r = xc - fn * 0.693359375f;
   r = r - fn * -2.12194440e-4f;
   const float r2 = r * r;
@@ -37,8 +38,7 @@ __attribute__((always_inline)) inline float exp_poly(float x) {
   p = p * r + 5.0000001201e-1f;
   p = p * r2 + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(fn) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
+  const float two_n = __builtin_bit_cast(float, bits);
   float y = p * two_n;
   y = x < lo ? 0.0f : y;
   y = x > hi ? std::numeric_limits<float>::infinity() : y;

@@ -1,0 +1,555 @@
+"""Fused attention in Triton: softmax(q kᵀ · scale) v with Ev ≠ E, forward and backward.
+
+    attnseg::triton_attention_fwd(q[B,Nq,E], k[B,Nk,E], v[B,Nk,Ev], scale) -> (out[B,Nq,Ev], lse[B,Nq])
+    attnseg::triton_attention_bwd(grad_out, grad_lse?, q, k, v, out, lse, scale) -> (dq, dk, dv)
+
+Any strides on the inputs (``conv(x).flatten(2).transpose(1, 2)`` reaches the kernels without
+a copy); out, dq, dk, dv are contiguous in the inputs' dtype; lse is fp32 (fp64 for fp64).
+
+Kernels (one program per tile; no atomics, so results are bitwise reproducible for a given
+config):
+
+* ``_attn_fwd``, grid (Nq / BLOCK_M, Ev / BLOCK_EV, B): one block of queries and one slice of
+  the value width. It streams blocks of keys with an online softmax (running row max ``m``,
+  running row sum ``l``, rescaled accumulator) and writes its slice of ``out``; the Ev-slice-0
+  program also writes ``lse = m + log l``. Splitting Ev across programs keeps the BLOCK_M×BLOCK_EV
+  accumulator in registers at Ev = 512; the price is recomputing q kᵀ (E wide, cheap next to
+  P v) once per slice.
+* ``_attn_bwd_delta``, grid (Nq / BLOCK_M, B): ``delta = rowsum(dO ∘ O) − grad_lse``.
+* ``_attn_bwd_dkdv``, grid (Nk / BLOCK_N, ·, B): one block of keys; loops over query blocks,
+  recomputes ``P = exp(S − lse)`` and accumulates ``dV += Pᵀ dO`` and ``dK += dSᵀ Q``,
+  ``dS = P ∘ (dP − delta)``, ``dP = dO Vᵀ``. When Ev fits one tile the same program does both;
+  otherwise a dV launch splits Ev across programs and a dK launch loops over Ev for dP.
+* ``_attn_bwd_dq``, grid (Nq / BLOCK_M, B): one block of queries; loops over key blocks,
+  ``dQ += dS K``.
+
+The softmax runs in the natural base in fp32 (fp64 for fp64 inputs). fp16/bf16 operands go
+to ``tl.dot`` as they are (P and dS are cast to the input dtype, as in FlashAttention) with
+fp32 accumulation; fp32 operands use IEEE precision unless
+``torch.backends.cuda.matmul.allow_tf32`` is set. Triton passes Python floats as fp32, so the
+scale goes in as an fp32 pair (hi + lo) that fp64 kernels add back up to full precision.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op
+
+from . import LazyKernel, interpreting, launch
+from .. import _ops
+
+__all__ = ["attention_bwd", "attention_fwd"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Kernels (plain functions: LazyKernel decorates them on first use, see attnseg.triton)
+# ---------------------------------------------------------------------------------------------
+
+
+def _attn_fwd(
+    Q, K, V, Out, Lse,
+    stride_qb, stride_qm, stride_qe,
+    stride_kb, stride_kn, stride_ke,
+    stride_vb, stride_vn, stride_ve,
+    stride_ob, stride_om, stride_oe,
+    stride_lb, stride_lm,
+    NQ, NK, E, EV,
+    scale_hi, scale_lo,  # scale = scale_hi + scale_lo (fp32 pair; the lo part matters in fp64)
+    TUNE_NQ, TUNE_NK,  # autotune key only: Nq, Nk rounded up to a power of two
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    IS_FP64: tl.constexpr = Q.dtype.element_ty == tl.float64
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    pid_m = tl.program_id(0)
+    pid_ev = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    Q += pid_b * stride_qb
+    K += pid_b * stride_kb
+    V += pid_b * stride_vb
+    Out += pid_b * stride_ob
+    Lse += pid_b * stride_lb
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = pid_ev * BLOCK_EV + tl.arange(0, BLOCK_EV)
+    mask_m = offs_m < NQ
+    mask_e = offs_e < E
+    mask_ev = offs_ev < EV
+
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_e[None, :] * stride_qe,
+                mask=mask_m[:, None] & mask_e[None, :], other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), ACC)  # running row max of the scaled logits
+    l_i = tl.zeros([BLOCK_M], ACC)  # running row sum of exp(logit - m_i)
+    acc = tl.zeros([BLOCK_M, BLOCK_EV], ACC)
+    for start_n in range(0, NK, BLOCK_N):
+        mask_n = (start_n + offs_n) < NK
+        kt = tl.load(K + offs_e[:, None] * stride_ke + (start_n + offs_n)[None, :] * stride_kn,
+                     mask=mask_e[:, None] & mask_n[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION, out_dtype=ACC)
+        if IS_FP64:
+            s = s * scale_hi + s * scale_lo
+        else:
+            s = s * scale_hi
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        # Online softmax: raise the row max, rescale what was accumulated under the old one.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + (start_n + offs_n)[:, None] * stride_vn + offs_ev[None, :] * stride_ve,
+                    mask=mask_n[:, None] & mask_ev[None, :], other=0.0)
+        acc = acc * alpha[:, None]
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(Out + offs_m[:, None] * stride_om + offs_ev[None, :] * stride_oe,
+             acc.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_ev[None, :])
+    # Every Ev slice computes the same lse; slice 0 writes it.
+    tl.store(Lse + offs_m * stride_lm, m_i + tl.log(l_i), mask=mask_m & (pid_ev == 0))
+
+
+def _attn_bwd_delta(
+    Out, dOut, GradLse, Delta,
+    stride_ob, stride_om, stride_oe,
+    stride_dob, stride_dom, stride_doe,
+    stride_glb, stride_glm,
+    stride_db, stride_dm,
+    NQ, EV,
+    HAS_GRAD_LSE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_EV: tl.constexpr,
+):
+    # delta = rowsum(dO ∘ O) − grad_lse: the row term of the softmax backward.
+    ACC: tl.constexpr = Delta.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    mask_m = offs_m < NQ
+    Out += pid_b * stride_ob
+    dOut += pid_b * stride_dob
+    delta = tl.zeros([BLOCK_M], ACC)
+    for start_ev in range(0, EV, BLOCK_EV):
+        mask = mask_m[:, None] & ((start_ev + offs_ev) < EV)[None, :]
+        o = tl.load(Out + offs_m[:, None] * stride_om + (start_ev + offs_ev)[None, :] * stride_oe,
+                    mask=mask, other=0.0)
+        do = tl.load(dOut + offs_m[:, None] * stride_dom + (start_ev + offs_ev)[None, :] * stride_doe,
+                     mask=mask, other=0.0)
+        delta += tl.sum(o.to(ACC) * do.to(ACC), 1)
+    if HAS_GRAD_LSE:
+        grad_lse = tl.load(GradLse + pid_b * stride_glb + offs_m * stride_glm, mask=mask_m, other=0.0)
+        delta -= grad_lse.to(ACC)
+    tl.store(Delta + pid_b * stride_db + offs_m * stride_dm, delta, mask=mask_m)
+
+
+def _attn_bwd_dkdv(
+    Q, K, V, dOut, Lse, Delta, dK, dV,
+    stride_qb, stride_qm, stride_qe,
+    stride_kb, stride_kn, stride_ke,
+    stride_vb, stride_vn, stride_ve,
+    stride_dob, stride_dom, stride_doe,
+    stride_lb, stride_lm,  # shared by Lse and Delta
+    stride_dkb, stride_dkn, stride_dke,
+    stride_dvb, stride_dvn, stride_dve,
+    NQ, NK, E, EV,
+    scale_hi, scale_lo,
+    TUNE_NQ, TUNE_NK,
+    COMPUTE_DK: tl.constexpr, COMPUTE_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    # Works on transposed tiles (keys along rows): Sᵀ = K Qᵀ, Pᵀ = exp(Sᵀ − lse).
+    # COMPUTE_DK and COMPUTE_DV together: Ev fits one BLOCK_EV tile, V and dO tiles are reused.
+    # COMPUTE_DV alone: program axis 1 picks an Ev slice. COMPUTE_DK alone: dP loops over Ev.
+    IS_FP64: tl.constexpr = Q.dtype.element_ty == tl.float64
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    pid_n = tl.program_id(0)
+    pid_ev = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    Q += pid_b * stride_qb
+    K += pid_b * stride_kb
+    V += pid_b * stride_vb
+    dOut += pid_b * stride_dob
+    Lse += pid_b * stride_lb
+    Delta += pid_b * stride_lb
+
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = pid_ev * BLOCK_EV + tl.arange(0, BLOCK_EV)
+    mask_n = offs_n < NK
+    mask_e = offs_e < E
+    mask_ev = offs_ev < EV
+
+    k = tl.load(K + offs_n[:, None] * stride_kn + offs_e[None, :] * stride_ke,
+                mask=mask_n[:, None] & mask_e[None, :], other=0.0)
+    if COMPUTE_DK and COMPUTE_DV:
+        v = tl.load(V + offs_n[:, None] * stride_vn + offs_ev[None, :] * stride_ve,
+                    mask=mask_n[:, None] & mask_ev[None, :], other=0.0)
+    dk = tl.zeros([BLOCK_N, BLOCK_E], ACC)
+    dv = tl.zeros([BLOCK_N, BLOCK_EV], ACC)
+    for start_m in range(0, NQ, BLOCK_M):
+        rows = start_m + offs_m
+        mask_m = rows < NQ
+        qt = tl.load(Q + offs_e[:, None] * stride_qe + rows[None, :] * stride_qm,
+                     mask=mask_e[:, None] & mask_m[None, :], other=0.0)
+        st = tl.dot(k, qt, input_precision=DOT_PRECISION, out_dtype=ACC)
+        if IS_FP64:
+            st = st * scale_hi + st * scale_lo
+        else:
+            st = st * scale_hi
+        # Rows past Nq get lse = +inf, hence P = 0.
+        lse = tl.load(Lse + rows * stride_lm, mask=mask_m, other=float("inf"))
+        pt = tl.exp(st - lse[None, :])
+        if COMPUTE_DV:
+            do = tl.load(dOut + rows[:, None] * stride_dom + offs_ev[None, :] * stride_doe,
+                         mask=mask_m[:, None] & mask_ev[None, :], other=0.0)
+            dv = tl.dot(pt.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if COMPUTE_DK:
+            if COMPUTE_DV:
+                dpt = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION, out_dtype=ACC)
+            else:
+                dpt = tl.zeros([BLOCK_N, BLOCK_M], ACC)
+                for start_ev in range(0, EV, BLOCK_EV):
+                    cols = start_ev + tl.arange(0, BLOCK_EV)
+                    v_c = tl.load(V + offs_n[:, None] * stride_vn + cols[None, :] * stride_ve,
+                                  mask=mask_n[:, None] & (cols < EV)[None, :], other=0.0)
+                    dot_c = tl.load(dOut + cols[:, None] * stride_doe + rows[None, :] * stride_dom,
+                                    mask=(cols < EV)[:, None] & mask_m[None, :], other=0.0)
+                    dpt = tl.dot(v_c, dot_c, dpt, input_precision=DOT_PRECISION)
+            delta = tl.load(Delta + rows * stride_lm, mask=mask_m, other=0.0)
+            dst = pt * (dpt - delta[None, :])
+            dk = tl.dot(dst.to(qt.dtype), tl.trans(qt), dk, input_precision=DOT_PRECISION)
+
+    if COMPUTE_DK:
+        if IS_FP64:
+            dk = dk * scale_hi + dk * scale_lo
+        else:
+            dk = dk * scale_hi
+        tl.store(dK + pid_b * stride_dkb + offs_n[:, None] * stride_dkn + offs_e[None, :] * stride_dke,
+                 dk.to(dK.dtype.element_ty), mask=mask_n[:, None] & mask_e[None, :])
+    if COMPUTE_DV:
+        tl.store(dV + pid_b * stride_dvb + offs_n[:, None] * stride_dvn + offs_ev[None, :] * stride_dve,
+                 dv.to(dV.dtype.element_ty), mask=mask_n[:, None] & mask_ev[None, :])
+
+
+def _attn_bwd_dq(
+    Q, K, V, dOut, Lse, Delta, dQ,
+    stride_qb, stride_qm, stride_qe,
+    stride_kb, stride_kn, stride_ke,
+    stride_vb, stride_vn, stride_ve,
+    stride_dob, stride_dom, stride_doe,
+    stride_lb, stride_lm,
+    stride_dqb, stride_dqm, stride_dqe,
+    NQ, NK, E, EV,
+    scale_hi, scale_lo,
+    TUNE_NQ, TUNE_NK,
+    EV_SINGLE: tl.constexpr,  # Ev fits one BLOCK_EV tile: keep the dO tile in registers
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    IS_FP64: tl.constexpr = Q.dtype.element_ty == tl.float64
+    ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
+    pid_m = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    Q += pid_b * stride_qb
+    K += pid_b * stride_kb
+    V += pid_b * stride_vb
+    dOut += pid_b * stride_dob
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_ev = tl.arange(0, BLOCK_EV)
+    mask_m = offs_m < NQ
+    mask_e = offs_e < E
+
+    q = tl.load(Q + offs_m[:, None] * stride_qm + offs_e[None, :] * stride_qe,
+                mask=mask_m[:, None] & mask_e[None, :], other=0.0)
+    lse = tl.load(Lse + pid_b * stride_lb + offs_m * stride_lm, mask=mask_m, other=0.0)
+    delta = tl.load(Delta + pid_b * stride_lb + offs_m * stride_lm, mask=mask_m, other=0.0)
+    if EV_SINGLE:
+        do = tl.load(dOut + offs_m[:, None] * stride_dom + offs_ev[None, :] * stride_doe,
+                     mask=mask_m[:, None] & (offs_ev < EV)[None, :], other=0.0)
+    dq = tl.zeros([BLOCK_M, BLOCK_E], ACC)
+    for start_n in range(0, NK, BLOCK_N):
+        cols = start_n + offs_n
+        mask_n = cols < NK
+        kt = tl.load(K + offs_e[:, None] * stride_ke + cols[None, :] * stride_kn,
+                     mask=mask_e[:, None] & mask_n[None, :], other=0.0)
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION, out_dtype=ACC)
+        if IS_FP64:
+            s = s * scale_hi + s * scale_lo
+        else:
+            s = s * scale_hi
+        p = tl.where(mask_n[None, :], tl.exp(s - lse[:, None]), 0.0)
+        if EV_SINGLE:
+            vt = tl.load(V + offs_ev[:, None] * stride_ve + cols[None, :] * stride_vn,
+                         mask=(offs_ev < EV)[:, None] & mask_n[None, :], other=0.0)
+            dp = tl.dot(do, vt, input_precision=DOT_PRECISION, out_dtype=ACC)
+        else:
+            dp = tl.zeros([BLOCK_M, BLOCK_N], ACC)
+            for start_ev in range(0, EV, BLOCK_EV):
+                evs = start_ev + offs_ev
+                do_c = tl.load(dOut + offs_m[:, None] * stride_dom + evs[None, :] * stride_doe,
+                               mask=mask_m[:, None] & (evs < EV)[None, :], other=0.0)
+                vt_c = tl.load(V + evs[:, None] * stride_ve + cols[None, :] * stride_vn,
+                               mask=(evs < EV)[:, None] & mask_n[None, :], other=0.0)
+                dp = tl.dot(do_c, vt_c, dp, input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(kt.dtype), tl.trans(kt), dq, input_precision=DOT_PRECISION)
+
+    if IS_FP64:
+        dq = dq * scale_hi + dq * scale_lo
+    else:
+        dq = dq * scale_hi
+    tl.store(dQ + pid_b * stride_dqb + offs_m[:, None] * stride_dqm + offs_e[None, :] * stride_dqe,
+             dq.to(dQ.dtype.element_ty), mask=mask_m[:, None] & mask_e[None, :])
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotuning: configs for A100 / H100, pruned to what fits the device and the problem.
+# ---------------------------------------------------------------------------------------------
+
+# Register budget for the fp32 tiles a program keeps live, in 32-bit registers per thread
+# (255 is the hardware limit; the rest holds addresses, masks and operand fragments).
+_MAX_TILE_REGS_PER_THREAD = 160
+
+
+def _pow2(n: int, minimum: int = 16) -> int:
+    """n rounded up to a power of two, at least ``minimum`` (tl.dot needs every side >= 16)."""
+    return max(minimum, triton.next_power_of_2(int(n)))
+
+
+def _max_shared_memory(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+
+
+def _fits(config, shared_bytes: int, reg_elems: int, smem_limit: int) -> bool:
+    """Whether a config's estimated shared memory and live fp32 tile registers fit."""
+    threads = 32 * config.num_warps
+    return shared_bytes <= smem_limit and reg_elems / threads <= _MAX_TILE_REGS_PER_THREAD
+
+
+def _prune_fwd(configs, named_args, **kwargs):
+    args = {**named_args, **kwargs}
+    q, block_e = args["Q"], args["BLOCK_E"]
+    elem = q.element_size()
+    smem_limit = _max_shared_memory(q.device)
+    max_ev, max_m, max_n = _pow2(args["EV"]), _pow2(args["NQ"]), _pow2(args["NK"])
+    kept = []
+    for c in configs:
+        bm, bn, bev = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_EV"]
+        if bev > max_ev or bm > max_m or bn > max_n:
+            continue  # a smaller config covers the problem with less waste
+        # Pipelined K and V tiles, plus Q and the P operand.
+        shared = elem * (c.num_stages * bn * (block_e + bev) + bm * block_e + bm * bn)
+        regs = bm * bev + 2 * bm * bn  # accumulator, S and P
+        if _fits(c, shared, regs, smem_limit):
+            kept.append(c)
+    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_EV"])]
+
+
+def _prune_bwd(block_rows: str, block_cols: str):
+    """Prune for the dK/dV kernel (rows = key block) or the dQ kernel (rows = query block)."""
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        q, block_e, block_ev = args["Q"], args["BLOCK_E"], args["BLOCK_EV"]
+        elem = q.element_size()
+        smem_limit = _max_shared_memory(q.device)
+        size = {"BLOCK_M": _pow2(args["NQ"]), "BLOCK_N": _pow2(args["NK"])}
+        kept = []
+        for c in configs:
+            br, bc = c.kwargs[block_rows], c.kwargs[block_cols]
+            if br > size[block_rows] or bc > size[block_cols]:
+                continue
+            # Streamed tiles (Q or K, dO, V) per stage, plus the resident row-side tiles.
+            shared = elem * (c.num_stages * bc * (block_e + 2 * block_ev) + br * (block_e + block_ev) + br * bc)
+            regs = 3 * br * bc + br * block_e + br * block_ev  # S/P, dP, dS; dK or dQ; dV
+            if _fits(c, shared, regs, smem_limit):
+                kept.append(c)
+        return kept or [min(configs, key=lambda c: c.kwargs[block_rows] * c.kwargs[block_cols])]
+
+    return prune
+
+
+def _configs(**space):
+    from itertools import product
+
+    names = [n for n in space if n not in ("num_warps", "num_stages")]
+    return [
+        triton.Config(dict(zip(names, values)), num_warps=w, num_stages=s)
+        for values in product(*(space[n] for n in names))
+        for w in space["num_warps"]
+        for s in space["num_stages"]
+    ]
+
+
+_TUNE_KEY = ["TUNE_NQ", "TUNE_NK", "E", "EV"]
+
+_fwd_kernel = LazyKernel(
+    _attn_fwd,
+    configs=_configs(BLOCK_M=[64, 128], BLOCK_N=[32, 64, 128], BLOCK_EV=[64, 128, 256],
+                     num_warps=[4, 8], num_stages=[2, 3]),
+    interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_EV": 64}),
+    key=_TUNE_KEY,
+    prune=_prune_fwd,
+)
+_delta_kernel = LazyKernel(_attn_bwd_delta)
+_dkdv_kernel = LazyKernel(
+    _attn_bwd_dkdv,
+    configs=_configs(BLOCK_M=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3]),
+    interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}),
+    key=_TUNE_KEY + ["COMPUTE_DK", "COMPUTE_DV", "BLOCK_EV"],
+    prune=_prune_bwd("BLOCK_N", "BLOCK_M"),
+)
+_dq_kernel = LazyKernel(
+    _attn_bwd_dq,
+    configs=_configs(BLOCK_M=[64, 128], BLOCK_N=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
+    interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}),
+    key=_TUNE_KEY + ["EV_SINGLE", "BLOCK_EV"],
+    prune=_prune_bwd("BLOCK_M", "BLOCK_N"),
+)
+
+
+def _bwd_ev_tile(ev: int) -> tuple[int, bool]:
+    """(BLOCK_EV, whether Ev fits one tile) for the backward kernels."""
+    limit = 64 if interpreting() else 128  # small under the interpreter so tests reach both paths
+    if ev <= limit:
+        return _pow2(ev), True
+    return limit, False
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops
+# ---------------------------------------------------------------------------------------------
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def _scale_pair(scale: float) -> tuple[float, float]:
+    """scale as hi + lo, both exactly representable in fp32 (Triton passes floats as fp32)."""
+    hi = torch.tensor(scale, dtype=torch.float64).to(torch.float32).item()
+    lo = torch.tensor(scale - hi, dtype=torch.float64).to(torch.float32).item()
+    return hi, lo
+
+
+def _check_inputs(fn: str, q, k, v) -> None:
+    # functional.py validates user input; these guard direct calls of the op.
+    torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3,
+                 lambda: f"{fn}: q, k, v must be 3-D, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    torch._check(q.dtype == k.dtype == v.dtype, lambda: f"{fn}: dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    torch._check(q.shape[0] == k.shape[0] == v.shape[0] and q.shape[2] == k.shape[2] and k.shape[1] == v.shape[1],
+                 lambda: f"{fn}: shapes do not fit q[B,Nq,E], k[B,Nk,E], v[B,Nk,Ev]: "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+
+
+@triton_op("attnseg::triton_attention_fwd", mutates_args=())
+def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fused attention forward. q [B,Nq,E], k [B,Nk,E], v [B,Nk,Ev] -> out [B,Nq,Ev], lse [B,Nq]."""
+    _check_inputs("triton_attention_fwd", q, k, v)
+    b, nq, e = q.shape
+    nk, ev = k.shape[1], v.shape[2]
+    out = torch.empty((b, nq, ev), dtype=q.dtype, device=q.device)
+    lse = torch.empty((b, nq), dtype=_ops._lse_dtype(q.dtype), device=q.device)
+    scale_hi, scale_lo = _scale_pair(scale)
+
+    def grid(meta):
+        return (triton.cdiv(nq, meta["BLOCK_M"]), triton.cdiv(ev, meta["BLOCK_EV"]), b)
+
+    launch(
+        _fwd_kernel, grid,
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        nq, nk, e, ev, scale_hi, scale_lo, _pow2(nq), _pow2(nk),
+        BLOCK_E=_pow2(e), DOT_PRECISION=_dot_precision(q.dtype),
+    )
+    return out, lse
+
+
+@triton_op("attnseg::triton_attention_bwd", mutates_args=())
+def attention_bwd(
+    grad_out: torch.Tensor,
+    grad_lse: Optional[torch.Tensor],
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Fused attention backward: (dq, dk, dv), each contiguous in its input's shape and dtype.
+
+    ``grad_lse`` (the gradient reaching ``lse``, or None) enters as delta = rowsum(dO∘O) − grad_lse.
+    """
+    _check_inputs("triton_attention_bwd", q, k, v)
+    b, nq, e = q.shape
+    nk, ev = k.shape[1], v.shape[2]
+    acc_dtype = _ops._lse_dtype(q.dtype)
+    dq = torch.empty((b, nq, e), dtype=q.dtype, device=q.device)
+    dk = torch.empty((b, nk, e), dtype=k.dtype, device=k.device)
+    dv = torch.empty((b, nk, ev), dtype=v.dtype, device=v.device)
+    delta = torch.empty((b, nq), dtype=acc_dtype, device=q.device)
+    lse = lse.to(acc_dtype)
+    scale_hi, scale_lo = _scale_pair(scale)
+    block_e = _pow2(e)
+    precision = _dot_precision(q.dtype)
+    sizes = (nq, nk, e, ev, scale_hi, scale_lo, _pow2(nq), _pow2(nk))
+
+    # 1. delta = rowsum(dO ∘ O) − grad_lse
+    has_grad_lse = grad_lse is not None
+    grad_lse_arg = grad_lse if has_grad_lse else delta  # placeholder pointer, never read
+    block_m_delta = 16 if interpreting() else 64
+    launch(
+        _delta_kernel, (triton.cdiv(nq, block_m_delta), b),
+        out, grad_out, grad_lse_arg, delta,
+        *out.stride(), *grad_out.stride(), *grad_lse_arg.stride(), *delta.stride(),
+        nq, ev,
+        HAS_GRAD_LSE=has_grad_lse, BLOCK_M=block_m_delta, BLOCK_EV=min(_pow2(ev), 128),
+    )
+
+    # 2. dK, dV per key block
+    block_ev, ev_single = _bwd_ev_tile(ev)
+    common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride())
+    dkdv_args = (q, k, v, grad_out, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), *sizes)
+    if ev_single:
+        modes = [(True, True, 1)]
+    else:
+        modes = [(True, False, 1), (False, True, triton.cdiv(ev, block_ev))]
+    for compute_dk, compute_dv, ev_programs in modes:
+        def grid_dkdv(meta, ev_programs=ev_programs):
+            return (triton.cdiv(nk, meta["BLOCK_N"]), ev_programs, b)
+
+        launch(
+            _dkdv_kernel, grid_dkdv, *dkdv_args,
+            COMPUTE_DK=compute_dk, COMPUTE_DV=compute_dv,
+            BLOCK_E=block_e, BLOCK_EV=block_ev, DOT_PRECISION=precision,
+        )
+
+    # 3. dQ per query block
+    def grid_dq(meta):
+        return (triton.cdiv(nq, meta["BLOCK_M"]), b)
+
+    launch(
+        _dq_kernel, grid_dq,
+        q, k, v, grad_out, lse, delta, dq, *common, *dq.stride(), *sizes,
+        EV_SINGLE=ev_single, BLOCK_E=block_e, BLOCK_EV=block_ev, DOT_PRECISION=precision,
+    )
+    return dq, dk, dv
+
+
+_ops.register_attention_autograd("attnseg::triton_attention_fwd", torch.ops.attnseg.triton_attention_bwd)
+
+attention_fwd = torch.ops.attnseg.triton_attention_fwd
+attention_bwd = torch.ops.attnseg.triton_attention_bwd

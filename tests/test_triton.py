@@ -1,0 +1,564 @@
+"""Tests of the Triton backend (attnseg.triton) against attnseg.reference.
+
+How this module runs
+--------------------
+Triton reads TRITON_INTERPRET when it decorates a function, and it decorates its own standard
+library (tl.max, tl.sum, ...) when ``triton`` is first imported: with triton 3.8.0, setting the
+flag after that import gives "Cannot call @triton.jit'd outside of the scope of a kernel".
+Setting it at the top of this module would work only if no earlier test module imported
+triton, and it would leak into every other module of the pytest session (a GPU run of the
+Triton kernels there would then be interpreted, or fail). So the module has two roles:
+
+* In an ordinary pytest process (no TRITON_INTERPRET), ``test_interpreter_suite`` reruns this
+  file in a subprocess that has TRITON_INTERPRET=1 from the start; the interpreter tests are
+  skipped in the parent (they ran in the child and any failure there fails that test, with the
+  child's report). The ahead-of-time compile checks and the GPU tests run in the parent.
+* In a process started with TRITON_INTERPRET=1 (the subprocess, or
+  ``TRITON_INTERPRET=1 pytest tests/test_triton.py``), the interpreter tests run on CPU tensors.
+
+Criterion (flash-attention's): the kernel and PyTorch in the same dtype are both compared with
+a float64 reference computed on the same (rounded) inputs, and the kernel must satisfy
+``err_kernel <= 2 * err_torch + atol * max(1, |ref|max)``; see ``_ATOL`` for the per-dtype atol.
+
+Not covered here
+----------------
+* bf16 arithmetic: the interpreter stores bf16 as uint16 and its tl.dot has no bf16 path. bf16 is
+  covered by compiling every kernel with bf16 operands for sm_80 and sm_90 (which type-checks the
+  dot operands and casts; ``test_kernels_compile_for_gpus``), and numerically only by the GPU tests.
+* TF32: the interpreter's tl.dot is exact fp32 whatever input_precision says.
+* Autotuning: the interpreter runs one small config per kernel; the GPU configs are compiled
+  by the sweep in ``__main__`` below, not timed. Performance is not measured here.
+* torch.compile / AOT dispatch of the Triton ops: interpreted kernels cannot be traced, so the
+  full ``opcheck`` runs only on a GPU.
+"""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("ATTNSEG_QUIET", "1")
+
+import attnseg  # noqa: E402
+import attnseg.triton.attention  # noqa: E402
+import attnseg.triton.channel_attention  # noqa: E402
+from attnseg import reference  # noqa: E402
+from attnseg.triton import unavailable_reason  # noqa: E402
+
+# Whether this process runs the Triton interpreter (flag set before triton was imported).
+INTERPRETER = os.environ.get("TRITON_INTERPRET") == "1" and unavailable_reason("cpu") is None
+
+interpreter_only = pytest.mark.skipif(
+    not INTERPRETER,
+    reason="runs in the TRITON_INTERPRET=1 subprocess of test_interpreter_suite",
+)
+compiled_mode_only = pytest.mark.skipif(INTERPRETER, reason="needs triton imported without the interpreter")
+needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+# atol (relative to max(1, |reference|max)) per dtype, added to 2 * err_torch:
+# * float32: eps = 6e-8; the kernels sum up to a few hundred terms in a blocked order (online
+#   softmax rescaling, split reductions) unlike torch's, which gives a few 1e-6 relative.
+# * float16: the kernels round P / dS / A to fp16 for tl.dot (relative 2^-11 = 4.9e-4) and round
+#   the result to fp16 once more; torch's fp16 error does not always include the first rounding.
+# * float64: torch in float64 *is* the reference (err_torch = 0); blocked sums give ~1e-15.
+_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.float64: 1e-10}
+
+
+def _assert_close(name, value, torch_value, ref64, dtype):
+    scale = max(1.0, ref64.abs().max().item())
+    err_kernel = (value.double() - ref64).abs().max().item()
+    err_torch = (torch_value.double() - ref64).abs().max().item()
+    if not math.isfinite(err_torch):
+        err_torch = 0.0  # torch overflowed (fp16 Gram); the kernel must then meet atol alone
+    bound = 2 * err_torch + _ATOL[dtype] * scale
+    assert math.isfinite(err_kernel) and err_kernel <= bound, (
+        f"{name} ({dtype}): kernel error {err_kernel:.3g} > bound {bound:.3g} "
+        f"(torch error {err_torch:.3g}, |ref| max {scale:.3g})"
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Generic attention
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention_inputs(b, nq, nk, e, ev, dtype, logit_scale=1.0, channel_first=False, seed=0):
+    """q [B,Nq,E], k [B,Nk,E], v [B,Nk,Ev]; channel_first: the strided views PAM passes."""
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n, width, scale):
+        if channel_first:  # conv(x).flatten(2).transpose(1, 2): strides (width·n, 1, n)
+            return (torch.randn(b, width, n, generator=g) * scale).to(dtype).transpose(1, 2)
+        return (torch.randn(b, n, width, generator=g) * scale).to(dtype)
+
+    # |S| ~ logit_scale · sqrt(E) for unit-normal q, k scaled by sqrt(logit_scale) each.
+    s = math.sqrt(logit_scale)
+    return make(nq, e, s), make(nk, e, s), make(nk, ev, 1.0)
+
+
+def _attention_losses(q, k, v, scale, fn, seed=1):
+    """Run fn(q, k, v, scale) -> (out, lse); gradients of a random projection of out and lse."""
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = fn(q, k, v, scale)
+    g = torch.Generator().manual_seed(seed)
+    grad_out = torch.randn(out.shape, generator=g).to(out.dtype)
+    grad_lse = torch.randn(lse.shape, generator=g).to(lse.dtype)
+    grads = torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse))
+    return (out, lse, *grads)
+
+
+def _check_attention(q, k, v, scale, names=("out", "lse", "dq", "dk", "dv")):
+    dtype = q.dtype
+    kernel = _attention_losses(q, k, v, scale, attnseg.triton.attention.attention_fwd)
+    same_dtype = _attention_losses(q, k, v, scale, reference.attention_with_lse)
+    ref64 = _attention_losses(q.double(), k.double(), v.double(), scale, reference.attention_with_lse)
+    assert kernel[0].dtype == dtype and kernel[0].is_contiguous()
+    assert kernel[1].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    for name, value, torch_value, r in zip(names, kernel, same_dtype, ref64):
+        assert value.shape == r.shape, f"{name}: shape {tuple(value.shape)} != {tuple(r.shape)}"
+        _assert_close(name, value, torch_value, r, dtype)
+    return kernel
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "b, nq, nk, e, ev, scale",
+    [
+        (2, 37, 130, 16, 96, 1.0),  # Nq != Nk, ragged blocks, Ev split in two slices
+        (1, 130, 37, 64, 64, 0.125),  # Nq > Nk, Ev in one tile (fused dK/dV), scale = E^-0.5
+        (1, 37, 37, 16, 512, 1.0),  # DANet's Ev = 512: split across programs and looped in dK / dQ
+        (1, 1, 37, 64, 64, 1.0),  # one query
+        (2, 37, 1, 16, 96, 1.0),  # one key: P = 1
+    ],
+)
+def test_attention_matches_reference(b, nq, nk, e, ev, scale, dtype):
+    if dtype == torch.float16 and ev == 512 or dtype == torch.float16 and min(nq, nk) == 1:
+        pytest.skip("fp16 runs the same code paths as the fp32 cases kept; saves interpreter time")
+    _check_attention(*_attention_inputs(b, nq, nk, e, ev, dtype), scale)
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_attention_strided_channel_first_inputs(dtype):
+    """PAM's views (strides (E·N, 1, N)) give bit-identical results to contiguous copies."""
+    q, k, v = _attention_inputs(2, 37, 37, 20, 40, dtype, channel_first=True)
+    assert q.stride(1) == 1 and not q.is_contiguous()
+    strided = _check_attention(q, k, v, 1.0)
+    contiguous = _attention_losses(q.contiguous(), k.contiguous(), v.contiguous(), 1.0,
+                                   attnseg.triton.attention.attention_fwd)
+    for a, c in zip(strided, contiguous):
+        assert torch.equal(a, c)
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("logit_scale", [1e3, 1e4])
+def test_attention_large_logits(logit_scale, dtype):
+    """|S| ~ 1e3..1e4: the online softmax must stay finite and as accurate as torch."""
+    q, k, v = _attention_inputs(1, 37, 50, 16, 24, dtype, logit_scale=logit_scale / 4)
+    logits = torch.bmm(q.double(), k.double().transpose(1, 2))
+    assert logits.abs().max() > logit_scale / 2
+    _check_attention(q, k, v, 1.0)
+
+
+@interpreter_only
+def test_attention_float64_and_gradcheck():
+    q, k, v = _attention_inputs(2, 37, 33, 5, 7, torch.float64, channel_first=True)
+    _check_attention(q, k, v, 0.3)
+    q, k, v = (t.requires_grad_() for t in _attention_inputs(1, 3, 4, 4, 5, torch.float64))
+    assert torch.autograd.gradcheck(
+        lambda *a: attnseg.triton.attention.attention_fwd(*a, 0.7), (q, k, v), fast_mode=True
+    )
+
+
+@interpreter_only
+def test_attention_backward_without_lse_gradient():
+    """grad_lse = None in the backward op equals grad_lse = 0."""
+    q, k, v = _attention_inputs(1, 20, 30, 16, 24, torch.float32)
+    out, lse = attnseg.triton.attention.attention_fwd(q, k, v, 1.0)
+    grad_out = torch.randn_like(out)
+    bwd = torch.ops.attnseg.triton_attention_bwd
+    without = bwd(grad_out, None, q, k, v, out, lse, 1.0)
+    with_zero = bwd(grad_out, torch.zeros_like(lse), q, k, v, out, lse, 1.0)
+    for a, z in zip(without, with_zero):
+        assert torch.equal(a, z)
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel attention
+# ---------------------------------------------------------------------------------------------
+
+
+def _cam_losses(x, official, fn, seed=2):
+    """y = fn(x) and the gradient of a random projection of y."""
+    x = x.detach().requires_grad_()
+    y = fn(x, official)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    (grad_x,) = torch.autograd.grad(y, x, grad_y)
+    return y, grad_x
+
+
+def _cam_kernel(x, official):
+    return attnseg.triton.channel_attention.channel_attention_fwd(x, official)[0]
+
+
+def _cam_reference(x, official):
+    """y = A X from reference.channel_attention with gamma = 1, minus its residual."""
+    b, c, n = x.shape
+    x4 = x.reshape(b, c, n, 1)
+    one = torch.ones(1, dtype=x.dtype)
+    return (reference.channel_attention(x4, one, "official" if official else "paper") - x4).reshape(b, c, n)
+
+
+def _check_cam(x, official):
+    dtype = x.dtype
+    kernel = _cam_losses(x, official, _cam_kernel)
+    same_dtype = _cam_losses(x, official, _cam_reference)
+    ref64 = _cam_losses(x.double(), official, _cam_reference)
+    assert kernel[0].dtype == dtype and kernel[0].is_contiguous()
+    for name, value, torch_value, r in zip(("y", "dx"), kernel, same_dtype, ref64):
+        _assert_close(name, value, torch_value, r, dtype)
+    return kernel
+
+
+def _cam_input(b, c, n, dtype, magnitude=0.3, channel_first_view=True, seed=3):
+    """Post-ReLU-like features [B, C, N]; by default the strided view of a [B, N, C] tensor."""
+    g = torch.Generator().manual_seed(seed)
+    if channel_first_view:
+        x = torch.randn(b, n, c, generator=g).transpose(1, 2)
+    else:
+        x = torch.randn(b, c, n, generator=g)
+    return (torch.relu(x) * magnitude + 0.01 * x).to(dtype)
+
+
+@interpreter_only
+@pytest.mark.parametrize("official", [True, False], ids=["official", "paper"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b, c, n", [(2, 37, 130), (1, 64, 37), (1, 5, 1)])
+def test_channel_attention_matches_reference(b, c, n, dtype, official):
+    if dtype == torch.float16 and c == 64:
+        pytest.skip("fp16 runs the same code paths as the cases kept; saves interpreter time")
+    x = _cam_input(b, c, n, dtype)
+    y, _ = _check_cam(x, official)
+    # attn is the softmax the output was made with: rows sum to 1 and A X = y.
+    y2, attn = attnseg.triton.channel_attention.channel_attention_fwd(x, official)
+    assert attn.dtype == torch.float32 and attn.shape == (b, c, c)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(b, c), rtol=0, atol=1e-5)
+    torch.testing.assert_close(torch.bmm(attn.double(), x.double()), y2.double(),
+                               rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-5)
+
+
+@interpreter_only
+def test_channel_attention_strided_input_is_bitwise_equal_to_contiguous():
+    x = _cam_input(2, 37, 70, torch.float32, channel_first_view=True)
+    assert not x.is_contiguous()
+    for a, c in zip(_cam_losses(x, True, _cam_kernel), _cam_losses(x.contiguous(), True, _cam_kernel)):
+        assert torch.equal(a, c)
+
+
+@interpreter_only
+@pytest.mark.parametrize("official", [True, False], ids=["official", "paper"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_channel_attention_large_logits(dtype, official):
+    """Post-ReLU Gram entries ~1e3..1e4 (fp32), and beyond fp16's range for fp16 inputs."""
+    magnitude = 3.0 if dtype == torch.float32 else 25.0
+    x = _cam_input(1, 20, 130, dtype, magnitude=magnitude)
+    gram = torch.bmm(x.double(), x.double().transpose(1, 2))
+    assert gram.abs().max() > (1e3 if dtype == torch.float32 else 65504)
+    if dtype == torch.float32:
+        _check_cam(x, official)
+        return
+    # torch in fp16 overflows here (inf − inf = nan); compare with torch in fp32 instead.
+    kernel = _cam_losses(x, official, _cam_kernel)
+    fp32 = _cam_losses(x.float(), official, _cam_reference)
+    ref64 = _cam_losses(x.double(), official, _cam_reference)
+    for name, value, torch_value, r in zip(("y", "dx"), kernel, fp32, ref64):
+        assert torch.isfinite(value).all(), name
+        _assert_close(name, value, torch_value, r, dtype)
+
+
+@interpreter_only
+def test_channel_attention_float64_and_gradcheck():
+    for official in (True, False):
+        _check_cam(_cam_input(2, 37, 70, torch.float64), official)
+        x = _cam_input(1, 3, 4, torch.float64).requires_grad_()
+        assert torch.autograd.gradcheck(lambda t: _cam_kernel(t, official), (x,), fast_mode=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional API, op registration, availability
+# ---------------------------------------------------------------------------------------------
+
+
+@interpreter_only
+def test_functional_attention():
+    q, k, v = _attention_inputs(2, 30, 45, 16, 24, torch.float32)
+    kernel = _attention_losses(q, k, v, 0.25, lambda *a: attnseg.attention(*a, backend="triton", return_lse=True))
+    ref64 = _attention_losses(q.double(), k.double(), v.double(), 0.25, reference.attention_with_lse)
+    for value, r in zip(kernel, ref64):
+        torch.testing.assert_close(value.double(), r, rtol=1e-5, atol=1e-5)
+
+
+def _pam_inputs(dtype=torch.float32, b=2, c=32, e=4, h=5, w=7):
+    g = torch.Generator().manual_seed(4)
+    return [
+        torch.randn(b, ch, h, w, generator=g).to(dtype).requires_grad_()
+        for ch in (c, e, e, c)
+    ] + [torch.tensor([0.7], dtype=dtype, requires_grad=True)]
+
+
+def _value_and_grads(fn, inputs):
+    out = fn(*inputs)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
+    return (out, *torch.autograd.grad(out, inputs, grad))
+
+
+@interpreter_only
+def test_functional_position_attention():
+    inputs = _pam_inputs()
+    kernel = _value_and_grads(lambda *a: attnseg.position_attention(*a, backend="triton"), inputs)
+    ref64 = _value_and_grads(reference.position_attention, [t.detach().double().requires_grad_() for t in inputs])
+    for value, r in zip(kernel, ref64):
+        torch.testing.assert_close(value.double(), r, rtol=1e-5, atol=1e-5)
+
+
+@interpreter_only
+@pytest.mark.parametrize("variant", ["official", "paper"])
+def test_functional_channel_attention(variant):
+    x = _pam_inputs()[0].detach().relu().contiguous(memory_format=torch.channels_last).requires_grad_()
+    gamma = torch.tensor([0.7], requires_grad=True)
+    kernel = _value_and_grads(lambda *a: attnseg.channel_attention(*a, variant=variant, backend="triton"), [x, gamma])
+    ref64 = _value_and_grads(lambda *a: reference.channel_attention(*a, variant),
+                             [t.detach().double().requires_grad_() for t in (x, gamma)])
+    for value, r in zip(kernel, ref64):
+        torch.testing.assert_close(value.double(), r, rtol=1e-5, atol=1e-5)
+
+
+@interpreter_only
+def test_ops_pass_opcheck_without_tracing():
+    """Schema, autograd registration and fake (meta) kernels; AOT tracing needs a GPU (see below)."""
+    from torch.library import opcheck
+
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    q, k, v = (t.requires_grad_() for t in _attention_inputs(1, 20, 17, 16, 24, torch.float32))
+    opcheck(torch.ops.attnseg.triton_attention_fwd, (q, k, v, 1.0), test_utils=utils)
+    out, lse = torch.ops.attnseg.triton_attention_fwd(q, k, v, 1.0)
+    for grad_lse in (None, torch.randn_like(lse)):
+        args = (torch.randn_like(out), grad_lse, q, k, v, out.detach(), lse.detach(), 1.0)
+        opcheck(torch.ops.attnseg.triton_attention_bwd, args, test_utils=utils[::2])
+    x = _cam_input(1, 8, 20, torch.float32).requires_grad_()
+    opcheck(torch.ops.attnseg.triton_channel_attention_fwd, (x, True), test_utils=utils)
+    y, attn = torch.ops.attnseg.triton_channel_attention_fwd(x, False)
+    opcheck(torch.ops.attnseg.triton_channel_attention_bwd, (torch.randn_like(y), x, attn, False), test_utils=utils[::2])
+
+
+@interpreter_only
+def test_unavailable_reason_under_interpreter():
+    assert unavailable_reason("cpu") is None
+    assert attnseg.available_backends("cpu")["triton"] is None
+    assert "device type 'meta'" in unavailable_reason("meta")
+
+
+@compiled_mode_only
+def test_unavailable_reason_without_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert "TRITON_INTERPRET=1" in unavailable_reason("cpu")
+    with pytest.raises(attnseg.BackendUnavailableError, match="TRITON_INTERPRET"):
+        attnseg.resolve_backend("triton", "cpu")
+    # Setting the flag after triton was imported is caught rather than failing inside a kernel.
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert "before importing triton" in unavailable_reason("cpu")
+
+
+@compiled_mode_only
+@pytest.mark.skipif(os.environ.get("ATTNSEG_TRITON_CHILD") == "1", reason="this is the subprocess")
+def test_interpreter_suite():
+    """Runs the interpreter tests of this file in a TRITON_INTERPRET=1 subprocess."""
+    repo = Path(attnseg.__file__).resolve().parent.parent
+    env = dict(os.environ, TRITON_INTERPRET="1", ATTNSEG_QUIET="1", ATTNSEG_TRITON_CHILD="1")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
+           "-o", "addopts=", "-W", "ignore::pytest.PytestUnknownMarkWarning"]
+    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
+    report = (proc.stdout + proc.stderr)[-6000:]
+    assert proc.returncode == 0, f"interpreter tests failed in the subprocess:\n{report}"
+    assert " passed" in report and "error" not in report.splitlines()[-1], report
+
+
+# ---------------------------------------------------------------------------------------------
+# Ahead-of-time compilation for NVIDIA GPUs (no GPU needed: Triton compiles to cubin offline)
+# ---------------------------------------------------------------------------------------------
+
+_PTR_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+
+
+def _record_launches(op, *args):
+    """The (LazyKernel, args, kwargs) launches ``op(*args)`` makes, without running them."""
+    import attnseg.triton.attention as ta
+    import attnseg.triton.channel_attention as tc
+
+    calls = []
+
+    def record(kernel, grid, *a, **kw):
+        calls.append((kernel, a, kw))
+
+    saved = ta.launch, tc.launch
+    ta.launch = tc.launch = record
+    try:
+        op(*args)
+    finally:
+        ta.launch, tc.launch = saved
+    return calls
+
+
+def _compile(kernel, args, kwargs, config, arch):
+    """Compile one launch for sm_<arch>, specialising arguments as a launch would."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    jit_fn = kernel.compiled_jit_function()
+    values = {**dict(zip(jit_fn.arg_names, args)), **kwargs, **config.kwargs}
+    signature, constexprs, attrs = {}, {}, {}
+    for i, param in enumerate(jit_fn.params):
+        value = values[param.name]
+        if param.is_constexpr or (type(value) is int and value == 1):  # Triton specialises 1
+            signature[param.name] = "constexpr"
+            constexprs[param.name] = value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = _PTR_TYPES[value.dtype]
+            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32" if abs(value) < 2**31 else "i64"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+        else:
+            signature[param.name] = "fp32"
+    source = ASTSource(jit_fn, signature, constexprs, attrs)
+    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
+    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def _resource_usage(compiled) -> tuple[int, int]:
+    """(registers per thread, spill stack bytes) of a compiled kernel, read from its cubin."""
+    import re
+    import tempfile
+
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
+                               capture_output=True, text=True, check=True).stdout
+    return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
+
+
+def _danet_launches(dtype, n=9409, batch=2, e=64, ev=512, c=512):
+    """Every kernel launch of the four ops at DANet-head sizes, on the layouts PAM / CAM pass."""
+    import attnseg.triton.attention as ta
+    import attnseg.triton.channel_attention as tc
+
+    q = torch.empty(batch, e, n, dtype=dtype).transpose(1, 2)
+    v = torch.empty(batch, ev, n, dtype=dtype).transpose(1, 2)
+    out, lse = torch.empty(batch, n, ev, dtype=dtype), torch.empty(batch, n)
+    x = torch.empty(batch, c, n, dtype=dtype)
+    return (
+        _record_launches(ta.attention_fwd, q, q, v, 1.0)
+        + _record_launches(ta.attention_bwd, out, lse, q, q, v, out, lse, 1.0)
+        + _record_launches(tc.channel_attention_fwd, x, True)
+        + _record_launches(tc.channel_attention_bwd, x, x, torch.empty(batch, c, c), True)
+    )
+
+
+@compiled_mode_only
+@pytest.mark.parametrize("dtype, arch", [(torch.bfloat16, 90), (torch.float32, 80)])
+def test_kernels_compile_for_gpus(dtype, arch):
+    """Every kernel compiles to a cubin for sm_<arch> with its smallest config, without spilling."""
+    pytest.importorskip("triton.backends.nvidia")
+    import triton
+
+    seen = set()
+    for kernel, args, kwargs in _danet_launches(dtype, n=9216):
+        mode = (kernel.__name__, *sorted((k, v) for k, v in kwargs.items() if isinstance(v, bool)))
+        if mode in seen:
+            continue
+        seen.add(mode)
+        configs = kernel.configs or [triton.Config({}, num_warps=4, num_stages=2)]
+        config = min(configs, key=lambda c: (math.prod(c.kwargs.values()), c.num_stages, -c.num_warps))
+        compiled = _compile(kernel, args, kwargs, config, arch)
+        regs, spill = _resource_usage(compiled)
+        assert spill == 0 and compiled.metadata.shared <= 99 * 1024, (mode, regs, spill, compiled.metadata.shared)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU tests
+# ---------------------------------------------------------------------------------------------
+
+
+@needs_gpu
+@compiled_mode_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("b, nq, nk, e, ev", [(2, 1025, 997, 64, 512), (1, 97, 19, 256, 256), (1, 4096, 4096, 64, 64)])
+def test_gpu_attention_matches_reference(b, nq, nk, e, ev, dtype):
+    q, k, v = (t.cuda() for t in _attention_inputs(b, nq, nk, e, ev, dtype, channel_first=True))
+    _check_attention(q, k, v, e**-0.5)
+
+
+@needs_gpu
+@compiled_mode_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("official", [True, False])
+def test_gpu_channel_attention_matches_reference(dtype, official):
+    _check_cam(_cam_input(2, 512, 9409, dtype).cuda(), official)
+
+
+@needs_gpu
+@compiled_mode_only
+def test_gpu_opcheck_and_compile():
+    from torch.library import opcheck
+
+    q, k, v = (t.cuda().requires_grad_() for t in _attention_inputs(1, 300, 200, 64, 96, torch.float16))
+    opcheck(torch.ops.attnseg.triton_attention_fwd, (q, k, v, 1.0))
+    x = _cam_input(2, 64, 300, torch.float16).cuda().requires_grad_()
+    opcheck(torch.ops.attnseg.triton_channel_attention_fwd, (x, True))
+    compiled = torch.compile(lambda *a: attnseg.attention(*a, backend="triton"), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v), attnseg.attention(q, k, v, backend="triton"))
+
+
+if __name__ == "__main__":
+    # Sweep: compile every autotune config of every kernel at DANet sizes and print registers,
+    # spills (stack bytes) and shared memory next to what the prune filters decide.
+    #   python tests/test_triton.py [arch=90] [dtype=bfloat16] [n=9409]
+    import triton
+
+    arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
+    dtype = getattr(torch, sys.argv[2]) if len(sys.argv) > 2 else torch.bfloat16
+    n = int(sys.argv[3]) if len(sys.argv) > 3 else 9409
+    limit = {80: 166912, 86: 101376, 89: 101376, 90: 232448}[arch]
+    import attnseg.triton.attention as ta
+    import attnseg.triton.channel_attention as tc
+
+    ta._max_shared_memory = tc._max_shared_memory = lambda device: limit
+    for kernel, args, kwargs in _danet_launches(dtype, n=n):
+        configs = kernel.configs or [triton.Config({}, num_warps=4, num_stages=2)]
+        kept = kernel.prune(configs, dict(zip(kernel.compiled_jit_function().arg_names, args)), **kwargs) \
+            if kernel.configs else configs
+        mode = {k: v for k, v in kwargs.items() if isinstance(v, bool)}
+        print(f"== {kernel.__name__} {mode}: {len(kept)} of {len(configs)} configs kept", flush=True)
+        for config in configs:
+            compiled = _compile(kernel, args, kwargs, config, arch)
+            regs, stack = _resource_usage(compiled)
+            shared = compiled.metadata.shared
+            fits = shared <= limit and stack == 0
+            verdict = ("kept" if config in kept else "drop") + ("" if (config in kept) == fits else "  <-- mismatch")
+            print(f"  {verdict:20s} {str(config.kwargs):55s} w{config.num_warps} s{config.num_stages} "
+                  f"regs {regs:3d} spill {stack:5d} B shared {shared:6d} B", flush=True)
