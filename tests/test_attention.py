@@ -151,6 +151,16 @@ def test_large_logits(dtype):
 
 
 @requires_native
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_half_precision_inputs(dtype):
+    """fp16/bf16 in, same dtype out, lse in fp32, accumulated in fp32: at least as accurate as
+    PyTorch in that dtype (same criterion as fp32, with that dtype's eps)."""
+    b, nq, nk, e, ev = 2, 97, 130, 64, 80
+    leaves = [torch.randn(b, nq, e).to(dtype), torch.randn(b, nk, e).to(dtype), torch.randn(b, nk, ev).to(dtype)]
+    _compare_native_to_reference(leaves, _contiguous_views, e**-0.5)
+
+
+@requires_native
 @pytest.mark.parametrize("where", ["q", "k", "v"])
 def test_nan_input_propagates(where):
     """A NaN in an input gives NaN exactly where the reference has NaN, not a crash."""
