@@ -342,13 +342,16 @@ class CallMeasurement:
 
 
 def measure_call(call: Callable[[], Any], meter: PeakMemoryMeter, *, repeats: int, warmups: int = 1,
-                 before_each: Callable[[], None] | None = None) -> CallMeasurement:
+                 before_each: Callable[[], None] | None = None,
+                 time_budget_s: float | None = None) -> CallMeasurement:
     """Time ``call`` ``repeats`` times after ``warmups`` untimed calls, measuring its peak memory.
 
     With a resettable meter every timed call is also measured for memory (the warm-up makes
     one-time allocations, such as thread pools, not count). Without one, only the first call of
     the process can be measured, so the first warm-up is the measured call.
     ``before_each`` runs before every call, outside the measurement (e.g. to drop gradients).
+    ``time_budget_s``: stop repeating once the timed calls add up to this much (at least one
+    timed call always runs), so that minute-long cases do not run ``repeats`` times.
     """
     if repeats < 1 or warmups < 1:
         raise ValueError(f"need repeats >= 1 and warmups >= 1, got {repeats} and {warmups}")
@@ -363,8 +366,10 @@ def measure_call(call: Callable[[], Any], meter: PeakMemoryMeter, *, repeats: in
         else:
             call()
             meter.synchronize()
-    times = []
+    times: list[float] = []
     for _ in range(repeats):
+        if times and time_budget_s and sum(times) >= time_budget_s:
+            break
         prepare()
         meter.start()
         started = time.perf_counter()
@@ -445,6 +450,15 @@ class PlotPanel:
     styles: dict[str, dict] = dataclasses.field(default_factory=dict)
 
 
+def _label_twos_and_fives(value: float, _position) -> str:
+    """Minor log-axis labels at 2·10^k and 5·10^k only: readable, and an axis spanning less than a
+    decade still gets numbers."""
+    if value <= 0:
+        return ""
+    mantissa = value / 10 ** math.floor(math.log10(value))
+    return f"{value:g}" if round(mantissa, 6) in (2, 5) else ""
+
+
 def plot_loglog(path: str | Path, panels: Sequence[Sequence[PlotPanel]], suptitle: str) -> str | None:
     """Save a grid of log-log panels (rows of columns) as a PNG.
 
@@ -476,9 +490,8 @@ def plot_loglog(path: str | Path, panels: Sequence[Sequence[PlotPanel]], suptitl
             if x_values:  # tick the measured sizes themselves, in plain numbers
                 axis.set_xticks(x_values, [f"{x:,.0f}" for x in x_values], rotation=45)
                 axis.xaxis.set_minor_formatter(NullFormatter())
-            plain = FuncFormatter(lambda value, _: f"{value:g}")
-            axis.yaxis.set_major_formatter(plain)
-            axis.yaxis.set_minor_formatter(plain)
+            axis.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            axis.yaxis.set_minor_formatter(FuncFormatter(_label_twos_and_fives))
             axis.set_title(panel.title)
             axis.set_xlabel(panel.xlabel)
             axis.set_ylabel(panel.ylabel)

@@ -20,11 +20,20 @@ Criterion (flash-attention's): the kernel and PyTorch in the same dtype are both
 a float64 reference computed on the same (rounded) inputs, and the kernel must satisfy
 ``err_kernel <= 2 * err_torch + atol * max(1, |ref|max)``; see ``_ATOL`` for the per-dtype atol.
 
+bf16
+----
+Triton 3.8.0's interpreter keeps bf16 as uint16 bits and its tl.dot multiplies those bits (the
+ops refuse bf16 under such an interpreter, see ``test_bfloat16_refused_by_plain_interpreter``).
+The bf16 tests therefore widen bf16 tl.dot operands to fp32 in the interpreter (exact; then fp32
+accumulation, which is what bf16 tensor cores compute) through the ``interpreter_bf16_dot``
+fixture; every other bf16 step of the kernels (loads, stores, the casts of P / dS / A to bf16,
+bf16 -> fp32 upcasts) runs as the interpreter implements it. bf16 is also compiled for sm_90
+(``test_kernels_compile_for_gpus``), which type-checks the real bf16 dot operands.
+
 Not covered here
 ----------------
-* bf16 arithmetic: the interpreter stores bf16 as uint16 and its tl.dot has no bf16 path. bf16 is
-  covered by compiling every kernel with bf16 operands for sm_80 and sm_90 (which type-checks the
-  dot operands and casts; ``test_kernels_compile_for_gpus``), and numerically only by the GPU tests.
+* bf16 arithmetic as a GPU does it: the interpreter's fp32 -> bf16 cast truncates where the GPU
+  rounds to nearest even, and the bf16 tl.dot is the test's emulation, not tensor-core hardware.
 * TF32: the interpreter's tl.dot is exact fp32 whatever input_precision says.
 * Autotuning: the interpreter runs one small config per kernel; the GPU configs are compiled
   by the sweep in ``__main__`` below, not timed. Performance is not measured here.
@@ -65,16 +74,19 @@ needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CU
 # * float16: the kernels round P / dS / A to fp16 for tl.dot (relative 2^-11 = 4.9e-4) and round
 #   the result to fp16 once more; torch's fp16 error does not always include the first rounding.
 # * float64: torch in float64 *is* the reference (err_torch = 0); blocked sums give ~1e-15.
-_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.float64: 1e-10}
+# * bfloat16 (interpreter with the widened tl.dot of ``interpreter_bf16_dot``): like fp16 with
+#   an 8-bit significand, 2^-8 = 3.9e-3 relative per rounding, and the interpreter's fp32 -> bf16
+#   casts truncate instead of rounding to nearest (up to 2^-7 = 7.8e-3).
+_ATOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2, torch.float64: 1e-10}
 
 
-def _assert_close(name, value, torch_value, ref64, dtype):
+def _assert_close(name, value, torch_value, ref64, dtype, extra_rtol=0.0):
     scale = max(1.0, ref64.abs().max().item())
     err_kernel = (value.double() - ref64).abs().max().item()
     err_torch = (torch_value.double() - ref64).abs().max().item()
     if not math.isfinite(err_torch):
         err_torch = 0.0  # torch overflowed (fp16 Gram); the kernel must then meet atol alone
-    bound = 2 * err_torch + _ATOL[dtype] * scale
+    bound = 2 * err_torch + (_ATOL[dtype] + extra_rtol) * scale
     assert math.isfinite(err_kernel) and err_kernel <= bound, (
         f"{name} ({dtype}): kernel error {err_kernel:.3g} > bound {bound:.3g} "
         f"(torch error {err_torch:.3g}, |ref| max {scale:.3g})"
@@ -105,22 +117,31 @@ def _attention_losses(q, k, v, scale, fn, seed=1):
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
     out, lse = fn(q, k, v, scale)
     g = torch.Generator().manual_seed(seed)
-    grad_out = torch.randn(out.shape, generator=g).to(out.dtype)
-    grad_lse = torch.randn(lse.shape, generator=g).to(lse.dtype)
+    grad_out = torch.randn(out.shape, generator=g).to(out)
+    grad_lse = torch.randn(lse.shape, generator=g).to(lse)
     grads = torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse))
     return (out, lse, *grads)
 
 
-def _check_attention(q, k, v, scale, names=("out", "lse", "dq", "dk", "dv")):
+def _check_attention(q, k, v, scale, names=("out", "lse", "dq", "dk", "dv"), baseline_dtype=None):
+    """Kernel vs float64 reference, within 2x torch's error in ``baseline_dtype`` (q's by default)."""
     dtype = q.dtype
     kernel = _attention_losses(q, k, v, scale, attnseg.triton.attention.attention_fwd)
-    same_dtype = _attention_losses(q, k, v, scale, reference.attention_with_lse)
+    b = baseline_dtype or dtype
+    same_dtype = _attention_losses(q.to(b), k.to(b), v.to(b), scale, reference.attention_with_lse)
     ref64 = _attention_losses(q.double(), k.double(), v.double(), scale, reference.attention_with_lse)
     assert kernel[0].dtype == dtype and kernel[0].is_contiguous()
     assert kernel[1].dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    # The backward recomputes P = exp(S·scale − lse) from the stored lse, as FlashAttention does;
+    # a logit of size |S| carries ulp(|S|) of rounding in fp32 (S and lse), so P is only known to
+    # a relative 2·eps·|S|max (1.2e-3 at |S| = 1e4). torch renormalises P from the same S and can
+    # be exact where the kernel cannot (a one-hot row has P = 1 exactly in torch).
+    eps = torch.finfo(torch.float64 if dtype == torch.float64 else torch.float32).eps
+    logits = torch.bmm(q.double(), k.double().transpose(1, 2)).abs().max().item() * abs(scale)
     for name, value, torch_value, r in zip(names, kernel, same_dtype, ref64):
         assert value.shape == r.shape, f"{name}: shape {tuple(value.shape)} != {tuple(r.shape)}"
-        _assert_close(name, value, torch_value, r, dtype)
+        extra = 2 * eps * logits if name.startswith("d") else 0.0
+        _assert_close(name, value, torch_value, r, dtype, extra_rtol=extra)
     return kernel
 
 
@@ -157,13 +178,25 @@ def test_attention_strided_channel_first_inputs(dtype):
 
 @interpreter_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("logit_scale", [1e3, 1e4])
-def test_attention_large_logits(logit_scale, dtype):
-    """|S| ~ 1e3..1e4: the online softmax must stay finite and as accurate as torch."""
-    q, k, v = _attention_inputs(1, 37, 50, 16, 24, dtype, logit_scale=logit_scale / 4)
-    logits = torch.bmm(q.double(), k.double().transpose(1, 2))
-    assert logits.abs().max() > logit_scale / 2
-    _check_attention(q, k, v, 1.0)
+@pytest.mark.parametrize("logits", ["spread-1e3", "spread-1e4", "offset-1e3", "offset-1e4"])
+def test_attention_large_logits(logits, dtype):
+    """|S| ~ 1e3..1e4, finite and as accurate as torch computing in fp32.
+
+    spread: |S| up to the size, so each row's softmax is nearly one-hot.
+    offset: S = size + O(1), a non-trivial softmax whose logits lose ulp(size) to rounding.
+    The baseline is torch in fp32 for fp16 inputs too: torch rounds S to fp16 (ulp 8 at 1e4),
+    the kernel keeps S in fp32, so torch-fp16 would be a much too lenient yardstick.
+    """
+    kind, size = logits.split("-")
+    size = float(size)
+    if kind == "spread":
+        q, k, v = _attention_inputs(1, 37, 50, 16, 24, dtype, logit_scale=size / 16)  # std(S) = size / 4
+    else:
+        q, k, v = (t.clone() for t in _attention_inputs(1, 37, 50, 16, 24, dtype))
+        q[..., 0] = k[..., 0] = math.sqrt(size)
+    s = torch.bmm(q.double(), k.double().transpose(1, 2))
+    assert size / 2 < s.abs().max() < 4 * size
+    _check_attention(q, k, v, 1.0, baseline_dtype=torch.float32)
 
 
 @interpreter_only
@@ -198,7 +231,7 @@ def _cam_losses(x, official, fn, seed=2):
     """y = fn(x) and the gradient of a random projection of y."""
     x = x.detach().requires_grad_()
     y = fn(x, official)
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y)
     (grad_x,) = torch.autograd.grad(y, x, grad_y)
     return y, grad_x
 
@@ -211,7 +244,7 @@ def _cam_reference(x, official):
     """y = A X from reference.channel_attention with gamma = 1, minus its residual."""
     b, c, n = x.shape
     x4 = x.reshape(b, c, n, 1)
-    one = torch.ones(1, dtype=x.dtype)
+    one = torch.ones(1, dtype=x.dtype, device=x.device)
     return (reference.channel_attention(x4, one, "official" if official else "paper") - x4).reshape(b, c, n)
 
 
@@ -244,13 +277,12 @@ def test_channel_attention_matches_reference(b, c, n, dtype, official):
     if dtype == torch.float16 and c == 64:
         pytest.skip("fp16 runs the same code paths as the cases kept; saves interpreter time")
     x = _cam_input(b, c, n, dtype)
-    y, _ = _check_cam(x, official)
-    # attn is the softmax the output was made with: rows sum to 1 and A X = y.
-    y2, attn = attnseg.triton.channel_attention.channel_attention_fwd(x, official)
-    assert attn.dtype == torch.float32 and attn.shape == (b, c, c)
-    torch.testing.assert_close(attn.sum(-1), torch.ones(b, c), rtol=0, atol=1e-5)
-    torch.testing.assert_close(torch.bmm(attn.double(), x.double()), y2.double(),
-                               rtol=2e-3 if dtype == torch.float16 else 1e-5, atol=1e-5)
+    _check_cam(x, official)
+    if dtype == torch.float32:  # attn is the softmax y was made with: rows sum to 1, A X = y
+        y, attn = attnseg.triton.channel_attention.channel_attention_fwd(x, official)
+        assert attn.dtype == torch.float32 and attn.shape == (b, c, c)
+        torch.testing.assert_close(attn.sum(-1), torch.ones(b, c), rtol=0, atol=1e-5)
+        torch.testing.assert_close(torch.bmm(attn, x), y, rtol=1e-5, atol=1e-6)
 
 
 @interpreter_only
@@ -291,6 +323,55 @@ def test_channel_attention_float64_and_gradcheck():
 
 
 # ---------------------------------------------------------------------------------------------
+# bf16 (interpreter with a widened tl.dot, see the module docstring)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def interpreter_bf16_dot(monkeypatch):
+    """Let the interpreter's tl.dot multiply bf16: widen bf16 operands to fp32 (exact), fp32 accumulation."""
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    original = interpreter.InterpreterBuilder.create_dot
+
+    def widen(handle):
+        if handle.dtype != tl.bfloat16:
+            return handle
+        bits = handle.data.astype(np.uint32) << 16  # bf16 is the top half of an fp32
+        return interpreter.TensorHandle(bits.view(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return original(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    monkeypatch.setattr(interpreter.InterpreterBuilder, "create_dot", create_dot)
+
+
+@interpreter_only
+def test_bfloat16_refused_by_plain_interpreter():
+    q = torch.randn(1, 4, 16, dtype=torch.bfloat16)
+    with pytest.raises(NotImplementedError, match="no bfloat16 tl.dot"):
+        attnseg.triton.attention.attention_fwd(q, q, q, 1.0)
+    with pytest.raises(NotImplementedError, match="no bfloat16 tl.dot"):
+        attnseg.triton.channel_attention.channel_attention_fwd(q, True)
+
+
+@interpreter_only
+@pytest.mark.usefixtures("interpreter_bf16_dot")
+@pytest.mark.parametrize("ev", [64, 96])  # fused and split backward
+def test_attention_bfloat16(ev):
+    _check_attention(*_attention_inputs(2, 37, 45, 16, ev, torch.bfloat16, channel_first=True), 1.0)
+
+
+@interpreter_only
+@pytest.mark.usefixtures("interpreter_bf16_dot")
+@pytest.mark.parametrize("official", [True, False], ids=["official", "paper"])
+def test_channel_attention_bfloat16(official):
+    _check_cam(_cam_input(2, 37, 70, torch.bfloat16), official)
+
+
+# ---------------------------------------------------------------------------------------------
 # Functional API, op registration, availability
 # ---------------------------------------------------------------------------------------------
 
@@ -314,7 +395,7 @@ def _pam_inputs(dtype=torch.float32, b=2, c=32, e=4, h=5, w=7):
 
 def _value_and_grads(fn, inputs):
     out = fn(*inputs)
-    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.dtype)
+    grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out)
     return (out, *torch.autograd.grad(out, inputs, grad))
 
 
@@ -544,10 +625,7 @@ if __name__ == "__main__":
     dtype = getattr(torch, sys.argv[2]) if len(sys.argv) > 2 else torch.bfloat16
     n = int(sys.argv[3]) if len(sys.argv) > 3 else 9409
     limit = {80: 166912, 86: 101376, 89: 101376, 90: 232448}[arch]
-    import attnseg.triton.attention as ta
-    import attnseg.triton.channel_attention as tc
-
-    ta._max_shared_memory = tc._max_shared_memory = lambda device: limit
+    attnseg.triton.max_shared_memory = lambda device: limit  # the prune filters ask the device
     for kernel, args, kwargs in _danet_launches(dtype, n=n):
         configs = kernel.configs or [triton.Config({}, num_warps=4, num_stages=2)]
         kept = kernel.prune(configs, dict(zip(kernel.compiled_jit_function().arg_names, args)), **kwargs) \

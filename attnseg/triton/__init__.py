@@ -14,11 +14,22 @@ backend can run, and never raises.
 from __future__ import annotations
 
 import importlib
+import itertools
 import os
 
 import torch
 
-__all__ = ["LazyKernel", "interpreting", "launch", "unavailable_reason"]
+__all__ = [
+    "LazyKernel",
+    "check_dtype",
+    "configs",
+    "dot_precision",
+    "interpreting",
+    "launch",
+    "make_prune",
+    "pow2",
+    "unavailable_reason",
+]
 
 
 def interpreting() -> bool:
@@ -37,10 +48,13 @@ def _triton_import_error() -> str | None:
 
 def _triton_imported_interpreted() -> bool:
     """Whether ``triton`` decorated its standard library for the interpreter at import."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
+    try:
+        import triton.language as tl
+        from triton.runtime.interpreter import InterpretedFunction
 
-    return isinstance(tl.standard.max, InterpretedFunction)
+        return isinstance(tl.standard.max, InterpretedFunction)
+    except (ImportError, AttributeError):  # another triton layout: trust the flag
+        return interpreting()
 
 
 def unavailable_reason(device: torch.device | str) -> str | None:
@@ -57,10 +71,11 @@ def unavailable_reason(device: torch.device | str) -> str | None:
         return error
     interpret = interpreting()
     if interpret != _triton_imported_interpreted():
-        now, then = ("set", "unset") if interpret else ("unset", "set")
+        flag = os.environ.get("TRITON_INTERPRET")
+        mode = "compiled" if interpret else "interpreter"
         return (
-            f"TRITON_INTERPRET=1 is {now} now but was {then} when triton was imported; Triton "
-            "decorates its standard library at import, so set or unset the flag before importing triton"
+            f"TRITON_INTERPRET is {flag!r} now but triton was imported in {mode} mode; Triton decorates "
+            "its standard library when imported, so set (or unset) TRITON_INTERPRET=1 before importing triton"
         )
     if device.type == "cpu":
         if not interpret:
@@ -131,6 +146,29 @@ def _is_traced(arg) -> bool:
     return arg.device.type == "meta" or is_fake(arg) or isinstance(arg, FunctionalTensor)
 
 
+def _interpreter_multiplies_bf16() -> bool:
+    """Whether the interpreter's tl.dot gives 1 · 1 = 1 for bf16 (triton 3.8.0's does not)."""
+    try:
+        import numpy as np
+        import triton.language as tl
+        from triton.runtime.interpreter import TensorHandle, interpreter_builder
+
+        one = TensorHandle(np.full((1, 1), 0x3F80, dtype=np.uint16), tl.bfloat16)  # 1.0 in bf16 bits
+        acc = TensorHandle(np.zeros((1, 1), dtype=np.float32), tl.float32)
+        return float(interpreter_builder.create_dot(one, one, acc, None, 0).data[0, 0]) == 1.0
+    except Exception:
+        return False
+
+
+def check_dtype(fn: str, dtype: torch.dtype) -> None:
+    """Refuse bf16 under an interpreter without bf16 arithmetic rather than return garbage."""
+    if dtype == torch.bfloat16 and interpreting() and not _interpreter_multiplies_bf16():
+        raise NotImplementedError(
+            f"{fn}: the Triton interpreter (TRITON_INTERPRET=1) has no bfloat16 tl.dot (it keeps bf16 "
+            "as uint16 bits); use float16 or float32 on the CPU, or run on a GPU"
+        )
+
+
 def launch(kernel: LazyKernel, grid, *args, **kwargs) -> None:
     """Launch ``kernel`` through ``torch.library.wrap_triton`` (so torch.compile can trace it).
 
@@ -143,3 +181,74 @@ def launch(kernel: LazyKernel, grid, *args, **kwargs) -> None:
     if interpreting() and any(_is_traced(a) for a in args):
         return
     wrap_triton(triton_kernel)[grid](*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared by the kernels' launchers
+# ---------------------------------------------------------------------------------------------
+
+
+def pow2(n: int, minimum: int = 16) -> int:
+    """n rounded up to a power of two, at least ``minimum`` (every side of a tl.dot is >= 16)."""
+    n = max(int(n), 1)
+    return max(minimum, 1 << (n - 1).bit_length())
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision for fp32 operands: IEEE unless torch allows TF32 for matmuls."""
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"
+
+
+def configs(num_warps, num_stages, **blocks):
+    """``triton.Config`` for every combination of the block sizes, warps and stages given."""
+    import triton
+
+    names = list(blocks)
+    return [
+        triton.Config(dict(zip(names, values)), num_warps=w, num_stages=s)
+        for values in itertools.product(*(blocks[n] for n in names))
+        for w in num_warps
+        for s in num_stages
+    ]
+
+
+def max_shared_memory(device: torch.device) -> int:
+    """Shared memory a block may use on ``device`` (opt-in maximum), in bytes."""
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+
+
+def make_prune(shared_bytes, live_elements, budget: int, caps):
+    """An ``early_config_prune`` for ``@triton.autotune``.
+
+    Keeps the configs (1) whose block sizes do not exceed ``caps(args)`` (block name -> largest
+    useful size for the problem, e.g. Ev rounded up to a power of two), (2) whose estimated
+    shared memory ``shared_bytes(block, stages, args)`` fits the device, and (3) whose live tile
+    elements ``live_elements(block, args)`` per thread stay within ``budget``. Budgets were
+    calibrated by compiling every config for sm_90 and sm_80 at DANet sizes and reading the
+    register and spill counts from the cubins (``python tests/test_triton.py``): above them
+    ptxas spills. If nothing is left, the config with the smallest tiles is kept.
+    """
+
+    def prune(configs, named_args, **kwargs):
+        args = {**named_args, **kwargs}
+        device = next(a.device for a in args.values() if isinstance(a, torch.Tensor))
+        limit = max_shared_memory(device)
+        largest = caps(args)
+        kept = []
+        for config in configs:
+            block = config.kwargs
+            if any(block[name] > size for name, size in largest.items()):
+                continue
+            if shared_bytes(block, config.num_stages, args) > limit:
+                continue
+            if live_elements(block, args) / (32 * config.num_warps) > budget:
+                continue
+            kept.append(config)
+        if not kept:
+            kept = [min(configs, key=lambda c: (live_elements(c.kwargs, args), -c.num_warps))]
+        return kept
+
+    return prune

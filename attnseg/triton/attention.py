@@ -30,6 +30,7 @@ fp32 accumulation; fp32 operands use IEEE precision unless
 scale goes in as an fp32 pair (hi + lo) that fp64 kernels add back up to full precision.
 """
 
+import struct
 from typing import Optional
 
 import torch
@@ -37,7 +38,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from . import LazyKernel, interpreting, launch
+from . import LazyKernel, check_dtype, configs, dot_precision, interpreting, launch, make_prune, pow2
 from .. import _ops
 
 __all__ = ["attention_bwd", "attention_fwd"]
@@ -316,106 +317,68 @@ def _attn_bwd_dq(
 # Autotuning: configs for A100 / H100, pruned to what fits the device and the problem.
 # ---------------------------------------------------------------------------------------------
 
-# Register budget for the fp32 tiles a program keeps live, in 32-bit registers per thread
-# (255 is the hardware limit; the rest holds addresses, masks and operand fragments).
-_MAX_TILE_REGS_PER_THREAD = 160
+
+def _caps_fwd(args):
+    return {"BLOCK_M": pow2(args["NQ"]), "BLOCK_N": pow2(args["NK"]), "BLOCK_EV": pow2(args["EV"])}
 
 
-def _pow2(n: int, minimum: int = 16) -> int:
-    """n rounded up to a power of two, at least ``minimum`` (tl.dot needs every side >= 16)."""
-    return max(minimum, triton.next_power_of_2(int(n)))
+def _caps_bwd(args):
+    return {"BLOCK_M": pow2(args["NQ"]), "BLOCK_N": pow2(args["NK"])}
 
 
-def _max_shared_memory(device: torch.device) -> int:
-    props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+def _shared_fwd(block, stages, args):
+    # Q, P, and the pipelined Kᵀ and V tiles, in the input dtype.
+    m, n, e, ev = block["BLOCK_M"], block["BLOCK_N"], args["BLOCK_E"], block["BLOCK_EV"]
+    return args["Q"].element_size() * (m * e + m * n + stages * n * (e + ev))
 
 
-def _fits(config, shared_bytes: int, reg_elems: int, smem_limit: int) -> bool:
-    """Whether a config's estimated shared memory and live fp32 tile registers fit."""
-    threads = 32 * config.num_warps
-    return shared_bytes <= smem_limit and reg_elems / threads <= _MAX_TILE_REGS_PER_THREAD
+def _live_fwd(block, args):
+    # Accumulator, S/P, and the Kᵀ / V tiles (one address a lane each when rows are unaligned).
+    m, n, e, ev = block["BLOCK_M"], block["BLOCK_N"], args["BLOCK_E"], block["BLOCK_EV"]
+    return m * ev + m * n + n * (e + ev)
 
 
-def _prune_fwd(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    q, block_e = args["Q"], args["BLOCK_E"]
-    elem = q.element_size()
-    smem_limit = _max_shared_memory(q.device)
-    max_ev, max_m, max_n = _pow2(args["EV"]), _pow2(args["NQ"]), _pow2(args["NK"])
-    kept = []
-    for c in configs:
-        bm, bn, bev = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_EV"]
-        if bev > max_ev or bm > max_m or bn > max_n:
-            continue  # a smaller config covers the problem with less waste
-        # Pipelined K and V tiles, plus Q and the P operand.
-        shared = elem * (c.num_stages * bn * (block_e + bev) + bm * block_e + bm * bn)
-        regs = bm * bev + 2 * bm * bn  # accumulator, S and P
-        if _fits(c, shared, regs, smem_limit):
-            kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_EV"])]
+def _shared_bwd(rows: str, cols: str):
+    def shared(block, stages, args):
+        # Resident row-side tiles, plus Q or K, dO and V streamed per stage.
+        r, c, e, ev = block[rows], block[cols], args["BLOCK_E"], args["BLOCK_EV"]
+        return args["Q"].element_size() * (r * (e + ev) + r * c + stages * c * (e + 2 * ev))
+
+    return shared
 
 
-def _prune_bwd(block_rows: str, block_cols: str):
-    """Prune for the dK/dV kernel (rows = key block) or the dQ kernel (rows = query block)."""
+def _live_bwd(rows: str, cols: str):
+    def live(block, args):
+        # The row side's dK|dQ and dV|dO tiles, S, P and dP/dS, and the streamed tiles.
+        r, c, e, ev = block[rows], block[cols], args["BLOCK_E"], args["BLOCK_EV"]
+        return r * (e + ev) + 3 * r * c + c * (e + ev)
 
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        q, block_e, block_ev = args["Q"], args["BLOCK_E"], args["BLOCK_EV"]
-        elem = q.element_size()
-        smem_limit = _max_shared_memory(q.device)
-        size = {"BLOCK_M": _pow2(args["NQ"]), "BLOCK_N": _pow2(args["NK"])}
-        kept = []
-        for c in configs:
-            br, bc = c.kwargs[block_rows], c.kwargs[block_cols]
-            if br > size[block_rows] or bc > size[block_cols]:
-                continue
-            # Streamed tiles (Q or K, dO, V) per stage, plus the resident row-side tiles.
-            shared = elem * (c.num_stages * bc * (block_e + 2 * block_ev) + br * (block_e + block_ev) + br * bc)
-            regs = 3 * br * bc + br * block_e + br * block_ev  # S/P, dP, dS; dK or dQ; dV
-            if _fits(c, shared, regs, smem_limit):
-                kept.append(c)
-        return kept or [min(configs, key=lambda c: c.kwargs[block_rows] * c.kwargs[block_cols])]
-
-    return prune
-
-
-def _configs(**space):
-    from itertools import product
-
-    names = [n for n in space if n not in ("num_warps", "num_stages")]
-    return [
-        triton.Config(dict(zip(names, values)), num_warps=w, num_stages=s)
-        for values in product(*(space[n] for n in names))
-        for w in space["num_warps"]
-        for s in space["num_stages"]
-    ]
+    return live
 
 
 _TUNE_KEY = ["TUNE_NQ", "TUNE_NK", "E", "EV"]
 
 _fwd_kernel = LazyKernel(
     _attn_fwd,
-    configs=_configs(BLOCK_M=[64, 128], BLOCK_N=[32, 64, 128], BLOCK_EV=[64, 128, 256],
-                     num_warps=[4, 8], num_stages=[2, 3]),
+    configs=configs(BLOCK_M=[64, 128], BLOCK_N=[32, 64], BLOCK_EV=[64, 128, 256], num_warps=[4, 8], num_stages=[2, 3]),
     interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_EV": 64}),
     key=_TUNE_KEY,
-    prune=_prune_fwd,
+    prune=make_prune(_shared_fwd, _live_fwd, budget=144, caps=_caps_fwd),
 )
 _delta_kernel = LazyKernel(_attn_bwd_delta)
 _dkdv_kernel = LazyKernel(
     _attn_bwd_dkdv,
-    configs=_configs(BLOCK_M=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3]),
+    configs=configs(BLOCK_M=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3]),
     interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}),
     key=_TUNE_KEY + ["COMPUTE_DK", "COMPUTE_DV", "BLOCK_EV"],
-    prune=_prune_bwd("BLOCK_N", "BLOCK_M"),
+    prune=make_prune(_shared_bwd("BLOCK_N", "BLOCK_M"), _live_bwd("BLOCK_N", "BLOCK_M"), budget=300, caps=_caps_bwd),
 )
 _dq_kernel = LazyKernel(
     _attn_bwd_dq,
-    configs=_configs(BLOCK_M=[64, 128], BLOCK_N=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
+    configs=configs(BLOCK_M=[64, 128], BLOCK_N=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
     interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}),
     key=_TUNE_KEY + ["EV_SINGLE", "BLOCK_EV"],
-    prune=_prune_bwd("BLOCK_M", "BLOCK_N"),
+    prune=make_prune(_shared_bwd("BLOCK_M", "BLOCK_N"), _live_bwd("BLOCK_M", "BLOCK_N"), budget=300, caps=_caps_bwd),
 )
 
 
@@ -423,7 +386,7 @@ def _bwd_ev_tile(ev: int) -> tuple[int, bool]:
     """(BLOCK_EV, whether Ev fits one tile) for the backward kernels."""
     limit = 64 if interpreting() else 128  # small under the interpreter so tests reach both paths
     if ev <= limit:
-        return _pow2(ev), True
+        return pow2(ev), True
     return limit, False
 
 
@@ -432,17 +395,14 @@ def _bwd_ev_tile(ev: int) -> tuple[int, bool]:
 # ---------------------------------------------------------------------------------------------
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
-        return "tf32"
-    return "ieee"
+def _to_fp32(value: float) -> float:
+    return struct.unpack("f", struct.pack("f", value))[0]
 
 
 def _scale_pair(scale: float) -> tuple[float, float]:
     """scale as hi + lo, both exactly representable in fp32 (Triton passes floats as fp32)."""
-    hi = torch.tensor(scale, dtype=torch.float64).to(torch.float32).item()
-    lo = torch.tensor(scale - hi, dtype=torch.float64).to(torch.float32).item()
-    return hi, lo
+    hi = _to_fp32(scale)
+    return hi, _to_fp32(scale - hi)
 
 
 def _check_inputs(fn: str, q, k, v) -> None:
@@ -450,6 +410,7 @@ def _check_inputs(fn: str, q, k, v) -> None:
     torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3,
                  lambda: f"{fn}: q, k, v must be 3-D, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
     torch._check(q.dtype == k.dtype == v.dtype, lambda: f"{fn}: dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    check_dtype(fn, q.dtype)
     torch._check(q.shape[0] == k.shape[0] == v.shape[0] and q.shape[2] == k.shape[2] and k.shape[1] == v.shape[1],
                  lambda: f"{fn}: shapes do not fit q[B,Nq,E], k[B,Nk,E], v[B,Nk,Ev]: "
                          f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
@@ -472,8 +433,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
         _fwd_kernel, grid,
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        nq, nk, e, ev, scale_hi, scale_lo, _pow2(nq), _pow2(nk),
-        BLOCK_E=_pow2(e), DOT_PRECISION=_dot_precision(q.dtype),
+        nq, nk, e, ev, scale_hi, scale_lo, pow2(nq), pow2(nk),
+        BLOCK_E=pow2(e), DOT_PRECISION=dot_precision(q.dtype),
     )
     return out, lse
 
@@ -501,11 +462,12 @@ def attention_bwd(
     dk = torch.empty((b, nk, e), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, nk, ev), dtype=v.dtype, device=v.device)
     delta = torch.empty((b, nq), dtype=acc_dtype, device=q.device)
+    grad_out = grad_out.to(q.dtype)  # no-op from autograd; tl.dot needs matching operand dtypes
     lse = lse.to(acc_dtype)
     scale_hi, scale_lo = _scale_pair(scale)
-    block_e = _pow2(e)
-    precision = _dot_precision(q.dtype)
-    sizes = (nq, nk, e, ev, scale_hi, scale_lo, _pow2(nq), _pow2(nk))
+    block_e = pow2(e)
+    precision = dot_precision(q.dtype)
+    sizes = (nq, nk, e, ev, scale_hi, scale_lo, pow2(nq), pow2(nk))
 
     # 1. delta = rowsum(dO ∘ O) − grad_lse
     has_grad_lse = grad_lse is not None
@@ -516,7 +478,7 @@ def attention_bwd(
         out, grad_out, grad_lse_arg, delta,
         *out.stride(), *grad_out.stride(), *grad_lse_arg.stride(), *delta.stride(),
         nq, ev,
-        HAS_GRAD_LSE=has_grad_lse, BLOCK_M=block_m_delta, BLOCK_EV=min(_pow2(ev), 128),
+        HAS_GRAD_LSE=has_grad_lse, BLOCK_M=block_m_delta, BLOCK_EV=min(pow2(ev), 128),
     )
 
     # 2. dK, dV per key block

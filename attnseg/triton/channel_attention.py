@@ -33,9 +33,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from . import LazyKernel, interpreting, launch
+from . import LazyKernel, check_dtype, configs, dot_precision, interpreting, launch, make_prune, pow2
 from .. import _ops
-from .attention import _configs, _dot_precision, _fits, _max_shared_memory, _pow2
 
 __all__ = ["channel_attention_bwd", "channel_attention_fwd"]
 
@@ -272,65 +271,64 @@ def _cam_grad_x(
 # ---------------------------------------------------------------------------------------------
 
 
-def _prune_nt_partial(configs, named_args, **kwargs):
-    args = {**named_args, **kwargs}
-    a = args["A"]
-    elem = a.element_size()
-    smem_limit = _max_shared_memory(a.device)
-    max_c, max_k = _pow2(args["C"]), _pow2(args["SPLIT_LEN"])
-    kept = []
-    for c in configs:
-        bc, bk = c.kwargs["BLOCK_C"], c.kwargs["BLOCK_K"]
-        if bc > max_c or bk > max_k:
-            continue
-        shared = elem * c.num_stages * 2 * bc * bk
-        if _fits(c, shared, bc * bc, smem_limit):
-            kept.append(c)
-    return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_C"] * c.kwargs["BLOCK_K"])]
+def _caps_nt(args):
+    return {"BLOCK_C": pow2(args["C"]), "BLOCK_K": pow2(args["SPLIT_LEN"])}
 
 
-def _prune_rows_by_cols(operands: int):
-    """Prune for the C×N output kernels; ``operands``: j-tile pairs streamed per step (1 or 2)."""
+def _shared_nt(block, stages, args):
+    return args["A"].element_size() * stages * 2 * block["BLOCK_C"] * block["BLOCK_K"]
 
-    def prune(configs, named_args, **kwargs):
-        args = {**named_args, **kwargs}
-        x = args["X"]
-        elem = max(x.element_size(), 4 if operands == 2 else 0)  # grad_x upcasts X to fp32
-        smem_limit = _max_shared_memory(x.device)
-        max_c, max_n = _pow2(args["C"]), _pow2(args["N"])
-        kept = []
-        for c in configs:
-            bi, bn, bj = c.kwargs["BLOCK_I"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_J"]
-            if bi > max_c or bj > max_c or bn > max_n:
-                continue
-            shared = operands * c.num_stages * (4 * bi * bj + elem * bj * bn)
-            if _fits(c, shared, bi * bn + operands * bi * bj, smem_limit):
-                kept.append(c)
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_I"] * c.kwargs["BLOCK_N"])]
 
-    return prune
+def _live_nt(block, args):
+    return block["BLOCK_C"] * (block["BLOCK_C"] + 2 * block["BLOCK_K"])
+
+
+def _caps_rows_by_cols(args):
+    return {"BLOCK_I": pow2(args["C"]), "BLOCK_J": pow2(args["C"]), "BLOCK_N": pow2(args["N"])}
+
+
+def _shared_apply(block, stages, args):
+    # A tile (fp32, cast in registers) and X tile per stage.
+    i, n, j = block["BLOCK_I"], block["BLOCK_N"], block["BLOCK_J"]
+    return stages * (4 * i * j + args["X"].element_size() * j * n)
+
+
+def _live_apply(block, args):
+    i, n, j = block["BLOCK_I"], block["BLOCK_N"], block["BLOCK_J"]
+    return i * n + i * j + j * n
+
+
+def _shared_grad_x(block, stages, args):
+    # Aᵀ and dE + dEᵀ tiles (fp32), dY and X (X upcast to fp32) per stage.
+    i, n, j = block["BLOCK_I"], block["BLOCK_N"], block["BLOCK_J"]
+    return stages * (8 * i * j + (args["X"].element_size() + 4) * j * n)
+
+
+def _live_grad_x(block, args):
+    i, n, j = block["BLOCK_I"], block["BLOCK_N"], block["BLOCK_J"]
+    return i * n + 3 * i * j + 2 * j * n
 
 
 _nt_partial_kernel = LazyKernel(
     _cam_nt_partial,
-    configs=_configs(BLOCK_C=[64, 128], BLOCK_K=[32, 64], num_warps=[4, 8], num_stages=[2, 3, 4]),
+    configs=configs(BLOCK_C=[64, 128], BLOCK_K=[32, 64], num_warps=[4, 8], num_stages=[2, 3, 4]),
     interpreter_config=triton.Config({"BLOCK_C": 32, "BLOCK_K": 32}),
     key=["C", "TUNE_N", "SPLIT_LEN", "SYMMETRIC"],
-    prune=_prune_nt_partial,
+    prune=make_prune(_shared_nt, _live_nt, budget=150, caps=_caps_nt),
 )
 _apply_kernel = LazyKernel(
     _cam_apply,
-    configs=_configs(BLOCK_I=[64, 128], BLOCK_N=[64, 128], BLOCK_J=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
+    configs=configs(BLOCK_I=[64, 128], BLOCK_N=[64, 128], BLOCK_J=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
     interpreter_config=triton.Config({"BLOCK_I": 32, "BLOCK_N": 64, "BLOCK_J": 32}),
     key=["C", "TUNE_N"],
-    prune=_prune_rows_by_cols(1),
+    prune=make_prune(_shared_apply, _live_apply, budget=150, caps=_caps_rows_by_cols),
 )
 _grad_x_kernel = LazyKernel(
     _cam_grad_x,
-    configs=_configs(BLOCK_I=[64, 128], BLOCK_N=[64, 128], BLOCK_J=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
+    configs=configs(BLOCK_I=[64, 128], BLOCK_N=[64, 128], BLOCK_J=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
     interpreter_config=triton.Config({"BLOCK_I": 32, "BLOCK_N": 64, "BLOCK_J": 32}),
     key=["C", "TUNE_N"],
-    prune=_prune_rows_by_cols(2),
+    prune=make_prune(_shared_grad_x, _live_grad_x, budget=240, caps=_caps_rows_by_cols),
 )
 _softmax_fwd_kernel = LazyKernel(_cam_softmax_fwd)
 _softmax_bwd_kernel = LazyKernel(_cam_softmax_bwd)
@@ -349,7 +347,7 @@ def _row_blocks(c: int) -> tuple[int, int]:
     if interpreting():
         return 16, 32
     block_cc = min(triton.next_power_of_2(c), 512)
-    return max(1, 4096 // block_cc), block_cc
+    return min(triton.next_power_of_2(c), 4096 // block_cc), block_cc
 
 
 def _nt_partials(a: torch.Tensor, b: torch.Tensor, symmetric: bool) -> torch.Tensor:
@@ -366,14 +364,15 @@ def _nt_partials(a: torch.Tensor, b: torch.Tensor, symmetric: bool) -> torch.Ten
     launch(
         _nt_partial_kernel, grid,
         a, b, partial, *a.stride(), *b.stride(), *partial.stride(),
-        c, n, split_len, splits, _pow2(n),
-        SYMMETRIC=symmetric, DOT_PRECISION=_dot_precision(a.dtype),
+        c, n, split_len, splits, pow2(n),
+        SYMMETRIC=symmetric, DOT_PRECISION=dot_precision(a.dtype),
     )
     return partial
 
 
 def _check_x(fn: str, x: torch.Tensor) -> None:
     torch._check(x.dim() == 3, lambda: f"{fn}: x must be 3-D [B, C, N], got shape {tuple(x.shape)}")
+    check_dtype(fn, x.dtype)
 
 
 @triton_op("attnseg::triton_channel_attention_fwd", mutates_args=())
@@ -397,8 +396,8 @@ def channel_attention_fwd(x: torch.Tensor, official: bool) -> tuple[torch.Tensor
 
     launch(
         _apply_kernel, grid,
-        attn, x, y, *attn.stride(), *x.stride(), *y.stride(), c, n, _pow2(n),
-        DOT_PRECISION=_dot_precision(x.dtype),
+        attn, x, y, *attn.stride(), *x.stride(), *y.stride(), c, n, pow2(n),
+        DOT_PRECISION=dot_precision(x.dtype),
     )
     return y, attn
 
@@ -408,12 +407,11 @@ def channel_attention_bwd(grad_y: torch.Tensor, x: torch.Tensor, attn: torch.Ten
     """CAM backward: grad_x [B,C,N] contiguous in x's dtype, from grad_y [B,C,N] and attn [B,C,C]."""
     _check_x("triton_channel_attention_bwd", x)
     batch, c, n = x.shape
-    grad_y = grad_y.to(x.dtype)
-    attn = attn.to(_ops._lse_dtype(x.dtype))
+    grad_y = grad_y.to(x.dtype)  # no-op from autograd; tl.dot needs matching operand dtypes
+    attn = attn.to(_ops._lse_dtype(x.dtype)).contiguous()  # shares its strides with grad_energy
     partial = _nt_partials(grad_y, x, symmetric=False)
     splits = partial.shape[0]
-    grad_energy = torch.empty_like(attn, memory_format=torch.contiguous_format)
-    attn = attn.contiguous()  # shares strides with grad_energy in the kernels
+    grad_energy = torch.empty_like(attn)
     block_r, block_cc = _row_blocks(c)
     launch(
         _softmax_bwd_kernel, (triton.cdiv(c, block_r), batch),
@@ -421,7 +419,7 @@ def channel_attention_bwd(grad_y: torch.Tensor, x: torch.Tensor, attn: torch.Ten
         OFFICIAL=official, BLOCK_R=block_r, BLOCK_CC=block_cc,
     )
     grad_x = torch.empty((batch, c, n), dtype=x.dtype, device=x.device)
-    precision = _dot_precision(x.dtype)
+    precision = dot_precision(x.dtype)
     if x.dtype in (torch.float16, torch.bfloat16):
         grad_e_precision = "tf32"  # fp16/bf16 X is exact in TF32; dE keeps fp32 range
     else:
@@ -433,7 +431,7 @@ def channel_attention_bwd(grad_y: torch.Tensor, x: torch.Tensor, attn: torch.Ten
     launch(
         _grad_x_kernel, grid,
         attn, grad_energy, grad_y, x, grad_x,
-        *attn.stride(), *grad_y.stride(), *x.stride(), *grad_x.stride(), c, n, _pow2(n),
+        *attn.stride(), *grad_y.stride(), *x.stride(), *grad_x.stride(), c, n, pow2(n),
         DOT_PRECISION=precision, GRAD_E_PRECISION=grad_e_precision,
     )
     return grad_x

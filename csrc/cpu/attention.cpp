@@ -1,20 +1,25 @@
 // Fused attention on the CPU: tiled, online softmax, never an Nq x Nk buffer.
 //
-// Forward, per (batch, block of kBlockM queries):
+// Forward, per (batch, block of kBlockM queries), one task of at::parallel_for:
 //   for each block of kBlockN keys:  S = Q_i K_jᵀ                 (ATen GEMM into a tile)
 //                                    m' = max(m, rowmax(S·scale)); P = exp(S·scale − m')
 //                                    l = l·e^(m−m') + rowsum(P);   O_i = O_i·e^(m−m') + P V_j
 //   O_i /= l,  lse_i = m + log l.
-// Backward (flash-attention-2 order), per batch, key block j, query block i:
-//   P = exp(Q_i K_jᵀ·scale − lse_i); dV_j += Pᵀ dO_i; dP = dO_i V_jᵀ; dS = P ∘ (dP − delta_i)
-//   dK_j += scale · dSᵀ Q_i;  dQ_i += scale · dS K_j
+// Backward (flash-attention-2 order), per (batch, group of key blocks):
+//   for each key block j in the group, for each query block i:
+//     P = exp(Q_i K_jᵀ·scale − lse_i); dV_j += Pᵀ dO_i; dP = dO_i V_jᵀ; dS = P ∘ (dP − delta_i)
+//     dK_j += scale · dSᵀ Q_i;  dQ_i(group) += scale · dS K_j
+//   then dQ = Σ_group dQ(group), summed in group order. The number of groups depends on the
+//   shape only (never on the thread count), so the gradients are bitwise repeatable.
 //
-// Threads: the tiles are large (512 x 512) and visited in order; each GEMM runs on all of
-// torch's threads inside the BLAS, and the row-wise softmax work runs under at::parallel_for.
-// Calling the BLAS from inside at::parallel_for tasks instead nests two thread pools, which on
-// a busy machine was measured 10x slower; visiting tiles in order also makes the accumulation
-// order of dQ, dK and dV independent of the thread count, with no partial buffers.
-// Memory beyond inputs and outputs: a few kBlockM x kBlockN tiles.
+// Threads: one at::parallel_for over independent tasks; each task's GEMMs run single-threaded.
+// MKL, left alone, starts its own threads inside the tasks; on 2 busy cores that was measured
+// 8x slower than one thread. So each task sets MKL's thread-local thread count to 1 (when the
+// BLAS is MKL; other BLAS libraries built on OpenMP see the parallel region and stay serial).
+// Fine-grained alternatives (tiles in order, the BLAS and the row work each parallel) pay a
+// barrier per GEMM and were measured 1.5-3x slower on a loaded machine.
+// Memory beyond inputs and outputs: per-thread tiles of kBlockM x kBlockN, and for the backward
+// (groups − 1) x B x Nq x E partial dQ buffers: linear in N.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -26,12 +31,29 @@
 #include "../common/checks.h"
 #include "row_ops.h"
 
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace attnseg::cpu {
 namespace {
 
-constexpr int64_t kBlockM = 512;  // queries per tile
-constexpr int64_t kBlockN = 512;  // keys per tile
-constexpr int64_t kRowGrain = 32;  // rows per parallel task of the row-wise softmax work
+// While alive, this thread's MKL calls run on this thread only (see "Threads" above).
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) previous = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);
+  }
+};
+
+constexpr int64_t kBlockM = 128;  // queries per tile
+constexpr int64_t kBlockN = 256;  // keys per tile
+// Target number of parallel tasks of the backward, B x key-block groups. Fixed, not the thread
+// count, so that dQ's summation order (and so its bits) does not depend on the machine.
+constexpr int64_t kBackwardTasks = 8;
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // A view ATen's GEMM reads without a copy: one of the two inner strides is 1 and the other a
 // valid leading dimension. Anything else (e.g. the expanded grad of out.sum()) is copied once.
@@ -46,19 +68,21 @@ at::Tensor gemm_ready(const at::Tensor& t) {
 template <typename scalar_t>
 void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale_d,
                           at::Tensor& out, at::Tensor& lse) {
-  const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1), ev = v.size(2);
+  const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1);
+  const int64_t q_blocks = ceil_div(nq, kBlockM);
   const scalar_t scale = static_cast<scalar_t>(scale_d);
   constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
-  at::Tensor tile = at::empty({std::min(kBlockM, nq) * std::min(kBlockN, nk)}, q.options());
-  std::vector<scalar_t> row_max(kBlockM), row_sum(kBlockM);
-  scalar_t* lse_ptr = lse.data_ptr<scalar_t>();
+  auto lse_a = lse.accessor<scalar_t, 2>();
 
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t i0 = 0; i0 < nq; i0 += kBlockM) {
-      const int64_t bm = std::min(kBlockM, nq - i0);
+  at::parallel_for(0, batch * q_blocks, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded_blas;
+    at::Tensor tile = at::empty({kBlockM * kBlockN}, q.options());
+    std::vector<scalar_t> row_max(kBlockM), row_sum(kBlockM);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / q_blocks;
+      const int64_t i0 = (task % q_blocks) * kBlockM, bm = std::min(kBlockM, nq - i0);
       const at::Tensor q_i = q[b].narrow(0, i0, bm);
       at::Tensor o_i = out[b].narrow(0, i0, bm);  // contiguous bm x Ev: the accumulator
-      scalar_t* o_ptr = o_i.data_ptr<scalar_t>();
       o_i.zero_();
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), scalar_t(0));
@@ -67,32 +91,32 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
         at::Tensor s = tile.narrow(0, 0, bm * bn).view({bm, bn});
         at::mm_out(s, q_i, k[b].narrow(0, j0, bn).t());
         scalar_t* s_ptr = s.data_ptr<scalar_t>();
-        at::parallel_for(0, bm, kRowGrain, [&](int64_t r_begin, int64_t r_end) {
-          for (int64_t r = r_begin; r < r_end; ++r) {
-            scalar_t* row = s_ptr + r * bn;
-            const scalar_t m_old = row_max[r];
-            const scalar_t block_max = scaled_row_max(row, bn, scale);
-            // std::max drops a NaN second argument; a NaN logit poisons the row, as in torch.softmax.
-            const scalar_t m_new = block_max != block_max ? block_max : std::max(m_old, block_max);
-            // All logits so far -inf: keep exp() away from (-inf) - (-inf).
-            const scalar_t shift = m_new == kNegInf ? scalar_t(0) : m_new;
-            const scalar_t rescale = std::exp(m_old - shift);
-            row_sum[r] = row_sum[r] * rescale + scaled_exp_sum(row, bn, scale, shift);
-            // The accumulator is still zero while m_old is -inf: no rescale needed then.
-            if (m_old != kNegInf && rescale != scalar_t(1)) scale_row(o_ptr + r * ev, ev, rescale);
-            row_max[r] = m_new;
-          }
-        });
+        scalar_t* o_ptr = o_i.data_ptr<scalar_t>();
+        const int64_t ev = o_i.size(1);
+        for (int64_t r = 0; r < bm; ++r) {
+          scalar_t* row = s_ptr + r * bn;
+          const scalar_t m_old = row_max[r];
+          const scalar_t block_max = scaled_row_max(row, bn, scale);
+          // std::max drops a NaN second argument; a NaN logit must poison the row as in torch.softmax.
+          const scalar_t m_new = block_max != block_max ? block_max : std::max(m_old, block_max);
+          // All logits so far -inf: keep exp() away from (-inf) - (-inf).
+          const scalar_t shift = m_new == kNegInf ? scalar_t(0) : m_new;
+          const scalar_t rescale = std::exp(m_old - shift);
+          row_sum[r] = row_sum[r] * rescale + scaled_exp_sum(row, bn, scale, shift);
+          // The accumulator is still zero while m_old is -inf: no rescale needed then.
+          if (m_old != kNegInf && rescale != scalar_t(1)) scale_row(o_ptr + r * ev, ev, rescale);
+          row_max[r] = m_new;
+        }
         o_i.addmm_(s, v[b].narrow(0, j0, bn));
       }
-      at::parallel_for(0, bm, kRowGrain, [&](int64_t r_begin, int64_t r_end) {
-        for (int64_t r = r_begin; r < r_end; ++r) {
-          scale_row(o_ptr + r * ev, ev, scalar_t(1) / row_sum[r]);
-          lse_ptr[b * nq + i0 + r] = row_max[r] + std::log(row_sum[r]);
-        }
-      });
+      scalar_t* o_ptr = o_i.data_ptr<scalar_t>();
+      const int64_t ev = o_i.size(1);
+      for (int64_t r = 0; r < bm; ++r) {
+        scale_row(o_ptr + r * ev, ev, scalar_t(1) / row_sum[r]);
+        lse_a[b][i0 + r] = row_max[r] + std::log(row_sum[r]);
+      }
     }
-  }
+  });
 }
 
 template <typename scalar_t>
@@ -100,41 +124,45 @@ void attention_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& delta, c
                           const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse, double scale_d,
                           at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1);
+  const int64_t k_blocks = ceil_div(nk, kBlockN);
+  const int64_t groups = std::min(k_blocks, std::max<int64_t>(1, ceil_div(kBackwardTasks, batch)));
   const scalar_t scale = static_cast<scalar_t>(scale_d);
-  const int64_t tile_numel = std::min(kBlockM, nq) * std::min(kBlockN, nk);
-  at::Tensor p_tile = at::empty({tile_numel}, q.options());
-  at::Tensor dp_tile = at::empty({tile_numel}, q.options());
-  const scalar_t* lse_ptr = lse.data_ptr<scalar_t>();
-  const scalar_t* delta_ptr = delta.data_ptr<scalar_t>();
+  // Group g > 0 accumulates its share of dQ here; group 0 writes into dq itself.
+  at::Tensor dq_partial = groups > 1 ? at::zeros({groups - 1, batch, nq, q.size(2)}, dq.options()) : at::Tensor();
+  auto lse_a = lse.accessor<scalar_t, 2>();
+  auto delta_a = delta.accessor<scalar_t, 2>();
 
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t j0 = 0; j0 < nk; j0 += kBlockN) {
-      const int64_t bn = std::min(kBlockN, nk - j0);
-      const at::Tensor k_j = k[b].narrow(0, j0, bn), v_j = v[b].narrow(0, j0, bn);
-      at::Tensor dk_j = dk[b].narrow(0, j0, bn), dv_j = dv[b].narrow(0, j0, bn);
-      for (int64_t i0 = 0; i0 < nq; i0 += kBlockM) {
-        const int64_t bm = std::min(kBlockM, nq - i0);
-        const at::Tensor q_i = q[b].narrow(0, i0, bm), do_i = grad_out[b].narrow(0, i0, bm);
-        at::Tensor p = p_tile.narrow(0, 0, bm * bn).view({bm, bn});
-        at::Tensor dp = dp_tile.narrow(0, 0, bm * bn).view({bm, bn});
-        scalar_t* p_ptr = p.data_ptr<scalar_t>();
-        scalar_t* dp_ptr = dp.data_ptr<scalar_t>();
-        const scalar_t* lse_i = lse_ptr + b * nq + i0;
-        const scalar_t* delta_i = delta_ptr + b * nq + i0;
-        at::mm_out(p, q_i, k_j.t());
-        at::parallel_for(0, bm, kRowGrain, [&](int64_t r_begin, int64_t r_end) {
-          for (int64_t r = r_begin; r < r_end; ++r) scaled_exp_sum(p_ptr + r * bn, bn, scale, lse_i[r]);
-        });
-        dv_j.addmm_(p.t(), do_i);
-        at::mm_out(dp, do_i, v_j.t());
-        at::parallel_for(0, bm, kRowGrain, [&](int64_t r_begin, int64_t r_end) {
-          for (int64_t r = r_begin; r < r_end; ++r) softmax_grad_row(p_ptr + r * bn, dp_ptr + r * bn, bn, delta_i[r]);
-        });
-        dk_j.addmm_(dp.t(), q_i, /*beta=*/1, /*alpha=*/scale);
-        dq[b].narrow(0, i0, bm).addmm_(dp, k_j, /*beta=*/1, /*alpha=*/scale);
+  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single_threaded_blas;
+    at::Tensor p_tile = at::empty({kBlockM * kBlockN}, q.options());
+    at::Tensor dp_tile = at::empty({kBlockM * kBlockN}, q.options());
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / groups, g = task % groups;
+      at::Tensor dq_b = g == 0 ? dq[b] : dq_partial[g - 1][b];
+      const int64_t kb_begin = g * k_blocks / groups, kb_end = (g + 1) * k_blocks / groups;
+      for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+        const int64_t j0 = kb * kBlockN, bn = std::min(kBlockN, nk - j0);
+        const at::Tensor k_j = k[b].narrow(0, j0, bn), v_j = v[b].narrow(0, j0, bn);
+        at::Tensor dk_j = dk[b].narrow(0, j0, bn), dv_j = dv[b].narrow(0, j0, bn);
+        for (int64_t i0 = 0; i0 < nq; i0 += kBlockM) {
+          const int64_t bm = std::min(kBlockM, nq - i0);
+          const at::Tensor q_i = q[b].narrow(0, i0, bm), do_i = grad_out[b].narrow(0, i0, bm);
+          at::Tensor p = p_tile.narrow(0, 0, bm * bn).view({bm, bn});
+          at::Tensor dp = dp_tile.narrow(0, 0, bm * bn).view({bm, bn});
+          at::mm_out(p, q_i, k_j.t());
+          scalar_t* p_ptr = p.data_ptr<scalar_t>();
+          for (int64_t r = 0; r < bm; ++r) scaled_exp_sum(p_ptr + r * bn, bn, scale, lse_a[b][i0 + r]);
+          dv_j.addmm_(p.t(), do_i);
+          at::mm_out(dp, do_i, v_j.t());
+          scalar_t* dp_ptr = dp.data_ptr<scalar_t>();
+          for (int64_t r = 0; r < bm; ++r) softmax_grad_row(p_ptr + r * bn, dp_ptr + r * bn, bn, delta_a[b][i0 + r]);
+          dk_j.addmm_(dp.t(), q_i, /*beta=*/1, /*alpha=*/scale);
+          dq_b.narrow(0, i0, bm).addmm_(dp, k_j, /*beta=*/1, /*alpha=*/scale);
+        }
       }
     }
-  }
+  });
+  for (int64_t g = 1; g < groups; ++g) dq.add_(dq_partial[g - 1]);
 }
 
 // fp16/bf16 inputs are computed in fp32 (the accumulation type); fp32/fp64 run as they are.
