@@ -107,7 +107,8 @@ if native_available():
 
     @torch.library.register_fake("attnseg::attention_bwd")
     def _attention_bwd_fake(grad_out, grad_lse, q, k, v, out, lse, scale):
-        return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+        # the kernels return gradients in the inputs' layouts (torch.empty_like's rules)
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
     @torch.library.register_fake("attnseg::channel_attention_fwd")
     def _channel_attention_fwd_fake(x, official):

@@ -108,6 +108,7 @@ class LazyKernel:
         self.key = list(key)
         self.prune = prune
         self._built: dict[bool, object] = {}
+        self._compiled_jit = None
 
     @property
     def __name__(self) -> str:
@@ -130,10 +131,12 @@ class LazyKernel:
         return kernel
 
     def compiled_jit_function(self):
-        """A compiled-mode ``JITFunction`` of the kernel (for ahead-of-time compile checks)."""
-        from triton.runtime.jit import JITFunction
+        """A compiled-mode ``JITFunction`` of the kernel, whatever the mode (for ahead-of-time compiles)."""
+        if self._compiled_jit is None:
+            from triton.runtime.jit import JITFunction
 
-        return JITFunction(self.fn)
+            self._compiled_jit = JITFunction(self.fn)
+        return self._compiled_jit
 
 
 def _is_traced(arg) -> bool:
