@@ -9,11 +9,13 @@ Setting it at the top of this module would work only if no earlier test module i
 triton, and it would leak into every other module of the pytest session (a GPU run of the
 Triton kernels there would then be interpreted, or fail). So the module has two roles:
 
-* In an ordinary pytest process (no TRITON_INTERPRET), ``test_interpreter_suite`` reruns this
-  file in a subprocess that has TRITON_INTERPRET=1 from the start; the interpreter tests are
-  skipped in the parent (they ran in the child and any failure there fails that test, with the
-  child's report). The ahead-of-time compile checks and the GPU tests run in the parent.
-* In a process started with TRITON_INTERPRET=1 (the subprocess, or
+* In an ordinary pytest process, ``test_interpreter_suite`` runs this file in a subprocess that
+  has TRITON_INTERPRET=1 from its start (launched in the background when this module's first
+  test starts, so it uses the second core while the parent compiles kernels); the interpreter
+  tests are skipped in the parent, and any failure in the child fails ``test_interpreter_suite``
+  with the child's report. The ahead-of-time compile checks (no GPU needed: Triton compiles to
+  cubin offline) and the GPU tests run in the parent.
+* In a process started with TRITON_INTERPRET=1 (that subprocess, or
   ``TRITON_INTERPRET=1 pytest tests/test_triton.py``), the interpreter tests run on CPU tensors.
 
 Criterion (flash-attention's): the kernel and PyTorch in the same dtype are both compared with
@@ -35,8 +37,10 @@ Not covered here
 * bf16 arithmetic as a GPU does it: the interpreter's fp32 -> bf16 cast truncates where the GPU
   rounds to nearest even, and the bf16 tl.dot is the test's emulation, not tensor-core hardware.
 * TF32: the interpreter's tl.dot is exact fp32 whatever input_precision says.
-* Autotuning: the interpreter runs one small config per kernel; the GPU configs are compiled
-  by the sweep in ``__main__`` below, not timed. Performance is not measured here.
+* Autotuning and speed: the interpreter runs one small config per kernel. The GPU configs are
+  only compiled (the smallest kept one per kernel here; all of them by the sweep in ``__main__``,
+  ``python tests/test_triton.py [arch] [dtype] [N]``, which prints registers, spills and shared
+  memory next to the prune filters' verdicts), never run or timed.
 * torch.compile / AOT dispatch of the Triton ops: interpreted kernels cannot be traced, so the
   full ``opcheck`` runs only on a GPU.
 """
@@ -45,6 +49,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -456,21 +461,6 @@ def test_unavailable_reason_without_interpreter(monkeypatch):
     assert "before importing triton" in unavailable_reason("cpu")
 
 
-@compiled_mode_only
-@pytest.mark.skipif(os.environ.get("ATTNSEG_TRITON_CHILD") == "1", reason="this is the subprocess")
-def test_interpreter_suite():
-    """Runs the interpreter tests of this file in a TRITON_INTERPRET=1 subprocess."""
-    repo = Path(attnseg.__file__).resolve().parent.parent
-    env = dict(os.environ, TRITON_INTERPRET="1", ATTNSEG_QUIET="1", ATTNSEG_TRITON_CHILD="1")
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
-    cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-p", "no:cacheprovider",
-           "-o", "addopts=", "-W", "ignore::pytest.PytestUnknownMarkWarning"]
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=900)
-    report = (proc.stdout + proc.stderr)[-6000:]
-    assert proc.returncode == 0, f"interpreter tests failed in the subprocess:\n{report}"
-    assert " passed" in report and "error" not in report.splitlines()[-1], report
-
-
 # ---------------------------------------------------------------------------------------------
 # Ahead-of-time compilation for NVIDIA GPUs (no GPU needed: Triton compiles to cubin offline)
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +520,6 @@ def _compile(kernel, args, kwargs, config, arch):
 def _resource_usage(compiled) -> tuple[int, int]:
     """(registers per thread, spill stack bytes) of a compiled kernel, read from its cubin."""
     import re
-    import tempfile
 
     import triton
 
@@ -560,24 +549,42 @@ def _danet_launches(dtype, n=9409, batch=2, e=64, ev=512, c=512):
     )
 
 
+_SHARED_MEMORY = {80: 166912, 90: 232448}  # opt-in shared memory per block of A100 / H100
+
+
+def _kept_configs(kernel, args, kwargs, arch):
+    """What the kernel's prune filter keeps on sm_<arch> ([a default config] if not autotuned)."""
+    import triton
+
+    if kernel.configs is None:
+        return [triton.Config({}, num_warps=4, num_stages=2)]
+    named = dict(zip(kernel.compiled_jit_function().arg_names, args))
+    saved = attnseg.triton.max_shared_memory
+    attnseg.triton.max_shared_memory = lambda device: _SHARED_MEMORY[arch]  # the filter asks the device
+    try:
+        return kernel.prune(kernel.configs, named, **kwargs)
+    finally:
+        attnseg.triton.max_shared_memory = saved
+
+
 @compiled_mode_only
 @pytest.mark.parametrize("dtype, arch", [(torch.bfloat16, 90), (torch.float32, 80)])
 def test_kernels_compile_for_gpus(dtype, arch):
-    """Every kernel compiles to a cubin for sm_<arch> with its smallest config, without spilling."""
+    """Every kernel compiles to a cubin for sm_<arch>, with the smallest config its prune filter
+    keeps at DANet sizes (on the unaligned N = 9409 layouts), without spilling registers."""
     pytest.importorskip("triton.backends.nvidia")
-    import triton
-
     seen = set()
-    for kernel, args, kwargs in _danet_launches(dtype, n=9216):
+    for kernel, args, kwargs in _danet_launches(dtype):
         mode = (kernel.__name__, *sorted((k, v) for k, v in kwargs.items() if isinstance(v, bool)))
         if mode in seen:
             continue
         seen.add(mode)
-        configs = kernel.configs or [triton.Config({}, num_warps=4, num_stages=2)]
-        config = min(configs, key=lambda c: (math.prod(c.kwargs.values()), c.num_stages, -c.num_warps))
+        kept = _kept_configs(kernel, args, kwargs, arch)
+        config = min(kept, key=lambda c: (math.prod(c.kwargs.values()), c.num_stages))
         compiled = _compile(kernel, args, kwargs, config, arch)
         regs, spill = _resource_usage(compiled)
-        assert spill == 0 and compiled.metadata.shared <= 99 * 1024, (mode, regs, spill, compiled.metadata.shared)
+        assert spill == 0 and compiled.metadata.shared <= _SHARED_MEMORY[arch], (
+            mode, config, regs, spill, compiled.metadata.shared)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,6 +622,58 @@ def test_gpu_opcheck_and_compile():
     torch.testing.assert_close(compiled(q, k, v), attnseg.attention(q, k, v, backend="triton"))
 
 
+# ---------------------------------------------------------------------------------------------
+# The interpreter tests, run in a TRITON_INTERPRET=1 subprocess (see the module docstring)
+# ---------------------------------------------------------------------------------------------
+
+_CHILD_FLAG = "ATTNSEG_TRITON_INTERPRETER_CHILD"
+_child: dict = {}
+
+
+def _start_interpreter_suite():
+    """Start (once) ``pytest`` on this file in a subprocess with TRITON_INTERPRET=1 from the start."""
+    if "proc" not in _child:
+        repo = Path(attnseg.__file__).resolve().parent.parent
+        env = dict(os.environ, TRITON_INTERPRET="1", ATTNSEG_QUIET="1", **{_CHILD_FLAG: "1"})
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
+        cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-rs",
+               "-p", "no:cacheprovider", "-o", "addopts="]
+        log = tempfile.TemporaryFile(mode="w+")
+        _child["log"] = log
+        _child["proc"] = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)
+    return _child["proc"], _child["log"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _interpreter_suite_in_background(request):
+    """Start the subprocess before this module's first test: it runs on one core while this
+    process compiles kernels on another; ``test_interpreter_suite`` (last) collects it."""
+    wanted = any(item.originalname == "test_interpreter_suite" for item in request.session.items)
+    if wanted and not INTERPRETER and os.environ.get(_CHILD_FLAG) != "1":
+        _start_interpreter_suite()
+    yield
+    proc = _child.pop("proc", None)
+    if proc is not None and proc.poll() is None:  # the test was interrupted: stop our child
+        proc.kill()
+        proc.wait()
+    if "log" in _child:
+        _child.pop("log").close()
+
+
+@compiled_mode_only
+@pytest.mark.skipif(os.environ.get(_CHILD_FLAG) == "1", reason="this is the interpreter subprocess")
+def test_interpreter_suite():
+    """The interpreter tests of this file, run in a TRITON_INTERPRET=1 subprocess."""
+    proc, log = _start_interpreter_suite()
+    returncode = proc.wait(timeout=900)
+    log.seek(0)
+    report = log.read()
+    summary = report.strip().splitlines()[-1] if report.strip() else ""
+    assert returncode == 0, f"interpreter tests failed in the subprocess:\n{report[-8000:]}"
+    assert " passed" in summary and "failed" not in summary and "error" not in summary, report[-8000:]
+    print(f"TRITON_INTERPRET=1 subprocess: {summary}")
+
+
 if __name__ == "__main__":
     # Sweep: compile every autotune config of every kernel at DANet sizes and print registers,
     # spills (stack bytes) and shared memory next to what the prune filters decide.
@@ -624,19 +683,16 @@ if __name__ == "__main__":
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 90
     dtype = getattr(torch, sys.argv[2]) if len(sys.argv) > 2 else torch.bfloat16
     n = int(sys.argv[3]) if len(sys.argv) > 3 else 9409
-    limit = {80: 166912, 86: 101376, 89: 101376, 90: 232448}[arch]
-    attnseg.triton.max_shared_memory = lambda device: limit  # the prune filters ask the device
     for kernel, args, kwargs in _danet_launches(dtype, n=n):
         configs = kernel.configs or [triton.Config({}, num_warps=4, num_stages=2)]
-        kept = kernel.prune(configs, dict(zip(kernel.compiled_jit_function().arg_names, args)), **kwargs) \
-            if kernel.configs else configs
+        kept = _kept_configs(kernel, args, kwargs, arch)
         mode = {k: v for k, v in kwargs.items() if isinstance(v, bool)}
         print(f"== {kernel.__name__} {mode}: {len(kept)} of {len(configs)} configs kept", flush=True)
         for config in configs:
             compiled = _compile(kernel, args, kwargs, config, arch)
             regs, stack = _resource_usage(compiled)
             shared = compiled.metadata.shared
-            fits = shared <= limit and stack == 0
+            fits = shared <= _SHARED_MEMORY[arch] and stack == 0
             verdict = ("kept" if config in kept else "drop") + ("" if (config in kept) == fits else "  <-- mismatch")
             print(f"  {verdict:20s} {str(config.kwargs):55s} w{config.num_warps} s{config.num_stages} "
                   f"regs {regs:3d} spill {stack:5d} B shared {shared:6d} B", flush=True)

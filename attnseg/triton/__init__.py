@@ -103,7 +103,7 @@ class LazyKernel:
 
     def __init__(self, fn, *, configs=None, interpreter_config=None, key=(), prune=None):
         self.fn = fn
-        self.configs = configs
+        self.configs = _unique(configs) if configs is not None else None
         self.interpreter_config = interpreter_config
         self.key = list(key)
         self.prune = prune
@@ -217,29 +217,53 @@ def configs(num_warps, num_stages, **blocks):
     ]
 
 
+def _unique(config_list):
+    seen, unique = set(), []
+    for c in config_list:
+        key = (tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages)
+        if key not in seen:
+            seen.add(key)
+            unique.append(c)
+    return unique
+
+
 def max_shared_memory(device: torch.device) -> int:
     """Shared memory a block may use on ``device`` (opt-in maximum), in bytes."""
     props = torch.cuda.get_device_properties(device)
     return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
 
 
-def make_prune(shared_bytes, live_elements, budget: int, caps):
+# tl.dot on fp32 operands with input_precision="ieee", and on fp64, runs on FMA units rather than
+# tensor cores and needs far smaller tiles: compiled for sm_80, ptxas spilled (or fell back to
+# 32 registers and kilobytes of stack) beyond about 44 live tile elements a thread, at 4 warps
+# for most tile shapes, and with 3 pipeline stages for the backward kernels.
+_FMA_BUDGET = 44
+_FMA_WARPS = 8
+_FMA_STAGES = 2
+
+
+def _dot_uses_fma(dtype: torch.dtype, precision: str) -> bool:
+    return dtype == torch.float64 or (dtype == torch.float32 and precision == "ieee")
+
+
+def make_prune(shared_bytes, live_elements, budget: int, caps, operand: str):
     """An ``early_config_prune`` for ``@triton.autotune``.
 
     Keeps the configs (1) whose block sizes do not exceed ``caps(args)`` (block name -> largest
     useful size for the problem, e.g. Ev rounded up to a power of two), (2) whose estimated
     shared memory ``shared_bytes(block, stages, args)`` fits the device, and (3) whose live tile
-    elements ``live_elements(block, args)`` per thread stay within ``budget``. Budgets were
-    calibrated by compiling every config for sm_90 and sm_80 at DANet sizes and reading the
-    register and spill counts from the cubins (``python tests/test_triton.py``): above them
-    ptxas spills. If nothing is left, the config with the smallest tiles is kept.
+    elements ``live_elements(block, args)`` per thread stay within ``budget`` (tensor-core dots)
+    or ``_FMA_BUDGET`` at 8 warps and 2 stages (fp32-IEEE and fp64 dots). The budgets were calibrated by
+    compiling the configs for sm_90 and sm_80 at DANet sizes and reading registers and spills
+    from the cubins (``python tests/test_triton.py``). If nothing is left, the config with the
+    smallest tiles is kept. ``operand`` names the kernel argument whose dtype the dots take.
     """
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        device = next(a.device for a in args.values() if isinstance(a, torch.Tensor))
-        limit = max_shared_memory(device)
+        limit = max_shared_memory(args[operand].device)
         largest = caps(args)
+        fma = _dot_uses_fma(args[operand].dtype, args["DOT_PRECISION"])
         kept = []
         for config in configs:
             block = config.kwargs
@@ -247,11 +271,14 @@ def make_prune(shared_bytes, live_elements, budget: int, caps):
                 continue
             if shared_bytes(block, config.num_stages, args) > limit:
                 continue
-            if live_elements(block, args) / (32 * config.num_warps) > budget:
+            live = live_elements(block, args) / (32 * config.num_warps)
+            if live > (_FMA_BUDGET if fma else budget):
+                continue
+            if fma and (config.num_warps != _FMA_WARPS or config.num_stages != _FMA_STAGES):
                 continue
             kept.append(config)
         if not kept:
-            kept = [min(configs, key=lambda c: (live_elements(c.kwargs, args), -c.num_warps))]
+            kept = [min(configs, key=lambda c: (live_elements(c.kwargs, args) / c.num_warps, c.num_stages))]
         return kept
 
     return prune

@@ -360,25 +360,30 @@ _TUNE_KEY = ["TUNE_NQ", "TUNE_NK", "E", "EV"]
 
 _fwd_kernel = LazyKernel(
     _attn_fwd,
-    configs=configs(BLOCK_M=[64, 128], BLOCK_N=[32, 64], BLOCK_EV=[64, 128, 256], num_warps=[4, 8], num_stages=[2, 3]),
+    configs=configs(BLOCK_M=[64, 128], BLOCK_N=[32, 64], BLOCK_EV=[64, 128, 256], num_warps=[4, 8], num_stages=[2, 3])
+    + configs(BLOCK_M=[32, 64], BLOCK_N=[32], BLOCK_EV=[32, 64], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_EV": 64}),
     key=_TUNE_KEY,
-    prune=make_prune(_shared_fwd, _live_fwd, budget=144, caps=_caps_fwd),
+    prune=make_prune(_shared_fwd, _live_fwd, budget=144, caps=_caps_fwd, operand="Q"),
 )
 _delta_kernel = LazyKernel(_attn_bwd_delta)
 _dkdv_kernel = LazyKernel(
     _attn_bwd_dkdv,
-    configs=configs(BLOCK_M=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3]),
+    configs=configs(BLOCK_M=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3])
+    + configs(BLOCK_M=[16, 32], BLOCK_N=[32], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}),
     key=_TUNE_KEY + ["COMPUTE_DK", "COMPUTE_DV", "BLOCK_EV"],
-    prune=make_prune(_shared_bwd("BLOCK_N", "BLOCK_M"), _live_bwd("BLOCK_N", "BLOCK_M"), budget=300, caps=_caps_bwd),
+    prune=make_prune(_shared_bwd("BLOCK_N", "BLOCK_M"), _live_bwd("BLOCK_N", "BLOCK_M"),
+                     budget=300, caps=_caps_bwd, operand="Q"),
 )
 _dq_kernel = LazyKernel(
     _attn_bwd_dq,
-    configs=configs(BLOCK_M=[64, 128], BLOCK_N=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
+    configs=configs(BLOCK_M=[64, 128], BLOCK_N=[32, 64], num_warps=[4, 8], num_stages=[2, 3])
+    + configs(BLOCK_M=[32], BLOCK_N=[16, 32], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}),
     key=_TUNE_KEY + ["EV_SINGLE", "BLOCK_EV"],
-    prune=make_prune(_shared_bwd("BLOCK_M", "BLOCK_N"), _live_bwd("BLOCK_M", "BLOCK_N"), budget=300, caps=_caps_bwd),
+    prune=make_prune(_shared_bwd("BLOCK_M", "BLOCK_N"), _live_bwd("BLOCK_M", "BLOCK_N"),
+                     budget=300, caps=_caps_bwd, operand="Q"),
 )
 
 

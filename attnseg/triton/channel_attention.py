@@ -311,24 +311,27 @@ def _live_grad_x(block, args):
 
 _nt_partial_kernel = LazyKernel(
     _cam_nt_partial,
-    configs=configs(BLOCK_C=[64, 128], BLOCK_K=[32, 64], num_warps=[4, 8], num_stages=[2, 3, 4]),
+    configs=configs(BLOCK_C=[64, 128], BLOCK_K=[32, 64], num_warps=[4, 8], num_stages=[2, 3, 4])
+    + configs(BLOCK_C=[32, 64], BLOCK_K=[16], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_C": 32, "BLOCK_K": 32}),
     key=["C", "TUNE_N", "SPLIT_LEN", "SYMMETRIC"],
-    prune=make_prune(_shared_nt, _live_nt, budget=150, caps=_caps_nt),
+    prune=make_prune(_shared_nt, _live_nt, budget=150, caps=_caps_nt, operand="A"),
 )
 _apply_kernel = LazyKernel(
     _cam_apply,
-    configs=configs(BLOCK_I=[64, 128], BLOCK_N=[64, 128], BLOCK_J=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
+    configs=configs(BLOCK_I=[64, 128], BLOCK_N=[64, 128], BLOCK_J=[32, 64], num_warps=[4, 8], num_stages=[2, 3])
+    + configs(BLOCK_I=[32, 64], BLOCK_N=[32, 64], BLOCK_J=[16], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_I": 32, "BLOCK_N": 64, "BLOCK_J": 32}),
     key=["C", "TUNE_N"],
-    prune=make_prune(_shared_apply, _live_apply, budget=150, caps=_caps_rows_by_cols),
+    prune=make_prune(_shared_apply, _live_apply, budget=150, caps=_caps_rows_by_cols, operand="X"),
 )
 _grad_x_kernel = LazyKernel(
     _cam_grad_x,
-    configs=configs(BLOCK_I=[64, 128], BLOCK_N=[64, 128], BLOCK_J=[32, 64], num_warps=[4, 8], num_stages=[2, 3]),
+    configs=configs(BLOCK_I=[64, 128], BLOCK_N=[64, 128], BLOCK_J=[32, 64], num_warps=[4, 8], num_stages=[2, 3])
+    + configs(BLOCK_I=[32, 64], BLOCK_N=[32, 64], BLOCK_J=[16], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_I": 32, "BLOCK_N": 64, "BLOCK_J": 32}),
     key=["C", "TUNE_N"],
-    prune=make_prune(_shared_grad_x, _live_grad_x, budget=240, caps=_caps_rows_by_cols),
+    prune=make_prune(_shared_grad_x, _live_grad_x, budget=240, caps=_caps_rows_by_cols, operand="X"),
 )
 _softmax_fwd_kernel = LazyKernel(_cam_softmax_fwd)
 _softmax_bwd_kernel = LazyKernel(_cam_softmax_bwd)

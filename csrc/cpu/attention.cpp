@@ -5,12 +5,13 @@
 //                                    m' = max(m, rowmax(S·scale)); P = exp(S·scale − m')
 //                                    l = l·e^(m−m') + rowsum(P);   O_i = O_i·e^(m−m') + P V_j
 //   O_i /= l,  lse_i = m + log l.
-// Backward (flash-attention-2 order), per (batch, group of key blocks):
-//   for each key block j in the group, for each query block i:
+// Backward (flash-attention-2 order), per chunk of queries, per (batch, group of key blocks):
+//   for each key block j in the group, for each query block i in the chunk:
 //     P = exp(Q_i K_jᵀ·scale − lse_i); dV_j += Pᵀ dO_i; dP = dO_i V_jᵀ; dS = P ∘ (dP − delta_i)
 //     dK_j += scale · dSᵀ Q_i;  dQ_i(group) += scale · dS K_j
-//   then dQ = Σ_group dQ(group), summed in group order. The number of groups depends on the
-//   shape only (never on the thread count), so the gradients are bitwise repeatable.
+//   then the chunk's dQ = Σ_group dQ(group), summed in group order. The number of groups
+//   depends on the shape only (never on the thread count), so the gradients are bitwise
+//   repeatable whatever torch.get_num_threads() is.
 //
 // Threads: one at::parallel_for over independent tasks; each task's GEMMs run single-threaded.
 // MKL, left alone, starts its own threads inside the tasks; on 2 busy cores that was measured
@@ -19,7 +20,7 @@
 // Fine-grained alternatives (tiles in order, the BLAS and the row work each parallel) pay a
 // barrier per GEMM and were measured 1.5-3x slower on a loaded machine.
 // Memory beyond inputs and outputs: per-thread tiles of kBlockM x kBlockN, and for the backward
-// (groups − 1) x B x Nq x E partial dQ buffers: linear in N.
+// (groups − 1) x B x kBackwardChunk x E partial dQ buffers: independent of N.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -54,6 +55,9 @@ constexpr int64_t kBlockN = 256;  // keys per tile
 // Target number of parallel tasks of the backward, B x key-block groups. Fixed, not the thread
 // count, so that dQ's summation order (and so its bits) does not depend on the machine.
 constexpr int64_t kBackwardTasks = 8;
+// The backward visits the queries in chunks of this many rows, so that the per-group partial
+// dQ buffers are (groups − 1) x B x kBackwardChunk x E, whatever Nq is.
+constexpr int64_t kBackwardChunk = 4 * kBlockM;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -128,43 +132,54 @@ void attention_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& delta, c
   const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1);
   const int64_t k_blocks = ceil_div(nk, kBlockN);
   const int64_t groups = std::min(k_blocks, std::max<int64_t>(1, ceil_div(kBackwardTasks, batch)));
+  const int64_t chunk_rows = std::min(nq, kBackwardChunk);
   const scalar_t scale = static_cast<scalar_t>(scale_d);
-  // Group g > 0 accumulates its share of dQ here; group 0 writes into dq itself.
-  at::Tensor dq_partial = groups > 1 ? at::zeros({groups - 1, batch, nq, q.size(2)}, dq.options()) : at::Tensor();
+  // Group g > 0 accumulates its share of a chunk's dQ here; group 0 writes into dq itself.
+  at::Tensor dq_partial =
+      groups > 1 ? at::empty({groups - 1, batch, chunk_rows, q.size(2)}, dq.options()) : at::Tensor();
   auto lse_a = lse.accessor<scalar_t, 2>();
   auto delta_a = delta.accessor<scalar_t, 2>();
 
-  at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas single_threaded_blas;
-    at::Tensor p_tile = at::empty({kBlockM * kBlockN}, q.options());
-    at::Tensor dp_tile = at::empty({kBlockM * kBlockN}, q.options());
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / groups, g = task % groups;
-      at::Tensor dq_b = g == 0 ? dq[b] : dq_partial[g - 1][b];
-      const int64_t kb_begin = g * k_blocks / groups, kb_end = (g + 1) * k_blocks / groups;
-      for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-        const int64_t j0 = kb * kBlockN, bn = std::min(kBlockN, nk - j0);
-        const at::Tensor k_j = k[b].narrow(0, j0, bn), v_j = v[b].narrow(0, j0, bn);
-        at::Tensor dk_j = dk[b].narrow(0, j0, bn), dv_j = dv[b].narrow(0, j0, bn);
-        for (int64_t i0 = 0; i0 < nq; i0 += kBlockM) {
-          const int64_t bm = std::min(kBlockM, nq - i0);
-          const at::Tensor q_i = q[b].narrow(0, i0, bm), do_i = grad_out[b].narrow(0, i0, bm);
-          at::Tensor p = p_tile.narrow(0, 0, bm * bn).view({bm, bn});
-          at::Tensor dp = dp_tile.narrow(0, 0, bm * bn).view({bm, bn});
-          at::mm_out(p, q_i, k_j.t());
-          scalar_t* p_ptr = p.data_ptr<scalar_t>();
-          for (int64_t r = 0; r < bm; ++r) scaled_exp_sum(p_ptr + r * bn, bn, scale, lse_a[b][i0 + r]);
-          dv_j.addmm_(p.t(), do_i);
-          at::mm_out(dp, do_i, v_j.t());
-          scalar_t* dp_ptr = dp.data_ptr<scalar_t>();
-          for (int64_t r = 0; r < bm; ++r) softmax_grad_row(p_ptr + r * bn, dp_ptr + r * bn, bn, delta_a[b][i0 + r]);
-          dk_j.addmm_(dp.t(), q_i, /*beta=*/1, /*alpha=*/scale);
-          dq_b.narrow(0, i0, bm).addmm_(dp, k_j, /*beta=*/1, /*alpha=*/scale);
+  for (int64_t c0 = 0; c0 < nq; c0 += chunk_rows) {
+    const int64_t c_rows = std::min(chunk_rows, nq - c0);
+    if (groups > 1) dq_partial.zero_();
+    at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
+      SingleThreadedBlas single_threaded_blas;
+      at::Tensor p_tile = at::empty({kBlockM * kBlockN}, q.options());
+      at::Tensor dp_tile = at::empty({kBlockM * kBlockN}, q.options());
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / groups, g = task % groups;
+        // rows c0 .. c0 + c_rows of this group's dQ
+        at::Tensor dq_chunk = g == 0 ? dq[b].narrow(0, c0, c_rows) : dq_partial[g - 1][b].narrow(0, 0, c_rows);
+        const int64_t kb_begin = g * k_blocks / groups, kb_end = (g + 1) * k_blocks / groups;
+        for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+          const int64_t j0 = kb * kBlockN, bn = std::min(kBlockN, nk - j0);
+          const at::Tensor k_j = k[b].narrow(0, j0, bn), v_j = v[b].narrow(0, j0, bn);
+          at::Tensor dk_j = dk[b].narrow(0, j0, bn), dv_j = dv[b].narrow(0, j0, bn);
+          for (int64_t i0 = c0; i0 < c0 + c_rows; i0 += kBlockM) {
+            const int64_t bm = std::min(kBlockM, c0 + c_rows - i0);
+            const at::Tensor q_i = q[b].narrow(0, i0, bm), do_i = grad_out[b].narrow(0, i0, bm);
+            at::Tensor p = p_tile.narrow(0, 0, bm * bn).view({bm, bn});
+            at::Tensor dp = dp_tile.narrow(0, 0, bm * bn).view({bm, bn});
+            at::mm_out(p, q_i, k_j.t());
+            scalar_t* p_ptr = p.data_ptr<scalar_t>();
+            for (int64_t r = 0; r < bm; ++r) scaled_exp_sum(p_ptr + r * bn, bn, scale, lse_a[b][i0 + r]);
+            dv_j.addmm_(p.t(), do_i);
+            at::mm_out(dp, do_i, v_j.t());
+            scalar_t* dp_ptr = dp.data_ptr<scalar_t>();
+            for (int64_t r = 0; r < bm; ++r) {
+              softmax_grad_row(p_ptr + r * bn, dp_ptr + r * bn, bn, delta_a[b][i0 + r]);
+            }
+            dk_j.addmm_(dp.t(), q_i, /*beta=*/1, /*alpha=*/scale);
+            dq_chunk.narrow(0, i0 - c0, bm).addmm_(dp, k_j, /*beta=*/1, /*alpha=*/scale);
+          }
         }
       }
+    });
+    for (int64_t g = 1; g < groups; ++g) {
+      dq.narrow(1, c0, c_rows).add_(dq_partial[g - 1].narrow(1, 0, c_rows));
     }
-  });
-  for (int64_t g = 1; g < groups; ++g) dq.add_(dq_partial[g - 1]);
+  }
 }
 
 // fp16/bf16 inputs are computed in fp32 (the accumulation type); fp32/fp64 run as they are.
