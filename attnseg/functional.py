@@ -219,7 +219,8 @@ def position_attention(x, query, key, value, gamma, *, backend: str = "auto"):
         gamma: [1] residual weight.
         backend: "auto", "native", "triton" or "reference".
 
-    Matches the official ``PAM_Module`` (no 1/sqrt(E) scale). Returns [B, C, H, W] in x's layout.
+    Matches the official ``PAM_Module`` (no 1/sqrt(E) scale). Returns [B, C, H, W]; the fused
+    backends keep x's memory format (the reference returns what the official code returns).
     """
     fn = "position_attention"
     _check_tensor(fn, "x", x, 4, "[B, C, H, W]")

@@ -16,8 +16,9 @@ requires_native = pytest.mark.requires_native
 
 
 # ---------------------------------------------------------------------------------------------
-# The official DANet modules (junfu1115/DANet, encoding/nn/da_att.py and
-# encoding/models/sseg/danet.py), as written there, to produce checkpoints in their layout.
+# Stand-ins for the official DANet modules (junfu1115/DANet, encoding/nn/da_att.py and
+# encoding/models/sseg/danet.py): same parameter names, shapes and forward computation, to
+# produce checkpoints in their layout and the outputs they give.
 # ---------------------------------------------------------------------------------------------
 
 

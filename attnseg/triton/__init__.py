@@ -227,10 +227,10 @@ def _unique(config_list):
     return unique
 
 
-def max_shared_memory(device: torch.device) -> int:
-    """Shared memory a block may use on ``device`` (opt-in maximum), in bytes."""
+def device_limits(device: torch.device) -> tuple[int, int]:
+    """(shared memory a block may use, in bytes (opt-in maximum); compute capability major)."""
     props = torch.cuda.get_device_properties(device)
-    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block)
+    return getattr(props, "shared_memory_per_block_optin", props.shared_memory_per_block), props.major
 
 
 # tl.dot on fp32 operands with input_precision="ieee", and on fp64, runs on FMA units rather than
@@ -240,6 +240,9 @@ def max_shared_memory(device: torch.device) -> int:
 _FMA_BUDGET = 44
 _FMA_WARPS = 8
 _FMA_STAGES = 2
+# Before Hopper (no wgmma) mma.sync keeps both operands and the accumulator in registers: on
+# sm_80 the tensor-core budgets that fit sm_90 spilled, 0.6 of them did not.
+_PRE_HOPPER_BUDGET_SCALE = 0.6
 
 
 def _dot_uses_fma(dtype: torch.dtype, precision: str) -> bool:
@@ -252,8 +255,9 @@ def make_prune(shared_bytes, live_elements, budget: int, caps, operand: str):
     Keeps the configs (1) whose block sizes do not exceed ``caps(args)`` (block name -> largest
     useful size for the problem, e.g. Ev rounded up to a power of two), (2) whose estimated
     shared memory ``shared_bytes(block, stages, args)`` fits the device, and (3) whose live tile
-    elements ``live_elements(block, args)`` per thread stay within ``budget`` (tensor-core dots)
-    or ``_FMA_BUDGET`` at 8 warps and 2 stages (fp32-IEEE and fp64 dots). The budgets were calibrated by
+    elements ``live_elements(block, args)`` per thread stay within ``budget`` (tensor-core dots on
+    sm_90; 0.6 of it before sm_90) or ``_FMA_BUDGET`` at 8 warps and 2 stages (fp32-IEEE and
+    fp64 dots). The budgets were calibrated by
     compiling the configs for sm_90 and sm_80 at DANet sizes and reading registers and spills
     from the cubins (``python tests/test_triton.py``). If nothing is left, the config with the
     smallest tiles is kept. ``operand`` names the kernel argument whose dtype the dots take.
@@ -261,9 +265,10 @@ def make_prune(shared_bytes, live_elements, budget: int, caps, operand: str):
 
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        limit = max_shared_memory(args[operand].device)
+        limit, major = device_limits(args[operand].device)
         largest = caps(args)
         fma = _dot_uses_fma(args[operand].dtype, args["DOT_PRECISION"])
+        tile_budget = _FMA_BUDGET if fma else budget * (1.0 if major >= 9 else _PRE_HOPPER_BUDGET_SCALE)
         kept = []
         for config in configs:
             block = config.kwargs
@@ -272,7 +277,7 @@ def make_prune(shared_bytes, live_elements, budget: int, caps, operand: str):
             if shared_bytes(block, config.num_stages, args) > limit:
                 continue
             live = live_elements(block, args) / (32 * config.num_warps)
-            if live > (_FMA_BUDGET if fma else budget):
+            if live > tile_budget:
                 continue
             if fma and (config.num_warps != _FMA_WARPS or config.num_stages != _FMA_STAGES):
                 continue

@@ -331,7 +331,7 @@ _grad_x_kernel = LazyKernel(
     + configs(BLOCK_I=[32, 64], BLOCK_N=[32, 64], BLOCK_J=[16], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_I": 32, "BLOCK_N": 64, "BLOCK_J": 32}),
     key=["C", "TUNE_N"],
-    prune=make_prune(_shared_grad_x, _live_grad_x, budget=240, caps=_caps_rows_by_cols, operand="X"),
+    prune=make_prune(_shared_grad_x, _live_grad_x, budget=230, caps=_caps_rows_by_cols, operand="X"),
 )
 _softmax_fwd_kernel = LazyKernel(_cam_softmax_fwd)
 _softmax_bwd_kernel = LazyKernel(_cam_softmax_bwd)

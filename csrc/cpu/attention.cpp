@@ -1,6 +1,6 @@
 // Fused attention on the CPU: tiled, online softmax, never an Nq x Nk buffer.
 //
-// Forward, per (batch, block of kBlockM queries), one task of at::parallel_for:
+// Forward, per (batch, block of kBlockM queries), one task:
 //   for each block of kBlockN keys:  S = Q_i K_jᵀ                 (ATen GEMM into a tile)
 //                                    m' = max(m, rowmax(S·scale)); P = exp(S·scale − m')
 //                                    l = l·e^(m−m') + rowsum(P);   O_i = O_i·e^(m−m') + P V_j
@@ -13,7 +13,8 @@
 //   depends on the shape only (never on the thread count), so the gradients are bitwise
 //   repeatable whatever torch.get_num_threads() is.
 //
-// Threads: one at::parallel_for over independent tasks; each task's GEMMs run single-threaded.
+// Threads: independent tasks handed out dynamically (parallel_tasks); each task's GEMMs run
+// single-threaded.
 // MKL, left alone, starts its own threads inside the tasks; on 2 busy cores that was measured
 // 8x slower than one thread. So each task sets MKL's thread-local thread count to 1 (when the
 // BLAS is MKL; other BLAS libraries built on OpenMP see the parallel region and stay serial).
@@ -26,6 +27,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <limits>
 #include <tuple>
 
@@ -61,6 +63,22 @@ constexpr int64_t kBackwardChunk = 4 * kBlockM;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// Runs body(state, task) for task = 0 .. n_tasks − 1 on torch's threads, each thread taking the
+// next task from a shared counter (dynamic scheduling: a thread slowed by another process on
+// its core does fewer tasks instead of holding the others up, as a static split would).
+// make_state() builds each thread's scratch (tiles). Tasks must be independent; which thread
+// runs a task never changes its result.
+template <typename MakeState, typename Body>
+void parallel_tasks(int64_t n_tasks, const MakeState& make_state, const Body& body) {
+  std::atomic<int64_t> next_task{0};
+  const int64_t workers = std::min<int64_t>(n_tasks, at::get_num_threads());
+  at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    SingleThreadedBlas single_threaded_blas;
+    auto state = make_state();
+    for (int64_t task = next_task++; task < n_tasks; task = next_task++) body(state, task);
+  });
+}
+
 // A view ATen's GEMM reads without a copy: one of the two inner strides is 1 and the other a
 // valid leading dimension. Anything else (e.g. the expanded grad of out.sum()) is copied once.
 at::Tensor gemm_ready(const at::Tensor& t) {
@@ -80,11 +98,19 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
   auto lse_a = lse.accessor<scalar_t, 2>();
 
-  at::parallel_for(0, batch * q_blocks, 1, [&](int64_t begin, int64_t end) {
-    SingleThreadedBlas single_threaded_blas;
-    at::Tensor tile = at::empty({kBlockM * kBlockN}, q.options());
-    std::vector<scalar_t> row_max(kBlockM), row_sum(kBlockM);
-    for (int64_t task = begin; task < end; ++task) {
+  struct Scratch {
+    at::Tensor tile;                     // kBlockM x kBlockN scores, then probabilities
+    std::vector<scalar_t> row_max, row_sum;  // running max and sum of the online softmax
+  };
+  const auto make_scratch = [&] {
+    return Scratch{at::empty({kBlockM * kBlockN}, q.options()), std::vector<scalar_t>(kBlockM),
+                   std::vector<scalar_t>(kBlockM)};
+  };
+  parallel_tasks(batch * q_blocks, make_scratch, [&](Scratch& scratch, int64_t task) {
+    at::Tensor& tile = scratch.tile;
+    std::vector<scalar_t>& row_max = scratch.row_max;
+    std::vector<scalar_t>& row_sum = scratch.row_sum;
+    {
       const int64_t b = task / q_blocks;
       const int64_t i0 = (task % q_blocks) * kBlockM, bm = std::min(kBlockM, nq - i0);
       const at::Tensor q_i = q[b].narrow(0, i0, bm);
@@ -143,11 +169,13 @@ void attention_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& delta, c
   for (int64_t c0 = 0; c0 < nq; c0 += chunk_rows) {
     const int64_t c_rows = std::min(chunk_rows, nq - c0);
     if (groups > 1) dq_partial.zero_();
-    at::parallel_for(0, batch * groups, 1, [&](int64_t begin, int64_t end) {
-      SingleThreadedBlas single_threaded_blas;
-      at::Tensor p_tile = at::empty({kBlockM * kBlockN}, q.options());
-      at::Tensor dp_tile = at::empty({kBlockM * kBlockN}, q.options());
-      for (int64_t task = begin; task < end; ++task) {
+    const auto make_tiles = [&] {
+      return std::make_pair(at::empty({kBlockM * kBlockN}, q.options()), at::empty({kBlockM * kBlockN}, q.options()));
+    };
+    parallel_tasks(batch * groups, make_tiles, [&](std::pair<at::Tensor, at::Tensor>& tiles, int64_t task) {
+      at::Tensor& p_tile = tiles.first;
+      at::Tensor& dp_tile = tiles.second;
+      {
         const int64_t b = task / groups, g = task % groups;
         // rows c0 .. c0 + c_rows of this group's dQ
         at::Tensor dq_chunk = g == 0 ? dq[b].narrow(0, c0, c_rows) : dq_partial[g - 1][b].narrow(0, 0, c_rows);
@@ -221,6 +249,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   check_shape(out_in, {batch, nq, ev}, op, "out");
   check_float_tensor(lse_in, op, "lse", 2, "[B, Nq]");
   check_shape(lse_in, {batch, nq}, op, "lse");
+  TORCH_CHECK(lse_in.scalar_type() == stats_dtype(q_in.scalar_type()), op, ": lse must be ",
+              stats_dtype(q_in.scalar_type()), " for ", q_in.scalar_type(), " inputs (as attention_fwd returns it), got ",
+              lse_in.scalar_type());
   check_same_device(grad_out_in, q_in, op, "grad_out", "q");
   check_same_device(out_in, q_in, op, "out", "q");
   check_same_device(lse_in, q_in, op, "lse", "q");

@@ -39,6 +39,9 @@ at::Tensor channel_attention_bwd_cpu(const at::Tensor& grad_y_in, const at::Tens
   check_shape(grad_y_in, x_in.sizes(), op, "grad_y");
   check_float_tensor(attn_in, op, "attn", 3, "[B, C, C]");
   check_shape(attn_in, {x_in.size(0), x_in.size(1), x_in.size(1)}, op, "attn");
+  TORCH_CHECK(attn_in.scalar_type() == stats_dtype(x_in.scalar_type()), op, ": attn must be ",
+              stats_dtype(x_in.scalar_type()), " for ", x_in.scalar_type(),
+              " inputs (as channel_attention_fwd returns it), got ", attn_in.scalar_type());
   TORCH_CHECK(x_in.device().is_cpu(), op, ": the CPU kernel got x on ", x_in.device());
   check_same_device(grad_y_in, x_in, op, "grad_y", "x");
   check_same_device(attn_in, x_in, op, "attn", "x");
