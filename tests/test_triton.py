@@ -436,7 +436,8 @@ def test_ops_pass_opcheck_without_tracing():
     x = _cam_input(1, 8, 20, torch.float32).requires_grad_()
     opcheck(torch.ops.attnseg.triton_channel_attention_fwd, (x, True), test_utils=utils)
     y, attn = torch.ops.attnseg.triton_channel_attention_fwd(x, False)
-    opcheck(torch.ops.attnseg.triton_channel_attention_bwd, (torch.randn_like(y), x, attn, False), test_utils=utils[::2])
+    args = (torch.randn_like(y), x, attn, False)
+    opcheck(torch.ops.attnseg.triton_channel_attention_bwd, args, test_utils=utils[::2])
 
 
 @interpreter_only
@@ -563,6 +564,44 @@ def _kept_configs(kernel, args, kwargs, arch):
         attnseg.triton.device_limits = saved
 
 
+def test_dot_precision_follows_allow_tf32(monkeypatch):
+    from attnseg.triton import dot_precision
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    assert dot_precision(torch.float32) == "ieee"
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    assert dot_precision(torch.float32) == "tf32"
+    assert dot_precision(torch.float16) == dot_precision(torch.float64) == "ieee"
+
+
+@interpreter_only
+def test_interpreter_uses_one_config_per_kernel():
+    for kernel in (attnseg.triton.attention._fwd_kernel, attnseg.triton.channel_attention._grad_x_kernel):
+        assert len(kernel.get().configs) == 1
+
+
+@compiled_mode_only
+def test_prune_filters_fit_problem_and_device():
+    """Caps from the problem sizes, FMA-path limits for fp32-IEEE, shared memory from the device."""
+    import attnseg.triton.attention as ta
+
+    q = torch.empty(1, 9409, 64, dtype=torch.bfloat16)
+    v = torch.empty(1, 19, 64, dtype=torch.bfloat16)  # OCR-like: 19 regions, Ev = 64
+    (kernel, args, kwargs), = _record_launches(ta.attention_fwd, q, v[..., :64], v, 1.0)
+    kept = _kept_configs(kernel, args, kwargs, 90)
+    assert kept and all(c.kwargs["BLOCK_EV"] <= 64 and c.kwargs["BLOCK_N"] <= 32 for c in kept)
+    (kernel, args, kwargs), = _record_launches(ta.attention_fwd, q.float(), q.float(), q.float(), 1.0)
+    kept = _kept_configs(kernel, args, kwargs, 80)
+    assert kept and all(c.num_warps == 8 and c.num_stages == 2 for c in kept)
+    saved = _SHARED_MEMORY[90]
+    try:
+        _SHARED_MEMORY[90] = 20 * 1024
+        kept = _kept_configs(kernel, (q, *args[1:]), kwargs, 90)
+        assert all(ta._shared_fwd(c.kwargs, c.num_stages, {"Q": q, **kwargs}) <= 20 * 1024 for c in kept)
+    finally:
+        _SHARED_MEMORY[90] = saved
+
+
 @compiled_mode_only
 @pytest.mark.parametrize("dtype, arch", [(torch.bfloat16, 90), (torch.float32, 80)])
 def test_kernels_compile_for_gpus(dtype, arch):
@@ -614,8 +653,17 @@ def test_gpu_opcheck_and_compile():
     opcheck(torch.ops.attnseg.triton_attention_fwd, (q, k, v, 1.0))
     x = _cam_input(2, 64, 300, torch.float16).cuda().requires_grad_()
     opcheck(torch.ops.attnseg.triton_channel_attention_fwd, (x, True))
-    compiled = torch.compile(lambda *a: attnseg.attention(*a, backend="triton"), fullgraph=True)
-    torch.testing.assert_close(compiled(q, k, v), attnseg.attention(q, k, v, backend="triton"))
+
+    def attend(q, k, v):
+        return torch.ops.attnseg.triton_attention_fwd(q, k, v, 1.0)[0]
+
+    compiled = torch.compile(attend, fullgraph=True)
+    out = compiled(q, k, v)
+    torch.testing.assert_close(out, attend(q, k, v))
+    grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
+    expected = torch.autograd.grad(attend(q, k, v).float().square().sum(), (q, k, v))
+    for g, e in zip(grads, expected):
+        torch.testing.assert_close(g, e)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,7 +681,10 @@ def _start_interpreter_suite():
         env = dict(os.environ, TRITON_INTERPRET="1", ATTNSEG_QUIET="1", **{_CHILD_FLAG: "1"})
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(repo), env.get("PYTHONPATH")]))
         cmd = [sys.executable, "-m", "pytest", str(Path(__file__).resolve()), "-q", "-rs",
-               "-p", "no:cacheprovider", "-o", "addopts="]
+               "-p", "no:cacheprovider", "-o", "addopts=",
+               # numpy's overflow / NaN warnings inside the interpreter point at kernel bugs
+               "-W", "error:overflow encountered:RuntimeWarning",
+               "-W", "error:invalid value encountered:RuntimeWarning"]
         log = tempfile.TemporaryFile(mode="w+")
         _child["log"] = log
         _child["proc"] = subprocess.Popen(cmd, cwd=repo, env=env, stdout=log, stderr=subprocess.STDOUT)

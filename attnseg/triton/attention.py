@@ -6,8 +6,9 @@
 Any strides on the inputs (``conv(x).flatten(2).transpose(1, 2)`` reaches the kernels without
 a copy); out, dq, dk, dv are contiguous in the inputs' dtype; lse is fp32 (fp64 for fp64).
 
-Kernels (one program per tile; no atomics, so results are bitwise reproducible for a given
-config):
+Kernels (one program per tile, each output element written by exactly one program; no atomics,
+so results are bitwise reproducible for a given autotune config; two processes whose autotuning
+picked different block sizes may differ in the last bits):
 
 * ``_attn_fwd``, grid (Nq / BLOCK_M, Ev / BLOCK_EV, B): one block of queries and one slice of
   the value width. It streams blocks of keys with an online softmax (running row max ``m``,
@@ -204,9 +205,10 @@ def _attn_bwd_dkdv(
             st = st * scale_hi + st * scale_lo
         else:
             st = st * scale_hi
-        # Rows past Nq get lse = +inf, hence P = 0.
+        # Queries past Nq get lse = +inf, hence P = 0; keys past Nk (S = 0 there, so exp(−lse),
+        # which can overflow fp16) are zeroed explicitly.
         lse = tl.load(Lse + rows * stride_lm, mask=mask_m, other=float("inf"))
-        pt = tl.exp(st - lse[None, :])
+        pt = tl.where(mask_n[:, None], tl.exp(st - lse[None, :]), 0.0)
         if COMPUTE_DV:
             do = tl.load(dOut + rows[:, None] * stride_dom + offs_ev[None, :] * stride_doe,
                          mask=mask_m[:, None] & mask_ev[None, :], other=0.0)

@@ -12,8 +12,9 @@ Forward, three kernels:
 
 * ``_cam_nt_partial``, grid (C / BLOCK_C, C / BLOCK_C, B · splits): the Gram matrix reduced over
   N, which is split into fixed-length chunks, one per program along axis 2; each program
-  writes its partial C×C tile to a [splits, B, C, C] buffer. E is symmetric: only tiles on or
-  above the diagonal are computed, and off-diagonal ones are also written mirrored.
+  writes its partial C×C tile to a [splits, B, C, C] buffer. The chunk length depends on N only,
+  not on the autotuned tile sizes. E is symmetric: only tiles on or above the diagonal are
+  computed, and off-diagonal ones are also written mirrored.
 * ``_cam_softmax_fwd``, grid (C / BLOCK_R, B): sums the partials in split order (fixed, so
   deterministic; no atomics anywhere), then the row softmax with an online max/sum over column
   chunks, written to attn.
