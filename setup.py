@@ -31,7 +31,9 @@ os.environ.setdefault("MAX_JOBS", default_max_jobs())
 
 debug = os.environ.get("ATTNSEG_DEBUG") == "1"
 cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-cxx_flags += ["-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wextra", "-Wno-unused-parameter"]
+# -fopenmp: at::parallel_for is a header template whose `omp parallel` compiles into this
+# library; without the flag it runs serially.
+cxx_flags += ["-fopenmp", "-fopenmp-simd", "-fno-math-errno", "-fno-trapping-math", "-Wall", "-Wextra", "-Wno-unused-parameter"]
 
 sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
 sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
@@ -42,6 +44,7 @@ setup(
             name="attnseg._C",
             sources=sources,
             extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
         )
     ],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -10,12 +10,15 @@ One place for everything a benchmark script needs besides its own workload:
   docstring for the method), and :func:`check_memory_meter`, which validates it on tensors of
   known size.
 * :func:`measure_call`: warm-up, then repeats, each timed (and measured for memory).
+* :func:`parse_sizes`, :func:`parse_choices`: argparse types; :func:`machine_load_note`: a
+  warning when other processes keep the cores busy.
 * :func:`format_table`, :func:`write_csv`, :func:`plot_loglog`, :func:`progress`: output.
   matplotlib is optional: without it :func:`plot_loglog` says why and writes nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import ctypes
 import ctypes.util
@@ -343,7 +346,7 @@ class CallMeasurement:
 
 def measure_call(call: Callable[[], Any], meter: PeakMemoryMeter, *, repeats: int, warmups: int = 1,
                  before_each: Callable[[], None] | None = None,
-                 time_budget_s: float | None = None) -> CallMeasurement:
+                 time_budget_s: float | None = None, cuda_events: bool = False) -> CallMeasurement:
     """Time ``call`` ``repeats`` times after ``warmups`` untimed calls, measuring its peak memory.
 
     With a resettable meter every timed call is also measured for memory (the warm-up makes
@@ -352,6 +355,8 @@ def measure_call(call: Callable[[], Any], meter: PeakMemoryMeter, *, repeats: in
     ``before_each`` runs before every call, outside the measurement (e.g. to drop gradients).
     ``time_budget_s``: stop repeating once the timed calls add up to this much (at least one
     timed call always runs), so that minute-long cases do not run ``repeats`` times.
+    ``cuda_events``: time each call with ``torch.cuda.Event``s recorded around it (the GPU time
+    between them) instead of ``time.perf_counter`` up to the synchronize that follows it.
     """
     if repeats < 1 or warmups < 1:
         raise ValueError(f"need repeats >= 1 and warmups >= 1, got {repeats} and {warmups}")
@@ -372,14 +377,76 @@ def measure_call(call: Callable[[], Any], meter: PeakMemoryMeter, *, repeats: in
             break
         prepare()
         meter.start()
-        started = time.perf_counter()
-        call()
-        meter.synchronize()
-        times.append(time.perf_counter() - started)
+        times.append(_time_call(call, meter, cuda_events))
         peak = meter.stop()
         if meter.resettable:
             peaks.append(peak)
     return CallMeasurement(max(peaks), times)
+
+
+def _time_call(call: Callable[[], Any], meter: PeakMemoryMeter, cuda_events: bool) -> float:
+    """Seconds one ``call`` takes (the meter synchronizes its device after it)."""
+    if cuda_events:
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        call()
+        end.record()
+        meter.synchronize()
+        return begin.elapsed_time(end) / 1e3  # milliseconds
+    started = time.perf_counter()
+    call()
+    meter.synchronize()
+    return time.perf_counter() - started
+
+
+def machine_load_note() -> str | None:
+    """A warning when other processes keep the cores busy: times are then noisy (memory is not)."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load < 0.5 * cores:
+        return None
+    return (f"WARNING: load average {load:.1f} on {cores} cores before the sweep: other processes are running, "
+            "so times will be noisy (peak memory is not affected); --threads 1 suffers least from it")
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------------------------
+
+
+def parse_sizes(text: str) -> list[tuple[int, int]]:
+    """ "32x32,128x256" -> [(32, 32), (128, 256)]; a bare "64" means 64x64."""
+    sizes = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        parts = item.lower().replace("×", "x").split("x")
+        if len(parts) == 1:
+            parts = parts * 2
+        try:
+            height, width = (int(part) for part in parts)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"bad size {item!r}: expected HxW, e.g. 64x64 or 128x256") from None
+        if height < 1 or width < 1:
+            raise argparse.ArgumentTypeError(f"bad size {item!r}: H and W must be >= 1")
+        sizes.append((height, width))
+    if not sizes:
+        raise argparse.ArgumentTypeError("no sizes given")
+    return sorted(set(sizes), key=lambda hw: (hw[0] * hw[1], hw))
+
+
+def parse_choices(allowed: tuple[str, ...]):
+    """An argparse type: a comma-separated subset of ``allowed``, returned in ``allowed``'s order."""
+
+    def parse(text: str) -> list[str]:
+        chosen = [part.strip() for part in text.split(",") if part.strip()]
+        unknown = [part for part in chosen if part not in allowed]
+        if unknown or not chosen:
+            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (comma-separated), got {text!r}")
+        return [part for part in allowed if part in chosen]
+
+    return parse
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,6 +24,7 @@
 // (groups − 1) x B x kBackwardChunk x E partial dQ buffers: independent of N.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -72,7 +73,10 @@ template <typename MakeState, typename Body>
 void parallel_tasks(int64_t n_tasks, const MakeState& make_state, const Body& body) {
   std::atomic<int64_t> next_task{0};
   const int64_t workers = std::min<int64_t>(n_tasks, at::get_num_threads());
+  // The workers run the caller's dispatch state (below autograd), not their threads' own.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, workers, 1, [&](int64_t, int64_t) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     SingleThreadedBlas single_threaded_blas;
     auto state = make_state();
     for (int64_t task = next_task++; task < n_tasks; task = next_task++) body(state, task);
