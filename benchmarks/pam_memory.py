@@ -86,7 +86,10 @@ from _common import (
     format_seconds,
     format_table,
     import_attnseg,
+    machine_load_note,
     measure_call,
+    parse_choices,
+    parse_sizes,
     plot_loglog,
     progress,
     write_csv,
@@ -232,34 +235,6 @@ class CaseResult:
         return text if self.status == "ok" else self.status
 
 
-def parse_sizes(text: str) -> list[tuple[int, int]]:
-    """ "32x32,128x256" -> [(32, 32), (128, 256)]; a bare "64" means 64x64."""
-    sizes = []
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        parts = item.lower().replace("×", "x").split("x")
-        if len(parts) == 1:
-            parts = parts * 2
-        try:
-            height, width = (int(part) for part in parts)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"bad size {item!r}: expected HxW, e.g. 64x64 or 128x256") from None
-        if height < 1 or width < 1:
-            raise argparse.ArgumentTypeError(f"bad size {item!r}: H and W must be >= 1")
-        sizes.append((height, width))
-    if not sizes:
-        raise argparse.ArgumentTypeError("no sizes given")
-    return sorted(set(sizes), key=lambda hw: (hw[0] * hw[1], hw))
-
-
-def parse_choices(allowed: tuple[str, ...]):
-    def parse(text: str) -> list[str]:
-        chosen = [part.strip() for part in text.split(",") if part.strip()]
-        unknown = [part for part in chosen if part not in allowed]
-        if unknown or not chosen:
-            raise argparse.ArgumentTypeError(f"choose from {', '.join(allowed)} (comma-separated), got {text!r}")
-        return [part for part in allowed if part in chosen]
-
-    return parse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -470,18 +445,6 @@ def write_plot(path: str, planned: list[CaseResult], args) -> str | None:
              f"E={args.channels // args.reduction} {args.dtype} on {args.device}")
     return plot_loglog(path, [memory_row, time_row], title)
 
-
-def machine_load_note() -> str | None:
-    """A warning when other processes keep the cores busy: times are then noisy (memory is not)."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return None
-    cores = os.cpu_count() or 1
-    if load < 0.5 * cores:
-        return None
-    return (f"WARNING: load average {load:.1f} on {cores} cores before the sweep: other processes are running, "
-            "so times will be noisy (peak memory is not affected); --threads 1 suffers least from it")
 
 
 def _interrupt(signum, frame):
