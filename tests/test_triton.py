@@ -564,14 +564,21 @@ def _kept_configs(kernel, args, kwargs, arch):
         attnseg.triton.device_limits = saved
 
 
-def test_dot_precision_follows_allow_tf32(monkeypatch):
+def test_dot_precision_follows_allow_tf32():
     from attnseg.triton import dot_precision
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    assert dot_precision(torch.float32) == "ieee"
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
-    assert dot_precision(torch.float32) == "tf32"
-    assert dot_precision(torch.float16) == dot_precision(torch.float64) == "ieee"
+    # Not monkeypatch: allow_tf32 is served by the module's __getattr__, which pytest 9's
+    # monkeypatch cannot restore (it tries delattr), leaking TF32 into later tests.
+    matmul = torch.backends.cuda.matmul
+    saved = matmul.allow_tf32
+    try:
+        matmul.allow_tf32 = False
+        assert dot_precision(torch.float32) == "ieee"
+        matmul.allow_tf32 = True
+        assert dot_precision(torch.float32) == "tf32"
+        assert dot_precision(torch.float16) == dot_precision(torch.float64) == "ieee"
+    finally:
+        matmul.allow_tf32 = saved
 
 
 @interpreter_only
