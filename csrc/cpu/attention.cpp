@@ -14,12 +14,11 @@
 //   repeatable whatever torch.get_num_threads() is.
 //
 // Threads: independent tasks handed out dynamically (parallel_tasks); each task's GEMMs run
-// single-threaded.
-// MKL, left alone, starts its own threads inside the tasks; on 2 busy cores that was measured
-// 8x slower than one thread. So each task sets MKL's thread-local thread count to 1 (when the
-// BLAS is MKL; other BLAS libraries built on OpenMP see the parallel region and stay serial).
-// Fine-grained alternatives (tiles in order, the BLAS and the row work each parallel) pay a
-// barrier per GEMM and were measured 1.5-3x slower on a loaded machine.
+// single-threaded. Tile-sized GEMMs gain little from MKL's own threads, and a tile loop whose
+// GEMMs used MKL's two threads was measured 8x slower than one thread on a busy 2-core machine;
+// so each task sets MKL's thread-local thread count to 1 (when the BLAS is MKL; an OpenMP BLAS
+// also sees the enclosing parallel region). This library must be built with -fopenmp: the
+// `omp parallel` of at::parallel_for is a header template compiled here, serial without it.
 // Memory beyond inputs and outputs: per-thread tiles of kBlockM x kBlockN, and for the backward
 // (groups − 1) x B x kBackwardChunk x E partial dQ buffers: independent of N.
 #include <ATen/ATen.h>
