@@ -2,6 +2,8 @@
 
 from . import reference
 from ._ops import native_available, native_unavailable_reason
+from .checkpoints import load_mmseg_dahead, load_official_danet_head
+from .context import NonLocal2d, ObjectContextAttention
 from .functional import (
     BACKENDS,
     BackendUnavailableError,
@@ -20,10 +22,14 @@ __all__ = [
     "BackendUnavailableError",
     "ChannelAttention",
     "DANetHead",
+    "NonLocal2d",
+    "ObjectContextAttention",
     "PositionAttention",
     "attention",
     "available_backends",
     "channel_attention",
+    "load_mmseg_dahead",
+    "load_official_danet_head",
     "native_available",
     "native_unavailable_reason",
     "position_attention",

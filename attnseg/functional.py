@@ -242,7 +242,8 @@ def position_attention(x, query, key, value, gamma, *, backend: str = "auto"):
     v = value.flatten(2).transpose(1, 2)
     out, _ = _attention_op(backend)(q, k, v, 1.0)
     attended = out.transpose(1, 2).view(b, c, h, w)
-    return torch.addcmul(x, gamma.to(x.dtype), attended)
+    # gamma · attended + x with the official code's type promotion (fp32 gamma, bf16 x -> fp32)
+    return torch.addcmul(x, gamma, attended)
 
 
 def channel_attention(x, gamma, *, variant: str = "official", backend: str = "auto"):
@@ -264,4 +265,4 @@ def channel_attention(x, gamma, *, variant: str = "official", backend: str = "au
     if backend == "reference":
         return reference.channel_attention(x, gamma, variant)
     y, _ = _channel_op(backend)(x.flatten(2), variant == "official")
-    return torch.addcmul(x, gamma.to(x.dtype), y.view(x.shape))
+    return torch.addcmul(x, gamma, y.view(x.shape))

@@ -62,9 +62,13 @@ class PositionAttention(nn.Module):
             raise ValueError(
                 f"PositionAttention: x must have {self.in_channels} channels, got shape {tuple(x.shape)}"
             )
-        return F_attn.position_attention(
-            x, self.query_conv(x), self.key_conv(x), self.value_conv(x), self.gamma, backend=self.backend
-        )
+        query, key, value = self.query_conv(x), self.key_conv(x), self.value_conv(x)
+        if value.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+            # autocast ran the 1x1 convolutions in bf16/fp16: attend in that dtype (accumulating
+            # in fp32) and return x's dtype, as the official module does under autocast
+            attended = F_attn.position_attention(x.to(value.dtype), query, key, value, self.gamma, backend=self.backend)
+            return attended.to(x.dtype)
+        return F_attn.position_attention(x, query, key, value, self.gamma, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"in_channels={self.in_channels}, reduction={self.reduction}, {_backend_repr(self.backend)}"

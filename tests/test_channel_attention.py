@@ -137,10 +137,13 @@ def test_bfloat16_accumulates_in_fp32(variant):
     assert energy.min() > 32, "energies too small to expose bf16 accumulation"
     attn64 = torch.softmax(-energy if variant == "official" else energy, dim=-1)
     assert attn64.amax(-1).median() < 0.9, "attention rows nearly one-hot: insensitive to the energies"
-    gamma = torch.tensor([0.75])
+    # a module converted with .to(torch.bfloat16) has a bf16 gamma (0.75 is exact in bf16)
+    gamma = torch.tensor([0.75], dtype=torch.bfloat16)
     out = attnseg.channel_attention(x, gamma, variant=variant, backend="native")
     assert out.dtype == torch.bfloat16
-    expected = reference.channel_attention(x.float(), gamma, variant)  # x.float() is exact
+    # an fp32 gamma (autocast keeps parameters fp32) promotes the result, as the official gamma * out + x does
+    assert attnseg.channel_attention(x, gamma.float(), variant=variant, backend="native").dtype == torch.float32
+    expected = reference.channel_attention(x.float(), gamma.float(), variant)  # x.float() is exact
     # out = round_bf16(x + gamma * round_bf16(y)): two roundings of 2^-9 relative each.
     bound = 2.0**-8 * (expected.abs() + (expected - x.float()).abs()) + 2.0**-12 * float(expected.abs().max())
     err = (out.float() - expected).abs()
@@ -168,10 +171,10 @@ def test_float16_gram_beyond_fp16_range(variant):
     x = (torch.relu(torch.randn(1, 16, 32, 32)) * 12.0).half()
     energy = torch.bmm(x.double().flatten(2), x.double().flatten(2).transpose(1, 2))
     assert energy.max() > torch.finfo(torch.float16).max
-    gamma = torch.tensor([0.5])
+    gamma = torch.tensor([0.5], dtype=torch.float16)  # a module in fp16; 0.5 is exact
     out = attnseg.channel_attention(x, gamma, variant=variant, backend="native")
     assert out.dtype == torch.float16 and torch.isfinite(out).all()
-    expected = reference.channel_attention(x.float(), gamma, variant)
+    expected = reference.channel_attention(x.float(), gamma.float(), variant)
     bound = 2.0**-10 * (expected.abs() + (expected - x.float()).abs()) + 2.0**-14 * float(expected.abs().max())
     assert bool(((out.float() - expected).abs() <= bound).all()), f"max err {float((out.float() - expected).abs().max()):.3e}"
 

@@ -24,6 +24,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -221,6 +222,8 @@ at::Tensor compute_view(const at::Tensor& t) {
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, double scale) {
+  // The ATen GEMMs below must not be autocast again: fp32 accumulation is promised.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_attention_inputs(q_in, k_in, v_in, "attnseg::attention_fwd");
   TORCH_CHECK(q_in.device().is_cpu(), "attnseg::attention_fwd: the CPU kernel got tensors on ", q_in.device());
   const at::Tensor q = compute_view(q_in), k = compute_view(k_in), v = compute_view(v_in);
@@ -242,6 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
                                                                  const at::Tensor& q_in, const at::Tensor& k_in,
                                                                  const at::Tensor& v_in, const at::Tensor& out_in,
                                                                  const at::Tensor& lse_in, double scale) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "attnseg::attention_bwd";
   check_attention_inputs(q_in, k_in, v_in, op);
   TORCH_CHECK(q_in.device().is_cpu(), op, ": the CPU kernel got tensors on ", q_in.device());
@@ -284,7 +288,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   at::Tensor dq = at::zeros_like(q_in, q.options());
   at::Tensor dk = at::zeros_like(k_in, k.options());
   at::Tensor dv = at::zeros_like(v_in, v.options());
-  if (q.numel() > 0 && k.size(1) > 0) {
+  if (batch > 0 && nq > 0 && k.size(1) > 0) {  // E = 0 still has uniform attention
     AT_DISPATCH_FLOATING_TYPES(compute_dtype, "attention_bwd_cpu", [&] {
       attention_bwd_kernel<scalar_t>(grad_out, delta, q, k, v, lse, scale, dq, dk, dv);
     });

@@ -6,6 +6,7 @@
 // The products are ATen batched GEMMs (MKL here); fp16/bf16 inputs are computed in fp32, since a
 // post-ReLU Gram matrix overflows fp16 long before N = 9,216.
 #include <ATen/ATen.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
 
 #include <tuple>
@@ -20,6 +21,8 @@ at::Tensor in_compute_dtype(const at::Tensor& t) {
 }
 
 std::tuple<at::Tensor, at::Tensor> channel_attention_fwd_cpu(const at::Tensor& x_in, bool official) {
+  // The ATen calls below must not be autocast again: fp32 accumulation and an fp32 attn are promised.
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "attnseg::channel_attention_fwd";
   check_float_tensor(x_in, op, "x", 3, "[B, C, N]");
   TORCH_CHECK(x_in.device().is_cpu(), op, ": the CPU kernel got x on ", x_in.device());
@@ -33,6 +36,7 @@ std::tuple<at::Tensor, at::Tensor> channel_attention_fwd_cpu(const at::Tensor& x
 
 at::Tensor channel_attention_bwd_cpu(const at::Tensor& grad_y_in, const at::Tensor& x_in, const at::Tensor& attn_in,
                                      bool official) {
+  c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "attnseg::channel_attention_bwd";
   check_float_tensor(x_in, op, "x", 3, "[B, C, N]");
   check_float_tensor(grad_y_in, op, "grad_y", 3, "[B, C, N]");
