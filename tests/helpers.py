@@ -83,3 +83,16 @@ def assert_matches_reference(
         f"{name} ({actual.dtype}): kernel err {err:.3e} > 2 * torch err {err_torch:.3e} + atol {atol:.3e} "
         f"(magnitude {mag:.3e})"
     )
+
+
+def randomize_batchnorm(module) -> None:
+    """Move every BatchNorm2d's statistics and affine parameters away from (0, 1), in place, so
+    that a checkpoint test notices a swapped or dropped BN tensor."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.2, 0.2)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.1, 0.1)
+                m.num_batches_tracked.fill_(100)

@@ -13,6 +13,7 @@ from torch import nn
 
 from attnseg import DANetHead
 from attnseg.checkpoints import load_mmseg_dahead, load_official_danet_head
+from helpers import randomize_batchnorm
 from test_modules import OfficialDANetHead, _relu_features, _trained_looking_state
 
 
@@ -109,13 +110,7 @@ def _mmseg_trained_state(module: nn.Module) -> dict:
     with torch.no_grad():
         module.pam.gamma.scale.fill_(0.6)
         module.cam.gamma.scale.fill_(-0.8)
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
-                m.num_batches_tracked.fill_(100)
+        randomize_batchnorm(module)
     return module.state_dict()
 
 

@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 import attnseg
 from attnseg import ChannelAttention, DANetHead, PositionAttention
-from helpers import assert_matches_reference
+from helpers import assert_matches_reference, randomize_batchnorm
 
 requires_native = pytest.mark.requires_native
 
@@ -130,13 +130,7 @@ def _trained_looking_state(module: nn.Module) -> dict:
         for name, p in module.named_parameters():
             if name.endswith("gamma"):
                 p.fill_(-0.8 if name.startswith("sc.") else 0.6)
-        for m in module.modules():
-            if isinstance(m, nn.BatchNorm2d):
-                m.running_mean.uniform_(-0.2, 0.2)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.uniform_(-0.1, 0.1)
-                m.num_batches_tracked.fill_(100)
+        randomize_batchnorm(module)
     return module.state_dict()
 
 
