@@ -385,3 +385,24 @@ def test_reference_backend_lse_and_out(scale):
     assert out.dtype == torch.float32 and lse.dtype == torch.float32
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(lse.double(), torch.logsumexp(logits, -1), rtol=1e-5, atol=1e-5)
+
+
+@requires_native
+def test_bitwise_deterministic_across_thread_counts():
+    """The CPU kernels' task split never depends on the thread count: outputs and gradients
+    are bitwise identical with 1 and 2 threads, and across repeated calls."""
+    q = torch.randn(2, 700, 64, requires_grad=True)
+    k = torch.randn(2, 1500, 64, requires_grad=True)
+    v = torch.randn(2, 1500, 96, requires_grad=True)
+    saved = torch.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 1, 2):
+            torch.set_num_threads(threads)
+            out = attnseg.attention(q, k, v, 0.125, backend="native")
+            results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    finally:
+        torch.set_num_threads(saved)
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
