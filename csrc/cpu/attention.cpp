@@ -247,21 +247,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
                                                                  const at::Tensor& lse_in, double scale) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "attnseg::attention_bwd";
-  check_attention_inputs(q_in, k_in, v_in, op);
+  check_attention_bwd_inputs(grad_out_in, grad_lse_in, q_in, k_in, v_in, out_in, lse_in, op);
   TORCH_CHECK(q_in.device().is_cpu(), op, ": the CPU kernel got tensors on ", q_in.device());
-  const int64_t batch = q_in.size(0), nq = q_in.size(1), ev = v_in.size(2);
-  check_float_tensor(grad_out_in, op, "grad_out", 3, "[B, Nq, Ev]");
-  check_shape(grad_out_in, {batch, nq, ev}, op, "grad_out");
-  check_float_tensor(out_in, op, "out", 3, "[B, Nq, Ev]");
-  check_shape(out_in, {batch, nq, ev}, op, "out");
-  check_float_tensor(lse_in, op, "lse", 2, "[B, Nq]");
-  check_shape(lse_in, {batch, nq}, op, "lse");
-  TORCH_CHECK(lse_in.scalar_type() == stats_dtype(q_in.scalar_type()), op, ": lse must be ",
-              stats_dtype(q_in.scalar_type()), " for ", q_in.scalar_type(), " inputs (as attention_fwd returns it), got ",
-              lse_in.scalar_type());
-  check_same_device(grad_out_in, q_in, op, "grad_out", "q");
-  check_same_device(out_in, q_in, op, "out", "q");
-  check_same_device(lse_in, q_in, op, "lse", "q");
+  const int64_t batch = q_in.size(0), nq = q_in.size(1);
 
   const at::Tensor q = compute_view(q_in), k = compute_view(k_in), v = compute_view(v_in);
   const auto compute_dtype = q.scalar_type();
@@ -279,8 +267,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
     }
   }
   if (grad_lse_in.has_value() && grad_lse_in->defined()) {
-    check_float_tensor(*grad_lse_in, op, "grad_lse", 2, "[B, Nq]");
-    check_shape(*grad_lse_in, {batch, nq}, op, "grad_lse");
     delta.sub_(grad_lse_in->to(compute_dtype));
   }
   // Gradients in the inputs' layouts (empty_like rules, as the fake kernel): autograd then

@@ -24,7 +24,7 @@ std::tuple<at::Tensor, at::Tensor> channel_attention_fwd_cpu(const at::Tensor& x
   // The ATen calls below must not be autocast again: fp32 accumulation and an fp32 attn are promised.
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "attnseg::channel_attention_fwd";
-  check_float_tensor(x_in, op, "x", 3, "[B, C, N]");
+  check_channel_inputs(x_in, op);
   TORCH_CHECK(x_in.device().is_cpu(), op, ": the CPU kernel got x on ", x_in.device());
   const at::Tensor x = in_compute_dtype(x_in);
   at::Tensor energy = at::bmm(x, x.transpose(1, 2));
@@ -38,17 +38,8 @@ at::Tensor channel_attention_bwd_cpu(const at::Tensor& grad_y_in, const at::Tens
                                      bool official) {
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   const char* op = "attnseg::channel_attention_bwd";
-  check_float_tensor(x_in, op, "x", 3, "[B, C, N]");
-  check_float_tensor(grad_y_in, op, "grad_y", 3, "[B, C, N]");
-  check_shape(grad_y_in, x_in.sizes(), op, "grad_y");
-  check_float_tensor(attn_in, op, "attn", 3, "[B, C, C]");
-  check_shape(attn_in, {x_in.size(0), x_in.size(1), x_in.size(1)}, op, "attn");
-  TORCH_CHECK(attn_in.scalar_type() == stats_dtype(x_in.scalar_type()), op, ": attn must be ",
-              stats_dtype(x_in.scalar_type()), " for ", x_in.scalar_type(),
-              " inputs (as channel_attention_fwd returns it), got ", attn_in.scalar_type());
+  check_channel_bwd_inputs(grad_y_in, x_in, attn_in, op);
   TORCH_CHECK(x_in.device().is_cpu(), op, ": the CPU kernel got x on ", x_in.device());
-  check_same_device(grad_y_in, x_in, op, "grad_y", "x");
-  check_same_device(attn_in, x_in, op, "attn", "x");
   const at::Tensor x = in_compute_dtype(x_in);
   const at::Tensor grad_y = grad_y_in.to(x.scalar_type());
   const at::Tensor attn = attn_in.to(x.scalar_type());

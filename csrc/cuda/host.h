@@ -1,0 +1,279 @@
+// Host side of the CUDA ops: argument checks, output and workspace allocation, launch geometry.
+// Written once against a `Launch` policy so that the same code drives the device (launch.cuh:
+// <<<grid, block, smem, stream>>> plus an error check) and the SIMT emulator in the tests
+// (tests/emu/emu_ops.cpp), which therefore exercises these launchers too.
+//
+// A Launch policy provides:
+//   void check_device(const at::Tensor& t, const char* op, const char* name);
+//   template <class Kernel, class... Args> void operator()(Kernel, dim3 grid, dim3 block, size_t smem, Args...);
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+
+#include <limits>
+#include <optional>
+#include <tuple>
+
+#include "../common/checks.h"
+#include "attention.cuh"
+#include "channel_attention.cuh"
+
+namespace attnseg::cuda {
+
+// ATen's element types -> the kernels' (bit-identical) element types.
+template <typename S>
+struct KernelType {
+  using type = S;
+};
+template <>
+struct KernelType<at::Half> {
+  using type = __half;
+};
+template <>
+struct KernelType<at::BFloat16> {
+  using type = __nv_bfloat16;
+};
+
+template <typename S>
+auto kptr(const at::Tensor& t) {
+  return reinterpret_cast<typename KernelType<S>::type*>(t.data_ptr<S>());
+}
+
+inline unsigned grid_dim_checked(int64_t blocks, int64_t limit, const char* op, const char* what) {
+  TORCH_CHECK(blocks <= limit, op, ": ", what, " needs ", blocks, " thread blocks along one grid axis, more than the ",
+              limit, " CUDA allows; split the batch");
+  return static_cast<unsigned>(blocks);
+}
+constexpr int64_t kGridX = std::numeric_limits<int32_t>::max(), kGridYZ = 65535;
+
+// ---- attention ---------------------------------------------------------------------------------
+
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(Launch& launch, const at::Tensor& q, const at::Tensor& k,
+                                                      const at::Tensor& v, double scale) {
+  const char* op = "attnseg::attention_fwd";
+  check_attention_inputs(q, k, v, op);
+  launch.check_device(q, op, "q");
+  const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1), e = q.size(2), ev = v.size(2);
+  at::Tensor out = at::empty({batch, nq, ev}, q.options());
+  at::Tensor lse = at::empty({batch, nq}, q.options().dtype(stats_dtype(q.scalar_type())));
+  if (nk == 0) {  // softmax over no keys: the reference gives zeros and lse = -inf
+    out.zero_();
+    lse.fill_(-std::numeric_limits<double>::infinity());
+    return {out, lse};
+  }
+  if (batch == 0 || nq == 0) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_fwd_cuda", [&] {
+    using T = typename KernelType<scalar_t>::type;
+    using Tiles = AttnTiles<T>;
+    using acc_t = typename Tiles::acc_t;
+    AttnFwdParams<T> p{};
+    p.q = kptr<scalar_t>(q);
+    p.k = kptr<scalar_t>(k);
+    p.v = kptr<scalar_t>(v);
+    p.out = kptr<scalar_t>(out);
+    p.lse = lse.data_ptr<acc_t>();
+    p.nq = nq, p.nk = nk, p.e = e, p.ev = ev;
+    p.q_sb = q.stride(0), p.q_sn = q.stride(1), p.q_se = q.stride(2);
+    p.k_sb = k.stride(0), p.k_sn = k.stride(1), p.k_se = k.stride(2);
+    p.v_sb = v.stride(0), p.v_sn = v.stride(1), p.v_se = v.stride(2);
+    p.o_sb = out.stride(0), p.o_sn = out.stride(1), p.o_se = out.stride(2);
+    p.q_blocks = ceil_div(nq, Tiles::kRows);
+    p.scale = static_cast<acc_t>(scale);
+    // Ev = 0 still launches one slice: its blocks write lse.
+    const dim3 grid(grid_dim_checked(batch * p.q_blocks, kGridX, op, "B x ceil(Nq / 32)"),
+                    grid_dim_checked(std::max<int64_t>(1, ceil_div(ev, Tiles::kChunk)), kGridYZ, op, "Ev"));
+    launch(attention_fwd_kernel<T>, grid, dim3(Tiles::kThreads), Tiles::kSmemBytes, p);
+  });
+  return {out, lse};
+}
+
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch, const at::Tensor& grad_out,
+                                                                  const std::optional<at::Tensor>& grad_lse,
+                                                                  const at::Tensor& q, const at::Tensor& k,
+                                                                  const at::Tensor& v, const at::Tensor& out,
+                                                                  const at::Tensor& lse, double scale) {
+  const char* op = "attnseg::attention_bwd";
+  check_attention_bwd_inputs(grad_out, grad_lse, q, k, v, out, lse, op);
+  launch.check_device(q, op, "q");
+  const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1), e = q.size(2), ev = v.size(2);
+  // Gradients in the inputs' layouts (empty_like's rules, as the fake kernel promises).
+  at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
+  if (batch == 0 || nq == 0 || nk == 0) return {dq, dk, dv};
+  const auto stats = stats_dtype(q.scalar_type());
+  const at::Tensor grad_out_c = grad_out.to(q.scalar_type());
+  const at::Tensor out_c = out.to(q.scalar_type());
+  const at::Tensor lse_c = lse.contiguous();
+  std::optional<at::Tensor> grad_lse_c;
+  if (grad_lse.has_value() && grad_lse->defined()) grad_lse_c = grad_lse->to(stats).contiguous();
+  at::Tensor delta = at::empty({batch, nq}, q.options().dtype(stats));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), "attention_bwd_cuda", [&] {
+    using T = typename KernelType<scalar_t>::type;
+    using Tiles = AttnTiles<T>;
+    using acc_t = typename Tiles::acc_t;
+    AttnBwdParams<T> p{};
+    p.q = kptr<scalar_t>(q);
+    p.k = kptr<scalar_t>(k);
+    p.v = kptr<scalar_t>(v);
+    p.out = kptr<scalar_t>(out_c);
+    p.grad_out = kptr<scalar_t>(grad_out_c);
+    p.lse = lse_c.data_ptr<acc_t>();
+    p.grad_lse = grad_lse_c ? grad_lse_c->data_ptr<acc_t>() : nullptr;
+    p.delta = delta.data_ptr<acc_t>();
+    p.dq = kptr<scalar_t>(dq);
+    p.dk = kptr<scalar_t>(dk);
+    p.dv = kptr<scalar_t>(dv);
+    p.batch = batch, p.nq = nq, p.nk = nk, p.e = e, p.ev = ev;
+    p.q_sb = q.stride(0), p.q_sn = q.stride(1), p.q_se = q.stride(2);
+    p.k_sb = k.stride(0), p.k_sn = k.stride(1), p.k_se = k.stride(2);
+    p.v_sb = v.stride(0), p.v_sn = v.stride(1), p.v_se = v.stride(2);
+    p.o_sb = out_c.stride(0), p.o_sn = out_c.stride(1), p.o_se = out_c.stride(2);
+    p.do_sb = grad_out_c.stride(0), p.do_sn = grad_out_c.stride(1), p.do_se = grad_out_c.stride(2);
+    p.dq_sb = dq.stride(0), p.dq_sn = dq.stride(1), p.dq_se = dq.stride(2);
+    p.dk_sb = dk.stride(0), p.dk_sn = dk.stride(1), p.dk_se = dk.stride(2);
+    p.dv_sb = dv.stride(0), p.dv_sn = dv.stride(1), p.dv_se = dv.stride(2);
+    p.q_blocks = ceil_div(nq, Tiles::kRows);
+    p.k_blocks = ceil_div(nk, Tiles::kRows);
+    p.e_chunks = ceil_div(e, Tiles::kChunk);
+    p.scale = static_cast<acc_t>(scale);
+    const dim3 block(Tiles::kThreads);
+    launch(attention_bwd_delta_kernel<T>,
+           dim3(grid_dim_checked(ceil_div(batch * nq, Tiles::kWarps), kGridX, op, "B x Nq / 4")), block, 0, p);
+    if (e > 0) {
+      launch(attention_bwd_dq_kernel<T>,
+             dim3(grid_dim_checked(batch * p.q_blocks, kGridX, op, "B x ceil(Nq / 32)"),
+                  grid_dim_checked(p.e_chunks, kGridYZ, op, "E")),
+             block, Tiles::kSmemBytes, p);
+    }
+    const int64_t kv_chunks = p.e_chunks + ceil_div(ev, Tiles::kChunk);
+    if (kv_chunks > 0) {
+      launch(attention_bwd_dkv_kernel<T>,
+             dim3(grid_dim_checked(batch * p.k_blocks, kGridX, op, "B x ceil(Nk / 32)"),
+                  grid_dim_checked(kv_chunks, kGridYZ, op, "E + Ev")),
+             block, Tiles::kSmemBytes, p);
+    }
+  });
+  return {dq, dk, dv};
+}
+
+// ---- channel attention -------------------------------------------------------------------------
+
+// Batched C = A B (+ bias) through gemm_kernel; a, b, c given as 3-D tensors or raw strides.
+template <typename TA, typename TB, typename TC, typename Acc>
+GemmParams<TA, TB, TC, Acc> gemm_params(const TA* a, at::IntArrayRef a_strides, const TB* b, at::IntArrayRef b_strides,
+                                        TC* c, at::IntArrayRef c_strides, int64_t m, int64_t n, int64_t k) {
+  GemmParams<TA, TB, TC, Acc> p{};
+  p.a = a, p.b = b, p.c = c, p.bias = nullptr;
+  p.m = m, p.n = n, p.k = k;
+  p.a_sb = a_strides[0], p.a_sm = a_strides[1], p.a_sk = a_strides[2];
+  p.b_sb = b_strides[0], p.b_sk = b_strides[1], p.b_sn = b_strides[2];
+  p.c_sb = c_strides[0], p.c_sm = c_strides[1], p.c_sn = c_strides[2], p.c_ss = 0;
+  p.splits = 1;
+  p.split_len = round_up(std::max<int64_t>(k, 1), GemmTiles::kBlockK);
+  return p;
+}
+
+// Splits a reduction of length k so that a long one (the Gram matrix over N) spreads over more
+// blocks; each split is a multiple of the k tile. Returns the number of splits.
+template <typename P>
+int64_t split_reduction(P& p, int64_t target_len = 1024) {
+  const int64_t splits = std::min<int64_t>(64, std::max<int64_t>(1, ceil_div(p.k, target_len)));
+  p.split_len = round_up(ceil_div(std::max<int64_t>(p.k, 1), splits), GemmTiles::kBlockK);
+  p.splits = ceil_div(std::max<int64_t>(p.k, 1), p.split_len);
+  return p.splits;
+}
+
+template <class Launch, typename TA, typename TB, typename TC, typename Acc>
+void launch_gemm(Launch& launch, const GemmParams<TA, TB, TC, Acc>& p, int64_t batch, const char* op) {
+  const dim3 grid(grid_dim_checked(ceil_div(p.n, GemmTiles::kBlockN), kGridX, op, "the GEMM's columns"),
+                  grid_dim_checked(ceil_div(p.m, GemmTiles::kBlockM), kGridYZ, op, "C / 64"),
+                  grid_dim_checked(batch * p.splits, kGridYZ, op, "B x splits"));
+  launch(gemm_kernel<TA, TB, TC, Acc>, grid, dim3(GemmTiles::kThreads), 0, p);
+}
+
+template <class Launch>
+std::tuple<at::Tensor, at::Tensor> channel_attention_fwd_impl(Launch& launch, const at::Tensor& x, bool official) {
+  const char* op = "attnseg::channel_attention_fwd";
+  check_channel_inputs(x, op);
+  launch.check_device(x, op, "x");
+  const int64_t batch = x.size(0), c = x.size(1), n = x.size(2);
+  const auto stats = stats_dtype(x.scalar_type());
+  at::Tensor y = at::empty({batch, c, n}, x.options());
+  at::Tensor attn = at::empty({batch, c, c}, x.options().dtype(stats));
+  if (batch == 0 || c == 0) return {y, attn};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_fwd_cuda", [&] {
+    using T = typename KernelType<scalar_t>::type;
+    using Acc = typename Num<T>::acc;
+    const T* xp = kptr<scalar_t>(x);
+    // E = X Xᵀ: split partial sums over N, then the row softmax sums them in a fixed order.
+    auto gram = gemm_params<T, T, Acc, Acc>(xp, x.strides(), xp, {x.stride(0), x.stride(2), x.stride(1)}, nullptr,
+                                            {c * c, c, 1}, c, c, n);
+    const int64_t splits = split_reduction(gram);
+    at::Tensor partial = at::empty({splits, batch, c, c}, attn.options());
+    gram.c = partial.data_ptr<Acc>();
+    gram.c_ss = batch * c * c;
+    launch_gemm(launch, gram, batch, op);
+    CamRowParams<Acc> rows{partial.data_ptr<Acc>(), nullptr, attn.data_ptr<Acc>(), batch, c, splits, official};
+    launch(cam_softmax_fwd_kernel<Acc>, dim3(grid_dim_checked(batch * c, kGridX, op, "B x C")), dim3(kRowThreads), 0,
+           rows);
+    if (n > 0) {  // Y = A X
+      const auto prod = gemm_params<Acc, T, T, Acc>(attn.data_ptr<Acc>(), attn.strides(), xp, x.strides(),
+                                                    kptr<scalar_t>(y), y.strides(), c, n, c);
+      launch_gemm(launch, prod, batch, op);
+    }
+  });
+  return {y, attn};
+}
+
+template <class Launch>
+at::Tensor channel_attention_bwd_impl(Launch& launch, const at::Tensor& grad_y, const at::Tensor& x,
+                                      const at::Tensor& attn, bool official) {
+  const char* op = "attnseg::channel_attention_bwd";
+  check_channel_bwd_inputs(grad_y, x, attn, op);
+  launch.check_device(x, op, "x");
+  const int64_t batch = x.size(0), c = x.size(1), n = x.size(2);
+  at::Tensor grad_x = at::empty({batch, c, n}, x.options());
+  if (grad_x.numel() == 0) return grad_x;
+  const at::Tensor gy = grad_y.to(x.scalar_type());
+  const at::Tensor a = attn.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_bwd_cuda", [&] {
+    using T = typename KernelType<scalar_t>::type;
+    using Acc = typename Num<T>::acc;
+    const T* xp = kptr<scalar_t>(x);
+    const T* gyp = kptr<scalar_t>(gy);
+    const at::TensorOptions acc_options = a.options();
+    // dA = dY Xᵀ, split over N like the Gram matrix.
+    auto grad_attn = gemm_params<T, T, Acc, Acc>(gyp, gy.strides(), xp, {x.stride(0), x.stride(2), x.stride(1)},
+                                                 nullptr, {c * c, c, 1}, c, c, n);
+    const int64_t splits = split_reduction(grad_attn);
+    at::Tensor partial = at::empty({splits, batch, c, c}, acc_options);
+    grad_attn.c = partial.data_ptr<Acc>();
+    grad_attn.c_ss = batch * c * c;
+    launch_gemm(launch, grad_attn, batch, op);
+    // dE (row softmax backward, sign of the variant), then S = dE + dEᵀ.
+    at::Tensor grad_energy = at::empty({batch, c, c}, acc_options);
+    CamRowParams<Acc> rows{partial.data_ptr<Acc>(), a.data_ptr<Acc>(), grad_energy.data_ptr<Acc>(), batch, c, splits,
+                           official};
+    launch(cam_softmax_bwd_kernel<Acc>, dim3(grid_dim_checked(batch * c, kGridX, op, "B x C")), dim3(kRowThreads), 0,
+           rows);
+    at::Tensor sym = at::empty({batch, c, c}, acc_options);
+    launch(cam_symmetrize_kernel<Acc>,
+           dim3(grid_dim_checked(ceil_div(batch * c * c, kRowThreads), kGridX, op, "B x C x C")), dim3(kRowThreads), 0,
+           static_cast<const Acc*>(grad_energy.data_ptr<Acc>()), sym.data_ptr<Acc>(), batch, c);
+    // dX = Aᵀ dY (into an fp32 workspace) + S X (with that workspace as bias, into dX's type).
+    at::Tensor partial_x = at::empty({batch, c, n}, acc_options);
+    const auto first = gemm_params<Acc, T, Acc, Acc>(a.data_ptr<Acc>(), {c * c, 1, c}, gyp, gy.strides(),
+                                                     partial_x.data_ptr<Acc>(), partial_x.strides(), c, n, c);
+    launch_gemm(launch, first, batch, op);
+    auto second = gemm_params<Acc, T, T, Acc>(sym.data_ptr<Acc>(), sym.strides(), xp, x.strides(), kptr<scalar_t>(grad_x),
+                                              grad_x.strides(), c, n, c);
+    second.bias = partial_x.data_ptr<Acc>();
+    second.bias_sb = c * n, second.bias_sm = n, second.bias_sn = 1;
+    launch_gemm(launch, second, batch, op);
+  });
+  return grad_x;
+}
+
+}  // namespace attnseg::cuda
