@@ -42,6 +42,16 @@ def native_unavailable_reason() -> str | None:
     return _native_error
 
 
+def native_cuda_built() -> bool:
+    """Whether attnseg._C carries its CUDA kernels (TORCH_LIBRARY_IMPL(attnseg, CUDA)). They are
+    compiled in when the build finds nvcc and a CUDA build of torch (see setup.py); no GPU is
+    needed for this to be true."""
+    return native_available() and all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"attnseg::{op}", "CUDA")
+        for op in ("attention_fwd", "attention_bwd", "channel_attention_fwd", "channel_attention_bwd")
+    )
+
+
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 

@@ -2,11 +2,15 @@
 
 Backends (the ``backend=`` argument of every call):
 
-* ``"native"``: the compiled C++ ops (``torch.ops.attnseg.*``): fused, tiled, online softmax.
+* ``"native"``: the compiled C++/CUDA ops (``torch.ops.attnseg.*``): fused, tiled, online
+  softmax; CPU kernels always, CUDA kernels (csrc/cuda) when the build had nvcc.
 * ``"triton"``: the Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
 * ``"reference"``: the pure-PyTorch code of :mod:`attnseg.reference` (materialises the maps).
 * ``"auto"`` (default): on CUDA, triton if available, else native, else reference; on the CPU,
   native if the extension loaded, else reference. :func:`available_backends` shows the choice.
+  Why triton first on CUDA: its kernels autotune their tile sizes per GPU and shape, while the
+  CUDA C++ kernels use fixed 32-row tiles within 48 KiB of shared memory (portable, verified
+  in the emulator). Neither has been timed on a GPU yet; the rule will follow measurements.
 
 A backend named explicitly that cannot run raises :class:`BackendUnavailableError`; only
 ``"auto"`` ever chooses for you.
@@ -48,9 +52,9 @@ def _native_unavailable(device: torch.device) -> str | None:
     if device.type == "cpu":
         return None
     if device.type == "cuda":
-        if torch._C._dispatch_has_kernel_for_dispatch_key("attnseg::attention_fwd", "CUDA"):
+        if _ops.native_cuda_built():
             return None
-        return "attnseg was built without its CUDA kernels"
+        return "attnseg was built without its CUDA kernels (no nvcc or a CPU-only torch at build time)"
     return f"no native kernels for device type {device.type!r}"
 
 

@@ -38,6 +38,11 @@ def pytest_configure(config):
         "requires_native: needs the compiled attnseg._C ops; skipped without them, "
         "failed without them when ATTNSEG_REQUIRE_NATIVE=1",
     )
+    config.addinivalue_line(
+        "markers",
+        "emulator: runs the CUDA kernels on the CPU through the SIMT emulator (tests/emu; compiled "
+        "with g++ on first use, about a minute)",
+    )
 
 
 def pytest_report_header(config):

@@ -558,13 +558,13 @@ template <int M, int N, int K, typename T, typename LA, typename LB>
 void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a, M, N, K, T, LA>& a,
               const fragment<matrix_b, M, N, K, T, LB>& b, const fragment<accumulator, M, N, K, float>& c) {
   __syncwarp();
-  float result[M * N];
+  float fa[M * K], fb[K * N], result[M * N];
+  for (int i = 0; i < M * K; ++i) fa[i] = detail::to_f(a.x[i]);
+  for (int i = 0; i < K * N; ++i) fb[i] = detail::to_f(b.x[i]);
+  std::copy(c.x, c.x + M * N, result);
   for (int i = 0; i < M; ++i)
-    for (int j = 0; j < N; ++j) {
-      float s = c.x[i * N + j];
-      for (int k = 0; k < K; ++k) s += detail::to_f(a.x[i * K + k]) * detail::to_f(b.x[k * N + j]);
-      result[i * N + j] = s;
-    }
+    for (int k = 0; k < K; ++k)
+      for (int j = 0; j < N; ++j) result[i * N + j] += fa[i * K + k] * fb[k * N + j];
   std::copy(result, result + M * N, d.x);
 }
 

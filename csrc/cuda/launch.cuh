@@ -1,0 +1,31 @@
+// The device Launch policy of host.h: <<<grid, block, smem>>> on the current CUDA stream, the
+// launch error checked right after, and the CUDA device of the inputs made current.
+#pragma once
+
+// c10 CUDA headers only: ATen/cuda/CUDAContext.h would also want the cuBLAS/cuSPARSE headers.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include "host.h"
+
+namespace attnseg::cuda {
+
+struct DeviceLaunch {
+  std::optional<c10::cuda::CUDAGuard> guard;
+  cudaStream_t stream = nullptr;
+
+  void check_device(const at::Tensor& t, const char* op, const char* name) {
+    TORCH_CHECK(t.is_cuda(), op, ": the CUDA kernel got ", name, " on ", t.device());
+    guard.emplace(t.device());
+    stream = c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
+  }
+
+  template <class Kernel, class... Args>
+  void operator()(Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
+    kernel<<<grid, block, smem, stream>>>(args...);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+};
+
+}  // namespace attnseg::cuda

@@ -1,0 +1,273 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU by the SIMT emulator (tests/emu/simt.h).
+
+The emulator compiles the same kernel headers and host launchers (csrc/cuda/host.h) as the
+extension, with g++, and runs every CUDA thread as a fiber (see simt.h for the model). These
+tests check what that can check: the kernels' arithmetic, indexing, masking of ragged tiles,
+strides and barriers, against the fp64 reference. What it cannot check (speed, real tensor-core
+rounding, memory-model effects beyond barriers) is stated in README.md.
+
+Tolerances: ``helpers.assert_matches_reference`` (the flash-attention criterion, justified in
+helpers.py): the kernel's error against fp64 must be within 2x PyTorch's own error in the same
+dtype plus a few ulps per sqrt(reduction length). The backward adds 2·eps·|S|max, because it
+recomputes P from the stored lse as flash-attention does (see test_triton.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import emulator
+import helpers
+from attnseg import reference
+
+pytestmark = pytest.mark.emulator
+
+
+@pytest.fixture(scope="module")
+def emu():
+    module = emulator.load()
+    module.set_schedule("forward", 0)
+    yield module
+    module.set_schedule("forward", 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+def _attention_inputs(b, nq, nk, e, ev, dtype, channel_first=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def make(n, width):
+        if channel_first:  # conv(x).flatten(2).transpose(1, 2): strides (width·n, 1, n)
+            return torch.randn(b, width, n, generator=g).to(dtype).transpose(1, 2)
+        return torch.randn(b, n, width, generator=g).to(dtype)
+
+    return make(nq, e), make(nk, e), make(nk, ev)
+
+
+def _upstream_grads(out, lse, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(out.shape, generator=g).to(out.dtype), torch.randn(lse.shape, generator=g).to(lse.dtype)
+
+
+def _emulated_attention(emu, q, k, v, scale):
+    out, lse = emu.attention_fwd(q, k, v, scale)
+    grad_out, grad_lse = _upstream_grads(out, lse)
+    return (out, lse, *emu.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, scale))
+
+
+def _torch_attention(q, k, v, scale, grad_out, grad_lse):
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = reference.attention_with_lse(q, k, v, scale)
+    grads = torch.autograd.grad((out, lse), (q, k, v), (grad_out.to(out.dtype), grad_lse.to(lse.dtype)))
+    return (out.detach(), lse.detach(), *grads)
+
+
+def _check_attention(emu, q, k, v, scale):
+    result = _emulated_attention(emu, q, k, v, scale)
+    out, lse = result[:2]
+    assert out.dtype == q.dtype and out.is_contiguous()
+    assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
+    grad_out, grad_lse = _upstream_grads(out, lse)
+    ref64 = _torch_attention(q.double(), k.double(), v.double(), scale, grad_out.double(), grad_lse.double())
+    same = None if q.dtype == torch.float64 else _torch_attention(q, k, v, scale, grad_out, grad_lse)
+    logits = torch.bmm(q.double(), k.double().transpose(1, 2)).abs().max().item() * abs(scale)
+    e, ev, nk = q.shape[-1], v.shape[-1], k.shape[1]
+    for i, (name, value, r) in enumerate(zip(("out", "lse", "dq", "dk", "dv"), result, ref64)):
+        if i >= 2:  # gradients come back in the layout of their input
+            assert value.stride() == (q, k, v)[i - 2].stride(), f"{name}: strides {value.stride()}"
+        helpers.assert_matches_reference(
+            name, value, r, None if same is None else same[i],
+            reduction=max(nk, e, ev, q.shape[1]), logit_max=logits if name.startswith("d") else 0.0,
+        )
+    return result
+
+
+SHAPES = [(n, n, e, ev) for n in (1, 37, 130) for e in (16, 64) for ev in (64, 96, 512)] + [
+    (37, 130, 16, 96),  # Nq != Nk, ragged tiles on both sides
+    (130, 37, 64, 64),
+    (1, 130, 64, 512),
+    (33, 31, 1, 3),  # one row / key past the 32-tile, tiny E and Ev
+]
+
+
+@pytest.mark.parametrize("nq, nk, e, ev", SHAPES, ids=[f"nq{a}-nk{b}-e{c}-ev{d}" for a, b, c, d in SHAPES])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_attention_matches_reference(emu, nq, nk, e, ev, dtype):
+    _check_attention(emu, *_attention_inputs(1 if ev == 512 else 2, nq, nk, e, ev, dtype), 1 / math.sqrt(e))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "fp64"])
+@pytest.mark.parametrize("nq, nk, e, ev", [(37, 130, 16, 96), (130, 37, 64, 64)])
+def test_attention_other_dtypes(emu, nq, nk, e, ev, dtype):
+    _check_attention(emu, *_attention_inputs(2, nq, nk, e, ev, dtype), 0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_attention_strided_inputs_bitwise_equal_contiguous(emu, dtype):
+    """PAM's channel-first views reach the kernels through strides, with identical results."""
+    q, k, v = _attention_inputs(2, 37, 45, 20, 40, dtype, channel_first=True)
+    assert q.stride(1) == 1 and not q.is_contiguous()
+    strided = _check_attention(emu, q, k, v, 0.5)
+    contiguous = _emulated_attention(emu, q.contiguous(), k.contiguous(), v.contiguous(), 0.5)
+    for a, c in zip(strided, contiguous):
+        assert torch.equal(a, c)
+
+
+def test_attention_large_logits(emu):
+    """|S| up to ~4e3: nearly one-hot rows stay finite and accurate (online softmax rescaling)."""
+    q, k, v = _attention_inputs(1, 37, 70, 16, 24, torch.float32)
+    q = q * 16
+    k = k * 16
+    _check_attention(emu, q, k, v, 1.0)
+
+
+def test_attention_without_lse_gradient_equals_zero_gradient(emu):
+    q, k, v = _attention_inputs(1, 20, 30, 16, 24, torch.float32)
+    out, lse = emu.attention_fwd(q, k, v, 1.0)
+    grad_out = torch.randn_like(out)
+    without = emu.attention_bwd(grad_out, None, q, k, v, out, lse, 1.0)
+    with_zero = emu.attention_bwd(grad_out, torch.zeros_like(lse), q, k, v, out, lse, 1.0)
+    for a, z in zip(without, with_zero):
+        assert torch.equal(a, z)
+
+
+def test_attention_no_keys_and_empty_widths(emu):
+    q, k, v = _attention_inputs(2, 5, 0, 8, 6, torch.float32)
+    out, lse = emu.attention_fwd(q, k, v, 1.0)
+    assert torch.equal(out, torch.zeros(2, 5, 6)) and torch.equal(lse, torch.full((2, 5), -math.inf))
+    q, k, v = _attention_inputs(1, 7, 9, 0, 5, torch.float32)  # E = 0: uniform attention
+    out, lse = emu.attention_fwd(q, k, v, 1.0)
+    torch.testing.assert_close(out, v.mean(1, keepdim=True).expand(1, 7, 5))
+    torch.testing.assert_close(lse, torch.full((1, 7), math.log(9)))
+
+
+def test_attention_grid_limit_is_a_clear_error(emu):
+    """Ev so wide that its slices exceed gridDim.y's 65535 is refused before any launch."""
+    q, k, v = _attention_inputs(1, 1, 1, 1, 1, torch.float16)
+    v = torch.zeros(1, 1, 64 * 65536 + 1, dtype=torch.float16)
+    with pytest.raises(RuntimeError, match="Ev needs 65537 thread blocks along one grid axis"):
+        emu.attention_fwd(q, k, v, 1.0)
+
+
+def test_host_launchers_check_arguments(emu):
+    """The host launchers check what the device ops check (names, shapes, dtypes)."""
+    q, k, v = _attention_inputs(1, 4, 5, 8, 6, torch.float32)
+    with pytest.raises(RuntimeError, match="k has E = 7 but q has E = 8"):
+        emu.attention_fwd(q, k[..., :7], v, 1.0)
+    with pytest.raises(RuntimeError, match="v has dtype Half but q has Float"):
+        emu.attention_fwd(q, k, v.half(), 1.0)
+    with pytest.raises(RuntimeError, match=r"lse must have shape \[1, 4\]"):
+        out, lse = emu.attention_fwd(q, k, v, 1.0)
+        emu.attention_bwd(out, None, q, k, v, out, lse[:, :3], 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Channel attention
+# ---------------------------------------------------------------------------------------------
+
+
+def _cam_input(b, c, n, dtype, scale=0.3, seed=3):
+    """Post-ReLU-like features [B, C, N], as the strided view of a [B, N, C] tensor."""
+    x = torch.randn(b, n, c, generator=torch.Generator().manual_seed(seed)).transpose(1, 2)
+    return (torch.relu(x) * scale + 0.01 * x).to(dtype)
+
+
+def _torch_cam(x, official, grad_y):
+    x = x.detach().clone().requires_grad_()
+    energy = torch.bmm(x, x.transpose(1, 2))
+    if official:  # the DANet code: softmax(rowmax(E) - E)
+        energy = energy.amax(-1, keepdim=True).expand_as(energy) - energy
+    y = torch.bmm(torch.softmax(energy, -1), x)
+    (grad_x,) = torch.autograd.grad(y, x, grad_y.to(y.dtype))
+    return y.detach(), grad_x
+
+
+def _check_cam(emu, x, official):
+    y, attn = emu.channel_attention_fwd(x, official)
+    assert y.dtype == x.dtype and y.is_contiguous()
+    assert attn.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(x.dtype)
+    grad_x = emu.channel_attention_bwd(grad_y, x, attn, official)
+    ref64 = _torch_cam(x.double(), official, grad_y.double())
+    same = None if x.dtype == torch.float64 else _torch_cam(x.float(), official, grad_y.float())
+    # the same-dtype yardstick is fp32: torch in fp16 forms the Gram matrix in fp16, which the
+    # kernels never do (and which overflows for large N)
+    for i, (name, value) in enumerate((("y", y), ("dx", grad_x))):
+        helpers.assert_matches_reference(name, value, ref64[i], None if same is None else same[i].to(x.dtype),
+                                         reduction=x.shape[-1])
+    return y, attn, grad_x
+
+
+@pytest.mark.parametrize("official", [True, False], ids=["official", "paper"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("b, c, n", [(2, 37, 130), (1, 64, 37), (1, 5, 1), (1, 70, 2100)])
+def test_channel_attention_matches_reference(emu, b, c, n, dtype, official):
+    _, attn, _ = _check_cam(emu, _cam_input(b, c, n, dtype), official)
+    torch.testing.assert_close(attn.sum(-1), torch.ones(b, c), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("official", [True, False], ids=["official", "paper"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bf16", "fp64"])
+def test_channel_attention_other_dtypes(emu, dtype, official):
+    _check_cam(emu, _cam_input(2, 37, 130, dtype), official)
+
+
+def test_channel_attention_fp16_gram_beyond_fp16_range(emu):
+    """Post-ReLU features whose Gram matrix (~1e5) overflows fp16: accumulated in fp32, finite."""
+    x = _cam_input(1, 8, 3000, torch.float16, scale=8.0)
+    assert torch.bmm(x.float(), x.float().transpose(1, 2)).max() > 65504
+    y, attn, grad_x = _check_cam(emu, x, True)
+    assert torch.isfinite(attn).all() and torch.isfinite(y).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Schedules: a missing barrier changes results between thread orders
+# ---------------------------------------------------------------------------------------------
+
+SCHEDULES = [("forward", 0), ("reverse", 0), ("random", 1), ("random", 2)]
+
+
+def _under_each_schedule(emu, fn):
+    results = []
+    try:
+        for name, seed in SCHEDULES:
+            emu.set_schedule(name, seed)
+            results.append(fn())
+    finally:
+        emu.set_schedule("forward", 0)
+    return results
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=["fp32", "fp16", "fp64"])
+def test_every_kernel_is_schedule_independent(emu, dtype):
+    """Attention forward/backward (4 kernels) and CAM forward/backward (5 kernels), on ragged
+    shapes with several blocks, give bitwise-identical results under every schedule."""
+    q, k, v = _attention_inputs(2, 45, 70, 20, 80, dtype)
+    x = _cam_input(2, 37, 90, dtype)
+
+    def run():
+        attention = _emulated_attention(emu, q, k, v, 0.4)
+        y, attn = emu.channel_attention_fwd(x, True)
+        return (*attention, y, attn, emu.channel_attention_bwd(torch.ones_like(y), x, attn, True))
+
+    results = _under_each_schedule(emu, run)
+    for (name, seed), result in zip(SCHEDULES[1:], results[1:]):
+        for i, (a, b) in enumerate(zip(results[0], result)):
+            assert torch.equal(a, b), f"output {i} differs between the forward and the {name}({seed}) schedule"
+
+
+def test_schedules_expose_a_missing_barrier(emu):
+    """The racy kernel reads its neighbour's shared-memory slot without __syncthreads: the
+    schedules disagree. With the barrier they agree, and on the right answer."""
+    x = torch.arange(1, 65, dtype=torch.float32)
+    racy = _under_each_schedule(emu, lambda: emu.racy_neighbour(x, False))
+    assert any(not torch.equal(racy[0], r) for r in racy[1:])
+    fixed = _under_each_schedule(emu, lambda: emu.racy_neighbour(x, True))
+    for r in fixed:
+        assert torch.equal(r, torch.roll(x, -1))
