@@ -47,11 +47,9 @@ def main() -> int:
     _line("CUDA available", f"yes ({torch.cuda.device_count()} device(s): {torch.cuda.get_device_name(0)})"
           if cuda_ok else "no")
     _line("torch CUDA arch list", ", ".join(torch.cuda.get_arch_list()) or "none")
-    try:
-        has_cuda_kernels = torch._C._dispatch_has_kernel_for_dispatch_key("attnseg::attention_fwd", "CUDA")
-    except Exception as exc:  # op not registered (extension not loaded)
-        has_cuda_kernels = f"unknown ({type(exc).__name__}: {exc})"
-    _line("attnseg CUDA kernels", "yes" if has_cuda_kernels is True else ("no" if has_cuda_kernels is False else has_cuda_kernels))
+    from attnseg import _ops  # noqa: PLC0415
+
+    _line("attnseg CUDA kernels", "built in" if _ops.native_cuda_built() else "not built (CPU kernels only)")
     _line("triton", _triton_version())
 
     devices = ["cpu"] + (["cuda"] if cuda_ok else [])

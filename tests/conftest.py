@@ -27,6 +27,27 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 SEED = 0
 REQUIRE_NATIVE = os.environ.get("ATTNSEG_REQUIRE_NATIVE") == "1"
 
+# Hypothesis profiles (tests/test_properties.py and the property tests of test_triton.py):
+#   ci (default): derandomized, so CI draws the same examples on every run, and bounded;
+#   thorough: random examples, THOROUGH_FACTOR times as many; ATTNSEG_HYPOTHESIS_PROFILE=thorough.
+try:
+    from hypothesis import HealthCheck, settings as _hyp_settings
+
+    _hyp_settings.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
+                                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    _hyp_settings.register_profile("thorough", derandomize=False, deadline=None, print_blob=True,
+                                   suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+    HYPOTHESIS_PROFILE = os.environ.get("ATTNSEG_HYPOTHESIS_PROFILE", "ci")
+    _hyp_settings.load_profile(HYPOTHESIS_PROFILE)
+except ImportError:  # hypothesis is a test extra; the property tests then fail to import
+    HYPOTHESIS_PROFILE = "ci"
+THOROUGH_FACTOR = 25
+
+
+def examples(ci_count: int) -> int:
+    """Examples per property test: ``ci_count`` under the ci profile, 25x that under thorough."""
+    return ci_count * (THOROUGH_FACTOR if HYPOTHESIS_PROFILE == "thorough" else 1)
+
 
 def _native_missing_message() -> str:
     return f"attnseg native extension not loaded: {attnseg.native_unavailable_reason()}"

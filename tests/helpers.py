@@ -43,7 +43,7 @@ def magnitude(t: torch.Tensor) -> float:
 
 
 def max_abs_err(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    return float((actual.double() - expected.double()).abs().max()) if actual.numel() else 0.0
+    return float((actual.detach().double() - expected.detach().double()).abs().max()) if actual.numel() else 0.0
 
 
 def assert_matches_reference(
@@ -96,3 +96,145 @@ def randomize_batchnorm(module) -> None:
                 m.weight.uniform_(0.5, 1.5)
                 m.bias.uniform_(-0.1, 0.1)
                 m.num_batches_tracked.fill_(100)
+
+
+# ---------------------------------------------------------------------------------------------
+# Property-based cases (hypothesis), shared by the native, emulated-CUDA and Triton tests.
+# ---------------------------------------------------------------------------------------------
+
+# Sizes around every kernel's tiles: CUDA 32-row / 32-key tiles and 64-wide chunks, Triton
+# blocks of 16..128, the CPU kernel's 256-wide tiles; plus primes.
+EDGE_SIZES = (1, 2, 3, 5, 7, 13, 31, 32, 33, 37, 63, 64, 65, 97, 127, 128, 129, 255, 256, 257)
+WIDTHS = (1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 96)
+LAYOUTS = ("contiguous", "channel_first", "sliced", "batch_major")
+
+
+def strided_randn(b: int, n: int, width: int, layout: str, dtype: torch.dtype, gen: torch.Generator,
+                  std: float = 1.0) -> torch.Tensor:
+    """A [b, n, width] tensor of N(0, std²) values in one of LAYOUTS:
+    contiguous; channel_first (the [b, width, n] conv output transposed: unit stride along n);
+    sliced (an offset, every other column of a wider tensor: no unit stride at all);
+    batch_major (an [n, b, width] tensor transposed: the batch stride is the smallest but one)."""
+    if layout == "contiguous":
+        t = torch.randn(b, n, width, generator=gen)
+    elif layout == "channel_first":
+        t = torch.randn(b, width, n, generator=gen).transpose(1, 2)
+    elif layout == "sliced":
+        t = torch.randn(b, n + 3, 2 * width + 1, generator=gen)[:, 2 : n + 2, 1::2]
+    elif layout == "batch_major":
+        t = torch.randn(n, b, width, generator=gen).transpose(0, 1)
+    else:
+        raise ValueError(layout)
+    return (t * std).to(dtype)
+
+
+def hypothesis_strategies():
+    """(attention_cases, cam_cases) strategy factories; imported lazily so that helpers stays
+    importable without hypothesis."""
+    from hypothesis import strategies as st
+
+    def sizes(max_n):
+        return st.sampled_from([s for s in EDGE_SIZES if s <= max_n]) | st.integers(1, max_n)
+
+    @st.composite
+    def attention_cases(draw, max_n=257, max_width=96, max_batch=3):
+        widths = st.sampled_from([w for w in WIDTHS if w <= max_width])
+        e, ev = draw(widths), draw(widths)
+        return {
+            "b": draw(st.integers(1, max_batch)),
+            "nq": draw(sizes(max_n)),
+            "nk": draw(sizes(max_n)),
+            "e": e,
+            "ev": ev,
+            "layouts": tuple(draw(st.sampled_from(LAYOUTS)) for _ in range(3)),
+            # 0: uniform attention; E^-0.5: the usual; 3: |S| ~ 3·sqrt(E), nearly one-hot rows
+            "scale": draw(st.sampled_from([0.0, 0.05, 1.0 / math.sqrt(e), 1.0, 3.0])),
+            "seed": draw(st.integers(0, 2**16)),
+        }
+
+    @st.composite
+    def cam_cases(draw, max_c=97, max_n=257, max_batch=2):
+        return {
+            "b": draw(st.integers(1, max_batch)),
+            "c": draw(sizes(max_c)),
+            "n": draw(sizes(max_n)),
+            "layout": draw(st.sampled_from(LAYOUTS)),
+            "official": draw(st.booleans()),
+            "magnitude": draw(st.sampled_from([0.05, 0.3, 1.0])),
+            "seed": draw(st.integers(0, 2**16)),
+        }
+
+    return attention_cases, cam_cases
+
+
+def attention_case_inputs(case: dict, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(case["seed"])
+    lq, lk, lv = case["layouts"]
+    b, nq, nk, e, ev = (case[key] for key in ("b", "nq", "nk", "e", "ev"))
+    return (strided_randn(b, nq, e, lq, dtype, g), strided_randn(b, nk, e, lk, dtype, g),
+            strided_randn(b, nk, ev, lv, dtype, g))
+
+
+def cam_case_input(case: dict, dtype: torch.dtype) -> torch.Tensor:
+    """Post-ReLU-like features [B, C, N] (as DANet's CAM sees them) in the drawn layout."""
+    g = torch.Generator().manual_seed(case["seed"])
+    x = strided_randn(case["b"], case["c"], case["n"], case["layout"], torch.float64, g)
+    return (torch.relu(x) * case["magnitude"] + 0.01 * x).to(dtype)
+
+
+def reference_attention_grads(q, k, v, scale, grad_out, grad_lse):
+    """(out, lse, dq, dk, dv) of attnseg.reference in q's dtype, by autograd."""
+    from attnseg import reference
+
+    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    out, lse = reference.attention_with_lse(q, k, v, scale)
+    grads = torch.autograd.grad((out, lse), (q, k, v), (grad_out.to(out.dtype), grad_lse.to(lse.dtype)))
+    return (out.detach(), lse.detach(), *grads)
+
+
+def check_attention_backend(run, q, k, v, scale, *, check_layout=True):
+    """Compare ``run(q, k, v, scale, grad_out, grad_lse) -> (out, lse, dq, dk, dv)`` with the
+    fp64 reference (and PyTorch in q's dtype as the yardstick), by assert_matches_reference."""
+    g = torch.Generator().manual_seed(12345)
+    b, nq, nk, e, ev = q.shape[0], q.shape[1], k.shape[1], q.shape[2], v.shape[2]
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    grad_out = torch.randn(b, nq, ev, generator=g, dtype=torch.float64).to(q.dtype)
+    grad_lse = torch.randn(b, nq, generator=g, dtype=torch.float64).to(lse_dtype)
+    result = run(q, k, v, scale, grad_out, grad_lse)
+    ref64 = reference_attention_grads(q.double(), k.double(), v.double(), scale, grad_out.double(),
+                                      grad_lse.double())
+    same = None if q.dtype == torch.float64 else reference_attention_grads(q, k, v, scale, grad_out, grad_lse)
+    logits = float(torch.bmm(q.double(), k.double().transpose(1, 2)).abs().amax()) * abs(scale) if q.numel() else 0.0
+    for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
+        if check_layout and i >= 2:
+            ref_input = (q, k, v)[i - 2]
+            assert result[i].shape == ref_input.shape, f"{name}: shape {tuple(result[i].shape)}"
+        assert_matches_reference(name, result[i], ref64[i], None if same is None else same[i],
+                                 reduction=max(nk, e, ev, nq), logit_max=logits if name.startswith("d") else 0.0,
+                                 expected_dtype=lse_dtype if name == "lse" else q.dtype)
+    return result
+
+
+def reference_cam_grads(x, official, grad_y):
+    """(y, dx) of y = softmax(∓X Xᵀ) X, the official code's energy (rowmax(E) − E) when official."""
+    x = x.detach().clone().requires_grad_()
+    energy = torch.bmm(x, x.transpose(1, 2))
+    if official:
+        energy = energy.amax(-1, keepdim=True).expand_as(energy) - energy
+    y = torch.bmm(torch.softmax(energy, -1), x)
+    (grad_x,) = torch.autograd.grad(y, x, grad_y.to(y.dtype))
+    return y.detach(), grad_x
+
+
+def check_cam_backend(run, x, official):
+    """Compare ``run(x, official, grad_y) -> (y, dx)`` with the fp64 reference. The yardstick for
+    fp16/bf16 is PyTorch in fp32 rounded to x's dtype: PyTorch in fp16 forms the Gram matrix in
+    fp16, which the kernels never do (and which overflows for large N)."""
+    grad_y = torch.randn(x.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64).to(x.dtype)
+    result = run(x, official, grad_y)
+    ref64 = reference_cam_grads(x.double(), official, grad_y.double())
+    same = None if x.dtype == torch.float64 else reference_cam_grads(x.float(), official, grad_y.float())
+    for i, name in enumerate(("y", "dx")):
+        assert_matches_reference(name, result[i], ref64[i], None if same is None else same[i].to(x.dtype),
+                                 reduction=x.shape[-1], expected_dtype=x.dtype)
+    return result

@@ -21,7 +21,6 @@ import torch
 
 import emulator
 import helpers
-from attnseg import reference
 
 pytestmark = pytest.mark.emulator
 
@@ -50,41 +49,27 @@ def _attention_inputs(b, nq, nk, e, ev, dtype, channel_first=False, seed=0):
     return make(nq, e), make(nk, e), make(nk, ev)
 
 
-def _upstream_grads(out, lse, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(out.shape, generator=g).to(out.dtype), torch.randn(lse.shape, generator=g).to(lse.dtype)
+def _emulated_run(emu):
+    def run(q, k, v, scale, grad_out, grad_lse):
+        out, lse = emu.attention_fwd(q, k, v, scale)
+        return (out, lse, *emu.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, scale))
+
+    return run
 
 
 def _emulated_attention(emu, q, k, v, scale):
-    out, lse = emu.attention_fwd(q, k, v, scale)
-    grad_out, grad_lse = _upstream_grads(out, lse)
-    return (out, lse, *emu.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, scale))
-
-
-def _torch_attention(q, k, v, scale, grad_out, grad_lse):
-    q, k, v = (t.detach().clone().requires_grad_() for t in (q, k, v))
-    out, lse = reference.attention_with_lse(q, k, v, scale)
-    grads = torch.autograd.grad((out, lse), (q, k, v), (grad_out.to(out.dtype), grad_lse.to(lse.dtype)))
-    return (out.detach(), lse.detach(), *grads)
+    g = torch.Generator().manual_seed(1)
+    lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    grad_out = torch.randn(q.shape[0], q.shape[1], v.shape[2], generator=g).to(q.dtype)
+    grad_lse = torch.randn(q.shape[0], q.shape[1], generator=g).to(lse_dtype)
+    return _emulated_run(emu)(q, k, v, scale, grad_out, grad_lse)
 
 
 def _check_attention(emu, q, k, v, scale):
-    result = _emulated_attention(emu, q, k, v, scale)
-    out, lse = result[:2]
-    assert out.dtype == q.dtype and out.is_contiguous()
-    assert lse.dtype == (torch.float64 if q.dtype == torch.float64 else torch.float32)
-    grad_out, grad_lse = _upstream_grads(out, lse)
-    ref64 = _torch_attention(q.double(), k.double(), v.double(), scale, grad_out.double(), grad_lse.double())
-    same = None if q.dtype == torch.float64 else _torch_attention(q, k, v, scale, grad_out, grad_lse)
-    logits = torch.bmm(q.double(), k.double().transpose(1, 2)).abs().max().item() * abs(scale)
-    e, ev, nk = q.shape[-1], v.shape[-1], k.shape[1]
-    for i, (name, value, r) in enumerate(zip(("out", "lse", "dq", "dk", "dv"), result, ref64)):
-        if i >= 2:  # gradients come back in the layout of their input
-            assert value.stride() == (q, k, v)[i - 2].stride(), f"{name}: strides {value.stride()}"
-        helpers.assert_matches_reference(
-            name, value, r, None if same is None else same[i],
-            reduction=max(nk, e, ev, q.shape[1]), logit_max=logits if name.startswith("d") else 0.0,
-        )
+    result = helpers.check_attention_backend(_emulated_run(emu), q, k, v, scale)
+    assert result[0].is_contiguous()
+    for grad, t in zip(result[2:], (q, k, v)):  # gradients come back in the layout of their input
+        assert grad.stride() == t.stride()
     return result
 
 
@@ -114,7 +99,7 @@ def test_attention_strided_inputs_bitwise_equal_contiguous(emu, dtype):
     q, k, v = _attention_inputs(2, 37, 45, 20, 40, dtype, channel_first=True)
     assert q.stride(1) == 1 and not q.is_contiguous()
     strided = _check_attention(emu, q, k, v, 0.5)
-    contiguous = _emulated_attention(emu, q.contiguous(), k.contiguous(), v.contiguous(), 0.5)
+    contiguous = _check_attention(emu, q.contiguous(), k.contiguous(), v.contiguous(), 0.5)
     for a, c in zip(strided, contiguous):
         assert torch.equal(a, c)
 
@@ -178,30 +163,16 @@ def _cam_input(b, c, n, dtype, scale=0.3, seed=3):
     return (torch.relu(x) * scale + 0.01 * x).to(dtype)
 
 
-def _torch_cam(x, official, grad_y):
-    x = x.detach().clone().requires_grad_()
-    energy = torch.bmm(x, x.transpose(1, 2))
-    if official:  # the DANet code: softmax(rowmax(E) - E)
-        energy = energy.amax(-1, keepdim=True).expand_as(energy) - energy
-    y = torch.bmm(torch.softmax(energy, -1), x)
-    (grad_x,) = torch.autograd.grad(y, x, grad_y.to(y.dtype))
-    return y.detach(), grad_x
-
-
 def _check_cam(emu, x, official):
-    y, attn = emu.channel_attention_fwd(x, official)
-    assert y.dtype == x.dtype and y.is_contiguous()
-    assert attn.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
-    grad_y = torch.randn(y.shape, generator=torch.Generator().manual_seed(4)).to(x.dtype)
-    grad_x = emu.channel_attention_bwd(grad_y, x, attn, official)
-    ref64 = _torch_cam(x.double(), official, grad_y.double())
-    same = None if x.dtype == torch.float64 else _torch_cam(x.float(), official, grad_y.float())
-    # the same-dtype yardstick is fp32: torch in fp16 forms the Gram matrix in fp16, which the
-    # kernels never do (and which overflows for large N)
-    for i, (name, value) in enumerate((("y", y), ("dx", grad_x))):
-        helpers.assert_matches_reference(name, value, ref64[i], None if same is None else same[i].to(x.dtype),
-                                         reduction=x.shape[-1])
-    return y, attn, grad_x
+    def run(x, official, grad_y):
+        y, attn = emu.channel_attention_fwd(x, official)
+        run.attn = attn
+        return y, emu.channel_attention_bwd(grad_y, x, attn, official)
+
+    y, grad_x = helpers.check_cam_backend(run, x, official)
+    assert y.is_contiguous()
+    assert run.attn.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)
+    return y, run.attn, grad_x
 
 
 @pytest.mark.parametrize("official", [True, False], ids=["official", "paper"])
