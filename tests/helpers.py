@@ -192,9 +192,11 @@ def reference_attention_grads(q, k, v, scale, grad_out, grad_lse):
     return (out.detach(), lse.detach(), *grads)
 
 
-def check_attention_backend(run, q, k, v, scale, *, check_layout=True):
+def check_attention_backend(run, q, k, v, scale, *, check_layout=True, baseline: torch.dtype | None = None):
     """Compare ``run(q, k, v, scale, grad_out, grad_lse) -> (out, lse, dq, dk, dv)`` with the
-    fp64 reference (and PyTorch in q's dtype as the yardstick), by assert_matches_reference."""
+    fp64 reference (and PyTorch in q's dtype as the yardstick), by assert_matches_reference.
+    ``baseline``: compute the yardstick in this dtype instead, rounded to q's dtype (fp32 for fp16
+    inputs whose logits would overflow or lose all precision in fp16)."""
     g = torch.Generator().manual_seed(12345)
     b, nq, nk, e, ev = q.shape[0], q.shape[1], k.shape[1], q.shape[2], v.shape[2]
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -203,7 +205,12 @@ def check_attention_backend(run, q, k, v, scale, *, check_layout=True):
     result = run(q, k, v, scale, grad_out, grad_lse)
     ref64 = reference_attention_grads(q.double(), k.double(), v.double(), scale, grad_out.double(),
                                       grad_lse.double())
-    same = None if q.dtype == torch.float64 else reference_attention_grads(q, k, v, scale, grad_out, grad_lse)
+    same = None
+    if q.dtype != torch.float64:
+        b_dtype = baseline or q.dtype
+        same = reference_attention_grads(q.to(b_dtype), k.to(b_dtype), v.to(b_dtype), scale, grad_out.to(b_dtype),
+                                         grad_lse)
+        same = tuple(t.to(lse_dtype if i == 1 else q.dtype) for i, t in enumerate(same))
     logits = float(torch.bmm(q.double(), k.double().transpose(1, 2)).abs().amax()) * abs(scale) if q.numel() else 0.0
     for i, name in enumerate(("out", "lse", "dq", "dk", "dv")):
         if check_layout and i >= 2:

@@ -79,13 +79,22 @@ def test_attention_bad_tensor(case):
         attnseg.attention(*args)
 
 
-@pytest.mark.parametrize(
-    "scale, exc_type",
-    [(torch.tensor(1.0), TypeError), ("1.0", TypeError), (None, TypeError), (True, TypeError),
-     (1j, TypeError), (float("nan"), ValueError), (float("inf"), ValueError), (-float("inf"), ValueError)],
-    ids=["tensor", "str", "None", "bool", "complex", "nan", "inf", "-inf"],
-)
-def test_attention_bad_scale(scale, exc_type):
+BAD_SCALES = {
+    # id: (scale, exception type)
+    "tensor": (torch.tensor(1.0), TypeError),
+    "str": ("1.0", TypeError),
+    "None": (None, TypeError),
+    "bool": (True, TypeError),
+    "complex": (1j, TypeError),
+    "nan": (float("nan"), ValueError),
+    "inf": (float("inf"), ValueError),
+    "-inf": (-float("inf"), ValueError),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SCALES))
+def test_attention_bad_scale(case):
+    scale, exc_type = BAD_SCALES[case]
     with raises_naming(exc_type, "scale"):
         attnseg.attention(*qkv(), scale)
 
@@ -97,7 +106,10 @@ def test_attention_accepts_python_number_scale(scale):
     torch.testing.assert_close(out, attnseg.reference.attention(q, k, v, float(scale)))
 
 
-@pytest.mark.parametrize("backend", ["cuda", "Native", "", None, 1, "fused"])
+BAD_BACKENDS = ["cuda", "Native", "", None, 1, "fused"]
+
+
+@pytest.mark.parametrize("backend", BAD_BACKENDS)
 def test_bad_backend_name(backend):
     with raises_naming(ValueError, "backend"):
         attnseg.attention(*qkv(), backend=backend)
@@ -184,24 +196,24 @@ def test_channel_attention_bad_input(case):
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(
-    "make, names",
-    [
-        (lambda: PositionAttention(10, reduction=8), ("in_channels", "reduction")),
-        (lambda: PositionAttention(12, reduction=8), ("in_channels", "reduction")),
-        (lambda: PositionAttention(0), ("in_channels",)),
-        (lambda: PositionAttention(16.0), ("in_channels",)),
-        (lambda: PositionAttention(16, reduction=0), ("reduction",)),
-        (lambda: ChannelAttention(0), ("in_channels",)),
-        (lambda: ChannelAttention(variant="softmax"), ("variant",)),
-        (lambda: DANetHead(30, 3), ("in_channels",)),
-        (lambda: DANetHead(16, 3), ("in_channels",)),  # inter = 4, not divisible by PAM's 8
-        (lambda: DANetHead(64, 3, cam_variant="bogus"), ("variant",)),
-    ],
-    ids=["pam_10_by_8", "pam_12_by_8", "pam_zero", "pam_float", "pam_reduction_0", "cam_zero",
-         "cam_variant", "head_30", "head_16", "head_cam_variant"],
-)
-def test_module_bad_constructor_arguments(make, names):
+MODULE_BAD = {
+    # id: (constructor call, arguments the ValueError must name)
+    "pam_10_by_8": (lambda: PositionAttention(10, reduction=8), ("in_channels", "reduction")),
+    "pam_12_by_8": (lambda: PositionAttention(12, reduction=8), ("in_channels", "reduction")),
+    "pam_zero": (lambda: PositionAttention(0), ("in_channels",)),
+    "pam_float": (lambda: PositionAttention(16.0), ("in_channels",)),
+    "pam_reduction_0": (lambda: PositionAttention(16, reduction=0), ("reduction",)),
+    "cam_zero": (lambda: ChannelAttention(0), ("in_channels",)),
+    "cam_variant": (lambda: ChannelAttention(variant="softmax"), ("variant",)),
+    "head_30": (lambda: DANetHead(30, 3), ("in_channels",)),
+    "head_16": (lambda: DANetHead(16, 3), ("in_channels",)),  # inter = 4, not divisible by PAM's 8
+    "head_cam_variant": (lambda: DANetHead(64, 3, cam_variant="bogus"), ("variant",)),
+}
+
+
+@pytest.mark.parametrize("case", list(MODULE_BAD))
+def test_module_bad_constructor_arguments(case):
+    make, names = MODULE_BAD[case]
     with pytest.raises(ValueError) as info:
         make()
     for name in names:
@@ -358,3 +370,111 @@ def test_raw_op_edge_input_does_not_crash(raw_op_results, case):
         )
     else:
         assert record["shapes"] == shapes, f"{case}: returned shapes {record['shapes']}, expected {shapes}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading parameters: a gamma (or any tensor) of the wrong shape is refused, naming it
+# ---------------------------------------------------------------------------------------------
+
+
+def _official_head_state(**override):
+    head = DANetHead(64, 3)
+    state = {"head." + k: v for k, v in head.state_dict().items()}
+    state.update(override)
+    return head, state
+
+
+def _mmseg_head_state(**override):
+    from attnseg.checkpoints import _mmseg_key_map
+
+    head = DANetHead(64, 3)
+    ours = head.state_dict()
+    state, used = {}, set()
+    for theirs, mine in _mmseg_key_map().items():  # one spelling per parameter (the map knows two)
+        if mine in ours and mine not in used:
+            state["decode_head." + theirs] = ours[mine]
+            used.add(mine)
+    state.update(override)
+    return head, state
+
+
+def _load_official(**override):
+    from attnseg.checkpoints import load_official_danet_head
+
+    head, state = _official_head_state(**override)
+    return load_official_danet_head(head, state)
+
+
+def _load_mmseg(**override):
+    from attnseg.checkpoints import load_mmseg_dahead
+
+    head, state = _mmseg_head_state(**override)
+    return load_mmseg_dahead(head, state)
+
+
+# id: (call, exception type, name the message must contain)
+STATE_DICT_BAD = {
+    "pam_gamma_shape": (lambda: PositionAttention(16).load_state_dict(
+        {**PositionAttention(16).state_dict(), "gamma": torch.zeros(2)}), RuntimeError, "gamma"),
+    "cam_gamma_shape": (lambda: ChannelAttention(16).load_state_dict({"gamma": torch.zeros(1, 1)}), RuntimeError,
+                        "gamma"),
+    "pam_missing_gamma": (lambda: PositionAttention(16).load_state_dict(
+        {k: v for k, v in PositionAttention(16).state_dict().items() if k != "gamma"}), RuntimeError, "gamma"),
+    "official_head_gamma_shape": (lambda: _load_official(**{"head.sa.gamma": torch.zeros(2)}), ValueError,
+                                  "head.sa.gamma"),
+    "official_head_missing_gamma": (lambda: _load_official(**{"head.sc.gamma": None}), TypeError, "head.sc.gamma"),
+    "mmseg_head_gamma_shape": (lambda: _load_mmseg(**{"decode_head.pam.gamma.scale": torch.zeros(3)}), ValueError,
+                               "decode_head.pam.gamma.scale"),
+}
+
+
+@pytest.mark.parametrize("case", list(STATE_DICT_BAD))
+def test_state_dict_bad_parameter(case):
+    call, exc_type, name = STATE_DICT_BAD[case]
+    with raises_naming(exc_type, name):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing the op entry points (tests/fuzz_ops.py): random ranks, sizes (zero included) and
+# dtypes; every call raises a Python exception or returns the correct result, in a child
+# process so that a crash fails this test with the call that caused it.
+# ---------------------------------------------------------------------------------------------
+
+FUZZ_CALLS = 400
+
+
+@pytest.mark.requires_native
+@pytest.mark.parametrize("where", ["native", pytest.param("emulated", marks=pytest.mark.emulator)])
+def test_fuzzed_op_entry_points(where):
+    if where == "emulated":
+        import emulator
+
+        emulator.load()  # build (or reuse) the emulator here, not inside the child's time budget
+    repo_root = os.path.dirname(os.path.dirname(os.path.abspath(attnseg.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo_root, os.environ.get("PYTHONPATH")])))
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fuzz_ops.py")
+    proc = subprocess.run([sys.executable, script, where, str(FUZZ_CALLS), "0"], capture_output=True, text=True,
+                          env=env, cwd=repo_root, timeout=900)
+    lines = proc.stdout.splitlines()
+    summary = [line for line in lines if line.startswith("SUMMARY ")]
+    if proc.returncode != 0 or not summary:
+        last = next((line for line in reversed(lines) if line.startswith("START ")), "before the first call")
+        pytest.fail(f"the fuzz child died (exit {proc.returncode}) at {last}:\n{proc.stderr[-3000:]}")
+    result = json.loads(summary[0][len("SUMMARY "):])
+    assert result["calls"] == FUZZ_CALLS
+    assert not result["problems"], "\n".join(result["problems"])
+    # both kinds of call were exercised
+    assert result["raised"] > FUZZ_CALLS // 4 and result["correct"] > FUZZ_CALLS // 4, result
+
+
+@pytest.mark.requires_native
+def test_bad_input_table_is_current():
+    """docs/bad_input.md lists every case above with the message the code gives today."""
+    import bad_input_table
+
+    with open(bad_input_table.DOC, encoding="utf-8") as f:
+        committed = f.read()
+    assert committed == bad_input_table.table(), (
+        "docs/bad_input.md is out of date; regenerate it with `python tests/bad_input_table.py`"
+    )

@@ -50,14 +50,17 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 os.environ.setdefault("ATTNSEG_QUIET", "1")
 
 import attnseg  # noqa: E402
+import helpers  # noqa: E402
 import attnseg.triton.attention  # noqa: E402
 import attnseg.triton.channel_attention  # noqa: E402
 from attnseg import reference  # noqa: E402
@@ -679,6 +682,86 @@ def test_gpu_opcheck_and_compile():
 
 _CHILD_FLAG = "ATTNSEG_TRITON_INTERPRETER_CHILD"
 _child: dict = {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Reliability (issue: property-based fuzzing, extremes, determinism), through the interpreter
+# ---------------------------------------------------------------------------------------------
+
+
+def _triton_attention(q, k, v, scale, grad_out, grad_lse):
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    out, lse = attnseg.triton.attention.attention_fwd(q, k, v, scale)
+    return (out, lse, *torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse)))
+
+
+def _triton_cam(x, official, grad_y):
+    x = x.detach().requires_grad_()
+    y = attnseg.triton.channel_attention.channel_attention_fwd(x, official)[0]
+    return (y, *torch.autograd.grad(y, x, grad_y))
+
+
+if INTERPRETER:  # hypothesis draws in the subprocess only (the parent skips these tests)
+    from hypothesis import given, settings
+
+    from conftest import examples
+
+    _attention_cases, _cam_cases = helpers.hypothesis_strategies()
+
+    @settings(max_examples=examples(10))
+    @given(case=_attention_cases(max_n=70, max_width=65, max_batch=2))
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+    def test_attention_property_matches_reference(case, dtype):
+        helpers.check_attention_backend(_triton_attention, *helpers.attention_case_inputs(case, dtype), case["scale"])
+
+    @settings(max_examples=examples(10))
+    @given(case=_cam_cases(max_c=70, max_n=130))
+    @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+    def test_channel_attention_property_matches_reference(case, dtype):
+        helpers.check_cam_backend(_triton_cam, helpers.cam_case_input(case, dtype), case["official"])
+
+
+@interpreter_only
+@pytest.mark.parametrize("where", ["nan_in_q", "nan_in_k", "inf_in_q", "inf_in_v", "-inf_logits"])
+def test_attention_nonfinite_propagates_like_reference(where):
+    """NaN/inf inputs give NaN/±inf exactly where the fp64 reference does."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, n, w, generator=g) * s for n, w, s in ((37, 8, 0.3), (40, 8, 0.3), (40, 12, 1.0)))
+    if where == "nan_in_q":
+        q[0, 5, 3] = math.nan
+    elif where == "nan_in_k":
+        k[0, 7, 0] = math.nan
+    elif where == "inf_in_q":
+        q[0, 2, 1] = math.inf
+    elif where == "inf_in_v":
+        v[0, 3, 2] = math.inf
+    else:
+        k[..., 0] = k[..., 0].abs() + 0.5
+        q[0, 4, 0] = -math.inf
+    grad_out, grad_lse = torch.randn(1, 37, 12, generator=g), torch.randn(1, 37, generator=g)
+    # NaN and inf are the point here: numpy's invalid-value warnings (errors in the interpreter
+    # subprocess, see _start_interpreter_suite) are expected
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        result = _triton_attention(q, k, v, 1.0, grad_out, grad_lse)
+    ref = helpers.reference_attention_grads(q.double(), k.double(), v.double(), 1.0, grad_out.double(),
+                                            grad_lse.double())
+    for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), result, ref):
+        for kind, fa, fr in (("nan", torch.isnan(a), torch.isnan(r)), ("+inf", torch.isposinf(a), torch.isposinf(r)),
+                             ("-inf", torch.isneginf(a), torch.isneginf(r))):
+            assert torch.equal(fa, fr), f"{name}: {kind} at {int(fa.sum())} places, the reference at {int(fr.sum())}"
+
+
+@interpreter_only
+def test_repeated_runs_are_bitwise_identical():
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, n, w, generator=g) for n, w in ((45, 16), (70, 16), (70, 40)))
+    grad_out, grad_lse = torch.randn(2, 45, 40, generator=g), torch.randn(2, 45, generator=g)
+    x = torch.relu(torch.randn(1, 20, 130, generator=g))
+    first = (*_triton_attention(q, k, v, 0.3, grad_out, grad_lse), *_triton_cam(x, True, torch.ones_like(x)))
+    again = (*_triton_attention(q, k, v, 0.3, grad_out, grad_lse), *_triton_cam(x, True, torch.ones_like(x)))
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
 
 
 def _start_interpreter_suite():

@@ -100,8 +100,10 @@ def _attn_fwd(
         s = tl.where(mask_n[None, :], s, float("-inf"))
         # Online softmax: raise the row max, rescale what was accumulated under the old one.
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
+        # a row whose logits so far are all -inf keeps l = 0 (no NaN from -inf - -inf)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.exp(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + (start_n + offs_n)[:, None] * stride_vn + offs_ev[None, :] * stride_ve,
                     mask=mask_n[:, None] & mask_ev[None, :], other=0.0)
@@ -113,7 +115,9 @@ def _attn_fwd(
     tl.store(Out + offs_m[:, None] * stride_om + offs_ev[None, :] * stride_oe,
              acc.to(Out.dtype.element_ty), mask=mask_m[:, None] & mask_ev[None, :])
     # Every Ev slice computes the same lse; slice 0 writes it.
-    tl.store(Lse + offs_m * stride_lm, m_i + tl.log(l_i), mask=mask_m & (pid_ev == 0))
+    # logsumexp of a row holding +inf is +inf (as torch.logsumexp), not inf + log(NaN)
+    lse = tl.where(m_i == float("inf"), m_i, m_i + tl.log(l_i))
+    tl.store(Lse + offs_m * stride_lm, lse, mask=mask_m & (pid_ev == 0))
 
 
 def _attn_bwd_delta(
@@ -205,10 +209,11 @@ def _attn_bwd_dkdv(
             st = st * scale_hi + st * scale_lo
         else:
             st = st * scale_hi
-        # Queries past Nq get lse = +inf, hence P = 0; keys past Nk (S = 0 there, so exp(−lse),
-        # which can overflow fp16) are zeroed explicitly.
-        lse = tl.load(Lse + rows * stride_lm, mask=mask_m, other=float("inf"))
-        pt = tl.where(mask_n[:, None], tl.exp(st - lse[None, :]), 0.0)
+        # Queries past Nq and keys past Nk (S = 0 there, so exp(−lse), which can overflow fp16)
+        # are zeroed explicitly. lse = +inf: the row held a +inf logit, its softmax is NaN.
+        lse = tl.load(Lse + rows * stride_lm, mask=mask_m, other=0.0)
+        pt = tl.where(lse[None, :] == float("inf"), float("nan"), tl.exp(st - lse[None, :]))
+        pt = tl.where(mask_n[:, None] & mask_m[None, :], pt, 0.0)
         if COMPUTE_DV:
             do = tl.load(dOut + rows[:, None] * stride_dom + offs_ev[None, :] * stride_doe,
                          mask=mask_m[:, None] & mask_ev[None, :], other=0.0)
@@ -290,7 +295,8 @@ def _attn_bwd_dq(
             s = s * scale_hi + s * scale_lo
         else:
             s = s * scale_hi
-        p = tl.where(mask_n[None, :], tl.exp(s - lse[:, None]), 0.0)
+        p = tl.where(lse[:, None] == float("inf"), float("nan"), tl.exp(s - lse[:, None]))
+        p = tl.where(mask_n[None, :], p, 0.0)
         if EV_SINGLE:
             vt = tl.load(V + offs_ev[:, None] * stride_ve + cols[None, :] * stride_vn,
                          mask=(offs_ev < EV)[:, None] & mask_n[None, :], other=0.0)

@@ -149,7 +149,8 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
       const int64_t ev = o_i.size(1);
       for (int64_t r = 0; r < bm; ++r) {
         scale_row(o_ptr + r * ev, ev, scalar_t(1) / row_sum[r]);
-        lse_a[b][i0 + r] = row_max[r] + std::log(row_sum[r]);
+        // logsumexp of a row holding +inf is +inf (as torch.logsumexp), not inf + log(NaN)
+        lse_a[b][i0 + r] = std::isinf(row_max[r]) ? row_max[r] : row_max[r] + std::log(row_sum[r]);
       }
     }
   });
@@ -195,7 +196,7 @@ void attention_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& delta, c
             at::Tensor dp = dp_tile.narrow(0, 0, bm * bn).view({bm, bn});
             at::mm_out(p, q_i, k_j.t());
             scalar_t* p_ptr = p.data_ptr<scalar_t>();
-            for (int64_t r = 0; r < bm; ++r) scaled_exp_sum(p_ptr + r * bn, bn, scale, lse_a[b][i0 + r]);
+            for (int64_t r = 0; r < bm; ++r) recompute_probabilities(p_ptr + r * bn, bn, scale, lse_a[b][i0 + r]);
             dv_j.addmm_(p.t(), do_i);
             at::mm_out(dp, do_i, v_j.t());
             scalar_t* dp_ptr = dp.data_ptr<scalar_t>();

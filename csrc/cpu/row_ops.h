@@ -5,6 +5,7 @@
 // summation order is fixed for a given binary and machine, so results are repeatable.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
@@ -65,6 +66,17 @@ static double scaled_exp_sum(double* row, int64_t n, double scale, double shift)
     sum += p;
   }
   return sum;
+}
+
+// The backward's P = exp(S·scale − lse), in place. A row whose lse is +inf held a +inf logit:
+// its softmax is NaN throughout (as torch.softmax gives it), not exp(−inf − inf) = 0 off the inf.
+template <typename scalar_t>
+inline void recompute_probabilities(scalar_t* row, int64_t n, scalar_t scale, scalar_t lse) {
+  if (lse == std::numeric_limits<scalar_t>::infinity()) {
+    std::fill(row, row + n, std::numeric_limits<scalar_t>::quiet_NaN());
+  } else {
+    scaled_exp_sum(row, n, scale, lse);
+  }
 }
 
 // max_i(row[i] * scale); NaN anywhere gives NaN (as torch.softmax propagates it).

@@ -278,7 +278,9 @@ __global__ void __launch_bounds__(AttnTiles<T>::kThreads) attention_fwd_kernel(c
   store_accumulator(sm, out, i0, d0, acc_t(1), sm.stat1);
   if (blockIdx.y == 0) {
     for (int r = threadIdx.x; r < Tiles::kRows; r += Tiles::kThreads) {
-      if (i0 + r < p.nq) p.lse[b * p.nq + i0 + r] = sm.stat0[r] + log_acc(sm.stat1[r]);
+      // logsumexp of a row holding +inf is +inf (as torch.logsumexp), not inf + log(NaN)
+      const acc_t m = sm.stat0[r];
+      if (i0 + r < p.nq) p.lse[b * p.nq + i0 + r] = is_inf(m) ? m : m + log_acc(sm.stat1[r]);
     }
   }
 }
@@ -320,8 +322,15 @@ __global__ void __launch_bounds__(AttnTiles<T>::kThreads) attention_bwd_delta_ke
   if (valid && lane == 0) p.delta[row] = sum - (p.grad_lse ? p.grad_lse[row] : acc_t(0));
 }
 
+// The backward's P = exp(S·scale − lse). A row whose lse is +inf held a +inf logit: its softmax
+// is NaN throughout (as torch.softmax gives it), not exp(−inf − inf) = 0 off the inf.
+template <typename A>
+__device__ __forceinline__ A recompute_probability(A s, A scale, A lse) {
+  return lse == static_cast<A>(INFINITY) ? static_cast<A>(NAN) : exp_acc(s * scale - lse);
+}
+
 // Loads lse and delta of rows (or columns) idx0 .. idx0 + kRows into stat0 / stat1. Outside the
-// valid range lse = +inf (so P = 0) and delta = 0.
+// valid range lse = +inf and delta = 0; those rows are masked (dK/dV) or not stored (dQ).
 template <typename T>
 __device__ __forceinline__ void load_row_stats(const AttnSmem<T>& sm, const AttnBwdParams<T>& p, int64_t b,
                                                int64_t idx0) {
@@ -356,7 +365,8 @@ __global__ void __launch_bounds__(AttnTiles<T>::kThreads) attention_bwd_dq_kerne
     dot_nt(sm, sm.s2, dO, i0, V, j0);  // dP
     for (int idx = threadIdx.x; idx < Tiles::kRows * Tiles::kCols; idx += Tiles::kThreads) {
       const int r = idx / Tiles::kCols, c = idx % Tiles::kCols;
-      const acc_t prob = j0 + c < p.nk ? exp_acc(sm.s[r * Tiles::kLdS + c] * p.scale - sm.stat0[r]) : acc_t(0);
+      const acc_t prob = j0 + c < p.nk ? recompute_probability(sm.s[r * Tiles::kLdS + c], p.scale, sm.stat0[r])
+                                       : acc_t(0);
       sm.op[r * Tiles::kLdOp + c] = convert<op_t>(prob * (sm.s2[r * Tiles::kLdS + c] - sm.stat1[r]));
     }
     accumulate(sm, K, j0, e0);  // dQ += dS K
@@ -390,7 +400,8 @@ __global__ void __launch_bounds__(AttnTiles<T>::kThreads) attention_bwd_dkv_kern
     if (is_dk) dot_nt(sm, sm.s2, V, c0, dO, i0);    // dPᵀ
     for (int idx = threadIdx.x; idx < Tiles::kRows * Tiles::kCols; idx += Tiles::kThreads) {
       const int r = idx / Tiles::kCols, c = idx % Tiles::kCols;
-      const acc_t prob = exp_acc(sm.s[r * Tiles::kLdS + c] * p.scale - sm.stat0[c]);  // lse = +inf past nq
+      const acc_t prob =
+          i0 + c < p.nq ? recompute_probability(sm.s[r * Tiles::kLdS + c], p.scale, sm.stat0[c]) : acc_t(0);
       const acc_t value = is_dk ? prob * (sm.s2[r * Tiles::kLdS + c] - sm.stat1[c]) : prob;
       sm.op[r * Tiles::kLdOp + c] = convert<op_t>(value);
     }

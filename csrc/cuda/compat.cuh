@@ -70,8 +70,16 @@ __device__ __forceinline__ float exp_acc(float x) { return expf(x); }
 __device__ __forceinline__ double exp_acc(double x) { return exp(x); }
 __device__ __forceinline__ float log_acc(float x) { return logf(x); }
 __device__ __forceinline__ double log_acc(double x) { return log(x); }
-__device__ __forceinline__ float max_acc(float a, float b) { return fmaxf(a, b); }
-__device__ __forceinline__ double max_acc(double a, double b) { return fmax(a, b); }
+// NaN-propagating max (fmaxf drops NaN): a row with a NaN logit then gives NaN like the reference.
+template <typename A>
+__device__ __forceinline__ A max_acc(A a, A b) {
+  return (a != a || a > b) ? a : b;
+}
+
+template <typename A>
+__device__ __forceinline__ bool is_inf(A x) {
+  return x == static_cast<A>(INFINITY) || x == -static_cast<A>(INFINITY);
+}
 
 template <typename A>
 __device__ __forceinline__ A neg_inf() {
