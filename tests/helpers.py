@@ -245,3 +245,99 @@ def check_cam_backend(run, x, official):
         assert_matches_reference(name, result[i], ref64[i], None if same is None else same[i].to(x.dtype),
                                  reduction=x.shape[-1], expected_dtype=x.dtype)
     return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends as the check_* functions above call them
+# ---------------------------------------------------------------------------------------------
+
+
+def autograd_attention(fwd):
+    """run(q, k, v, scale, grad_out, grad_lse) for an op fwd(q, k, v, scale) -> (out, lse) with
+    autograd registered (native and Triton): (out, lse, dq, dk, dv)."""
+
+    def run(q, k, v, scale, grad_out, grad_lse):
+        q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+        out, lse = fwd(q, k, v, scale)
+        return (out, lse, *torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse)))
+
+    return run
+
+
+def autograd_cam(fwd):
+    """run(x, official, grad_y) for an op fwd(x, official) -> (y, attn) with autograd: (y, dx)."""
+
+    def run(x, official, grad_y):
+        x = x.detach().requires_grad_()
+        y = fwd(x, official)[0]
+        return (y, *torch.autograd.grad(y, x, grad_y))
+
+    return run
+
+
+def emulated_attention(emu):
+    """run(...) for the CUDA attention kernels in the SIMT emulator (forward, then backward op)."""
+
+    def run(q, k, v, scale, grad_out, grad_lse):
+        out, lse = emu.attention_fwd(q, k, v, scale)
+        return (out, lse, *emu.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, scale))
+
+    return run
+
+
+def emulated_cam(emu):
+    """run(...) for the CUDA channel-attention kernels in the SIMT emulator; run.attn keeps the
+    last attention map."""
+
+    def run(x, official, grad_y):
+        y, run.attn = emu.channel_attention_fwd(x, official)
+        return y, emu.channel_attention_bwd(grad_y, x, run.attn, official)
+
+    return run
+
+
+NONFINITE_CASES = ("nan_in_q", "nan_in_k", "nan_in_v", "inf_in_q", "inf_in_v", "-inf_logits")
+
+
+def nonfinite_attention_inputs(where: str, dtype: torch.dtype, b=1, nq=37, nk=40, e=8, ev=12):
+    """q, k, v (std 0.3, so no P underflows: an fp16 P = 0 would turn inf · P into NaN where
+    the fp64 reference has inf) with one NaN/inf placed as ``where`` says; "-inf_logits" makes
+    every logit of query row 4 -inf."""
+    g = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(b, n, e, generator=g, dtype=torch.float64) * 0.3 for n in (nq, nk))
+    v = torch.randn(b, nk, ev, generator=g, dtype=torch.float64)
+    if where == "nan_in_q":
+        q[0, 5, 3] = math.nan
+    elif where == "nan_in_k":
+        k[0, 7, 0] = math.nan
+    elif where == "nan_in_v":
+        v[0, 9, 4] = math.nan
+    elif where == "inf_in_q":
+        q[0, 2, 1] = math.inf
+    elif where == "inf_in_v":
+        v[0, 3, 2] = math.inf
+    elif where == "-inf_logits":  # every key has k[:, 0] > 0 and q[row, 0] = -inf
+        k[..., 0] = k[..., 0].abs() + 0.5
+        q[0, 4, 0] = -math.inf
+    else:
+        raise ValueError(where)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
+def assert_nonfinite_like_reference(run, q, k, v, finite_rtol: float):
+    """``run``'s outputs and gradients are NaN / +inf / -inf exactly where the fp64 reference's
+    are, and the finite ones agree to ``finite_rtol`` (relative to their magnitude)."""
+    g = torch.Generator().manual_seed(1)
+    grad_out = torch.randn(q.shape[0], q.shape[1], v.shape[2], generator=g).to(q.dtype)
+    grad_lse = torch.randn(q.shape[0], q.shape[1], generator=g)
+    result = run(q, k, v, 1.0, grad_out, grad_lse)
+    ref = reference_attention_grads(q.double(), k.double(), v.double(), 1.0, grad_out.double(), grad_lse.double())
+    for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), result, ref):
+        for kind, test in (("nan", torch.isnan), ("+inf", torch.isposinf), ("-inf", torch.isneginf)):
+            fa, fr = test(a), test(r)
+            assert torch.equal(fa, fr), f"{name}: {kind} at {int(fa.sum())} places, the reference at {int(fr.sum())}"
+        finite = torch.isfinite(r)
+        if finite.any():
+            err = (a.detach().double()[finite] - r[finite]).abs().max().item()
+            bound = finite_rtol * max(1.0, r[finite].abs().max().item())
+            assert err <= bound, f"{name}: finite part off by {err:.3g} > {bound:.3g}"

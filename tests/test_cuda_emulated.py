@@ -49,24 +49,16 @@ def _attention_inputs(b, nq, nk, e, ev, dtype, channel_first=False, seed=0):
     return make(nq, e), make(nk, e), make(nk, ev)
 
 
-def _emulated_run(emu):
-    def run(q, k, v, scale, grad_out, grad_lse):
-        out, lse = emu.attention_fwd(q, k, v, scale)
-        return (out, lse, *emu.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, scale))
-
-    return run
-
-
 def _emulated_attention(emu, q, k, v, scale):
     g = torch.Generator().manual_seed(1)
     lse_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     grad_out = torch.randn(q.shape[0], q.shape[1], v.shape[2], generator=g).to(q.dtype)
     grad_lse = torch.randn(q.shape[0], q.shape[1], generator=g).to(lse_dtype)
-    return _emulated_run(emu)(q, k, v, scale, grad_out, grad_lse)
+    return helpers.emulated_attention(emu)(q, k, v, scale, grad_out, grad_lse)
 
 
 def _check_attention(emu, q, k, v, scale):
-    result = helpers.check_attention_backend(_emulated_run(emu), q, k, v, scale)
+    result = helpers.check_attention_backend(helpers.emulated_attention(emu), q, k, v, scale)
     assert result[0].is_contiguous()
     for grad, t in zip(result[2:], (q, k, v)):  # gradients come back in the layout of their input
         assert grad.stride() == t.stride()
@@ -164,11 +156,7 @@ def _cam_input(b, c, n, dtype, scale=0.3, seed=3):
 
 
 def _check_cam(emu, x, official):
-    def run(x, official, grad_y):
-        y, attn = emu.channel_attention_fwd(x, official)
-        run.attn = attn
-        return y, emu.channel_attention_bwd(grad_y, x, attn, official)
-
+    run = helpers.emulated_cam(emu)
     y, grad_x = helpers.check_cam_backend(run, x, official)
     assert y.is_contiguous()
     assert run.attn.dtype == (torch.float64 if x.dtype == torch.float64 else torch.float32)

@@ -27,17 +27,8 @@ from conftest import examples
 attention_cases, cam_cases = helpers.hypothesis_strategies()
 
 
-def _native_attention(q, k, v, scale, grad_out, grad_lse):
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out, lse = torch.ops.attnseg.attention_fwd(q, k, v, scale)
-    return (out, lse, *torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse)))
-
-
-def _native_cam(x, official, grad_y):
-    x = x.detach().requires_grad_()
-    y, _ = torch.ops.attnseg.channel_attention_fwd(x, official)
-    (grad_x,) = torch.autograd.grad(y, x, grad_y)
-    return y, grad_x
+_native_attention = helpers.autograd_attention(lambda *a: torch.ops.attnseg.attention_fwd(*a))
+_native_cam = helpers.autograd_cam(lambda *a: torch.ops.attnseg.channel_attention_fwd(*a))
 
 
 @pytest.mark.requires_native
@@ -68,11 +59,7 @@ def emu():
 @given(case=attention_cases(max_n=97, max_width=65, max_batch=2))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_emulated_cuda_attention_matches_reference(emu, case, dtype):
-    def run(q, k, v, scale, grad_out, grad_lse):
-        out, lse = emu.attention_fwd(q, k, v, scale)
-        return (out, lse, *emu.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, scale))
-
-    helpers.check_attention_backend(run, *helpers.attention_case_inputs(case, dtype), case["scale"])
+    helpers.check_attention_backend(helpers.emulated_attention(emu), *helpers.attention_case_inputs(case, dtype), case["scale"])
 
 
 @pytest.mark.emulator
@@ -80,8 +67,4 @@ def test_emulated_cuda_attention_matches_reference(emu, case, dtype):
 @given(case=cam_cases(max_c=70, max_n=129))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 def test_emulated_cuda_channel_attention_matches_reference(emu, case, dtype):
-    def run(x, official, grad_y):
-        y, attn = emu.channel_attention_fwd(x, official)
-        return y, emu.channel_attention_bwd(grad_y, x, attn, official)
-
-    helpers.check_cam_backend(run, helpers.cam_case_input(case, dtype), case["official"])
+    helpers.check_cam_backend(helpers.emulated_cam(emu), helpers.cam_case_input(case, dtype), case["official"])

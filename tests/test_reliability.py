@@ -28,28 +28,16 @@ from attnseg import reference
 # ---------------------------------------------------------------------------------------------
 
 
-def native_attention(q, k, v, scale, grad_out, grad_lse):
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out, lse = torch.ops.attnseg.attention_fwd(q, k, v, scale)
-    return (out, lse, *torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse)))
+native_attention = helpers.autograd_attention(lambda *a: torch.ops.attnseg.attention_fwd(*a))
+native_cam = helpers.autograd_cam(lambda *a: torch.ops.attnseg.channel_attention_fwd(*a))
 
 
-def native_cam(x, official, grad_y):
-    x = x.detach().requires_grad_()
-    y, _ = torch.ops.attnseg.channel_attention_fwd(x, official)
-    return (y, *torch.autograd.grad(y, x, grad_y))
+def emulated_attention(*args):
+    return helpers.emulated_attention(emulator.load())(*args)
 
 
-def emulated_attention(q, k, v, scale, grad_out, grad_lse):
-    emu = emulator.load()
-    out, lse = emu.attention_fwd(q, k, v, scale)
-    return (out, lse, *emu.attention_bwd(grad_out, grad_lse, q, k, v, out, lse, scale))
-
-
-def emulated_cam(x, official, grad_y):
-    emu = emulator.load()
-    y, attn = emu.channel_attention_fwd(x, official)
-    return y, emu.channel_attention_bwd(grad_y, x, attn, official)
+def emulated_cam(*args):
+    return helpers.emulated_cam(emulator.load())(*args)
 
 
 ATTENTION = [
@@ -117,45 +105,13 @@ def test_attention_denormal_inputs(run, dtype):
     assert torch.isfinite(out).all()
 
 
-def _nonfinite_pattern(t):
-    return torch.isnan(t), torch.isposinf(t), torch.isneginf(t)
-
-
 @pytest.mark.parametrize("run, dtype", ATTENTION)
-@pytest.mark.parametrize("where", ["nan_in_q", "nan_in_k", "nan_in_v", "inf_in_q", "inf_in_v", "-inf_logits"])
+@pytest.mark.parametrize("where", helpers.NONFINITE_CASES)
 def test_attention_nonfinite_propagates_like_reference(run, dtype, where):
     """NaN/inf in an input: the same outputs and gradients are NaN/±inf as in the reference (the
     official code on the same inputs), and the finite ones agree; never a crash or a hang."""
-    # std 0.3: |S| < ~3, so no P underflows (fp16 P = 0 would turn inf · P into NaN where the
-    # fp64 reference has inf)
-    q, k, v = (t.clone() for t in _qkv(1, 37, 40, 8, 12, dtype, std=0.3))
-    if where == "nan_in_q":
-        q[0, 5, 3] = math.nan
-    elif where == "nan_in_k":
-        k[0, 7, 0] = math.nan
-    elif where == "nan_in_v":
-        v[0, 9, 4] = math.nan
-    elif where == "inf_in_q":
-        q[0, 2, 1] = math.inf
-    elif where == "inf_in_v":
-        v[0, 3, 2] = math.inf
-    else:  # a row whose logits are all -inf (every key has k[:, 0] > 0 and q[row, 0] = -inf)
-        k[..., 0] = k[..., 0].abs() + 0.5
-        q[0, 4, 0] = -math.inf
-    g = torch.Generator().manual_seed(1)
-    grad_out = torch.randn(1, 37, 12, generator=g).to(dtype)
-    grad_lse = torch.randn(1, 37, generator=g)
-    result = run(q, k, v, 1.0, grad_out, grad_lse)
-    ref = helpers.reference_attention_grads(q.double(), k.double(), v.double(), 1.0, grad_out.double(),
-                                            grad_lse.double())
-    for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), result, ref):
-        for kind, pa, pr in zip(("nan", "+inf", "-inf"), _nonfinite_pattern(a), _nonfinite_pattern(r)):
-            assert torch.equal(pa, pr), f"{name}: {kind} at {int(pa.sum())} places, the reference at {int(pr.sum())}"
-        finite = torch.isfinite(r)
-        if finite.any():
-            tol = 5e-3 if dtype == torch.float16 else 1e-4
-            err = (a.double()[finite] - r[finite]).abs().max().item()
-            assert err <= tol * max(1.0, r[finite].abs().max().item()), f"{name}: finite part off by {err:.3g}"
+    q, k, v = helpers.nonfinite_attention_inputs(where, dtype)
+    helpers.assert_nonfinite_like_reference(run, q, k, v, finite_rtol=5e-3 if dtype == torch.float16 else 1e-4)
 
 
 @pytest.mark.parametrize("run, dtype", CAM)

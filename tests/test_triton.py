@@ -689,16 +689,8 @@ _child: dict = {}
 # ---------------------------------------------------------------------------------------------
 
 
-def _triton_attention(q, k, v, scale, grad_out, grad_lse):
-    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
-    out, lse = attnseg.triton.attention.attention_fwd(q, k, v, scale)
-    return (out, lse, *torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse)))
-
-
-def _triton_cam(x, official, grad_y):
-    x = x.detach().requires_grad_()
-    y = attnseg.triton.channel_attention.channel_attention_fwd(x, official)[0]
-    return (y, *torch.autograd.grad(y, x, grad_y))
+_triton_attention = helpers.autograd_attention(lambda *a: attnseg.triton.attention.attention_fwd(*a))
+_triton_cam = helpers.autograd_cam(lambda *a: attnseg.triton.channel_attention.channel_attention_fwd(*a))
 
 
 if INTERPRETER:  # hypothesis draws in the subprocess only (the parent skips these tests)
@@ -722,34 +714,15 @@ if INTERPRETER:  # hypothesis draws in the subprocess only (the parent skips the
 
 
 @interpreter_only
-@pytest.mark.parametrize("where", ["nan_in_q", "nan_in_k", "inf_in_q", "inf_in_v", "-inf_logits"])
+@pytest.mark.parametrize("where", helpers.NONFINITE_CASES)
 def test_attention_nonfinite_propagates_like_reference(where):
     """NaN/inf inputs give NaN/±inf exactly where the fp64 reference does."""
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(1, n, w, generator=g) * s for n, w, s in ((37, 8, 0.3), (40, 8, 0.3), (40, 12, 1.0)))
-    if where == "nan_in_q":
-        q[0, 5, 3] = math.nan
-    elif where == "nan_in_k":
-        k[0, 7, 0] = math.nan
-    elif where == "inf_in_q":
-        q[0, 2, 1] = math.inf
-    elif where == "inf_in_v":
-        v[0, 3, 2] = math.inf
-    else:
-        k[..., 0] = k[..., 0].abs() + 0.5
-        q[0, 4, 0] = -math.inf
-    grad_out, grad_lse = torch.randn(1, 37, 12, generator=g), torch.randn(1, 37, generator=g)
+    q, k, v = helpers.nonfinite_attention_inputs(where, torch.float32)
     # NaN and inf are the point here: numpy's invalid-value warnings (errors in the interpreter
     # subprocess, see _start_interpreter_suite) are expected
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
-        result = _triton_attention(q, k, v, 1.0, grad_out, grad_lse)
-    ref = helpers.reference_attention_grads(q.double(), k.double(), v.double(), 1.0, grad_out.double(),
-                                            grad_lse.double())
-    for name, a, r in zip(("out", "lse", "dq", "dk", "dv"), result, ref):
-        for kind, fa, fr in (("nan", torch.isnan(a), torch.isnan(r)), ("+inf", torch.isposinf(a), torch.isposinf(r)),
-                             ("-inf", torch.isneginf(a), torch.isneginf(r))):
-            assert torch.equal(fa, fr), f"{name}: {kind} at {int(fa.sum())} places, the reference at {int(fr.sum())}"
+        helpers.assert_nonfinite_like_reference(_triton_attention, q, k, v, finite_rtol=1e-4)
 
 
 @interpreter_only

@@ -215,14 +215,25 @@ __device__ __forceinline__ void store_accumulator(const AttnSmem<T>& sm, const M
 
 // ---- forward ----------------------------------------------------------------------------------
 
+// q: batch x nq x e, k: batch x nk x e, v: batch x nk x ev, with their strides.
 template <typename T>
-struct AttnFwdParams {
-  using acc_t = typename Num<T>::acc;
+struct AttnInputs {
   const T *q, *k, *v;
+  int64_t nq, nk, e, ev;
+  int64_t q_sb, q_sn, q_se, k_sb, k_sn, k_se, v_sb, v_sn, v_se;
+
+  // batch b of each input as a strided matrix
+  __device__ Mat<const T> Q(int64_t b) const { return {q + b * q_sb, nq, e, q_sn, q_se}; }
+  __device__ Mat<const T> K(int64_t b) const { return {k + b * k_sb, nk, e, k_sn, k_se}; }
+  __device__ Mat<const T> V(int64_t b) const { return {v + b * v_sb, nk, ev, v_sn, v_se}; }
+};
+
+template <typename T>
+struct AttnFwdParams : AttnInputs<T> {
+  using acc_t = typename Num<T>::acc;
   T* out;
   acc_t* lse;  // batch x nq, contiguous
-  int64_t nq, nk, e, ev;
-  int64_t q_sb, q_sn, q_se, k_sb, k_sn, k_se, v_sb, v_sn, v_se, o_sb, o_sn, o_se;
+  int64_t o_sb, o_sn, o_se;
   int64_t q_blocks;  // ceil(nq / kRows)
   acc_t scale;
 };
@@ -239,9 +250,7 @@ __global__ void __launch_bounds__(AttnTiles<T>::kThreads) attention_fwd_kernel(c
   const int64_t i0 = (blockIdx.x % p.q_blocks) * Tiles::kRows;
   const int64_t d0 = int64_t(blockIdx.y) * Tiles::kChunk;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const Mat<const T> Q{p.q + b * p.q_sb, p.nq, p.e, p.q_sn, p.q_se};
-  const Mat<const T> K{p.k + b * p.k_sb, p.nk, p.e, p.k_sn, p.k_se};
-  const Mat<const T> V{p.v + b * p.v_sb, p.nk, p.ev, p.v_sn, p.v_se};
+  const Mat<const T> Q = p.Q(b), K = p.K(b), V = p.V(b);
 
   zero_accumulator(sm);
   for (int r = threadIdx.x; r < Tiles::kRows; r += Tiles::kThreads) {
@@ -288,18 +297,22 @@ __global__ void __launch_bounds__(AttnTiles<T>::kThreads) attention_fwd_kernel(c
 // ---- backward ---------------------------------------------------------------------------------
 
 template <typename T>
-struct AttnBwdParams {
+struct AttnBwdParams : AttnInputs<T> {
   using acc_t = typename Num<T>::acc;
-  const T *q, *k, *v, *out, *grad_out;
+  const T *out, *grad_out;
   const acc_t* lse;       // batch x nq, contiguous
   const acc_t* grad_lse;  // batch x nq, contiguous, or null
   acc_t* delta;           // batch x nq, contiguous: rowsum(dO ∘ O) − dlse
   T *dq, *dk, *dv;
-  int64_t batch, nq, nk, e, ev;
-  int64_t q_sb, q_sn, q_se, k_sb, k_sn, k_se, v_sb, v_sn, v_se, o_sb, o_sn, o_se, do_sb, do_sn, do_se;
+  int64_t batch;
+  int64_t o_sb, o_sn, o_se, do_sb, do_sn, do_se;
   int64_t dq_sb, dq_sn, dq_se, dk_sb, dk_sn, dk_se, dv_sb, dv_sn, dv_se;
   int64_t q_blocks, k_blocks, e_chunks;
   acc_t scale;
+
+  __device__ Mat<const T> dO(int64_t b) const {
+    return {grad_out + b * do_sb, this->nq, this->ev, do_sn, do_se};
+  }
 };
 
 // delta = rowsum(dO ∘ O) − dlse: a warp per row. grid: ceil(batch * nq / kWarps).
@@ -353,10 +366,7 @@ __global__ void __launch_bounds__(AttnTiles<T>::kThreads) attention_bwd_dq_kerne
   const int64_t b = blockIdx.x / p.q_blocks;
   const int64_t i0 = (blockIdx.x % p.q_blocks) * Tiles::kRows;
   const int64_t e0 = int64_t(blockIdx.y) * Tiles::kChunk;
-  const Mat<const T> Q{p.q + b * p.q_sb, p.nq, p.e, p.q_sn, p.q_se};
-  const Mat<const T> K{p.k + b * p.k_sb, p.nk, p.e, p.k_sn, p.k_se};
-  const Mat<const T> V{p.v + b * p.v_sb, p.nk, p.ev, p.v_sn, p.v_se};
-  const Mat<const T> dO{p.grad_out + b * p.do_sb, p.nq, p.ev, p.do_sn, p.do_se};
+  const Mat<const T> Q = p.Q(b), K = p.K(b), V = p.V(b), dO = p.dO(b);
 
   zero_accumulator(sm);
   load_row_stats(sm, p, b, i0);
@@ -388,10 +398,7 @@ __global__ void __launch_bounds__(AttnTiles<T>::kThreads) attention_bwd_dkv_kern
   const int64_t c0 = (blockIdx.x % p.k_blocks) * Tiles::kRows;
   const bool is_dk = blockIdx.y < p.e_chunks;
   const int64_t col0 = (is_dk ? int64_t(blockIdx.y) : int64_t(blockIdx.y) - p.e_chunks) * Tiles::kChunk;
-  const Mat<const T> Q{p.q + b * p.q_sb, p.nq, p.e, p.q_sn, p.q_se};
-  const Mat<const T> K{p.k + b * p.k_sb, p.nk, p.e, p.k_sn, p.k_se};
-  const Mat<const T> V{p.v + b * p.v_sb, p.nk, p.ev, p.v_sn, p.v_se};
-  const Mat<const T> dO{p.grad_out + b * p.do_sb, p.nq, p.ev, p.do_sn, p.do_se};
+  const Mat<const T> Q = p.Q(b), K = p.K(b), V = p.V(b), dO = p.dO(b);
 
   zero_accumulator(sm);
   for (int64_t i0 = 0; i0 < p.nq; i0 += Tiles::kCols) {

@@ -47,7 +47,23 @@ inline unsigned grid_dim_checked(int64_t blocks, int64_t limit, const char* op, 
 }
 constexpr int64_t kGridX = std::numeric_limits<int32_t>::max(), kGridYZ = 65535;
 
+// The three strides of a [B, N, W] tensor into the kernels' params.
+inline void strides3(const at::Tensor& t, int64_t& sb, int64_t& sn, int64_t& sw) {
+  sb = t.stride(0), sn = t.stride(1), sw = t.stride(2);
+}
+
 // ---- attention ---------------------------------------------------------------------------------
+
+template <typename scalar_t, typename T>
+void set_inputs(AttnInputs<T>& p, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  p.q = kptr<scalar_t>(q);
+  p.k = kptr<scalar_t>(k);
+  p.v = kptr<scalar_t>(v);
+  p.nq = q.size(1), p.nk = k.size(1), p.e = q.size(2), p.ev = v.size(2);
+  strides3(q, p.q_sb, p.q_sn, p.q_se);
+  strides3(k, p.k_sb, p.k_sn, p.k_se);
+  strides3(v, p.v_sb, p.v_sn, p.v_se);
+}
 
 template <class Launch>
 std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(Launch& launch, const at::Tensor& q, const at::Tensor& k,
@@ -55,7 +71,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(Launch& launch, const at::
   const char* op = "attnseg::attention_fwd";
   check_attention_inputs(q, k, v, op);
   launch.check_device(q, op, "q");
-  const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1), e = q.size(2), ev = v.size(2);
+  const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1), ev = v.size(2);
   at::Tensor out = at::empty({batch, nq, ev}, q.options());
   at::Tensor lse = at::empty({batch, nq}, q.options().dtype(stats_dtype(q.scalar_type())));
   if (nk == 0) {  // softmax over no keys: the reference gives zeros and lse = -inf
@@ -69,16 +85,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(Launch& launch, const at::
     using Tiles = AttnTiles<T>;
     using acc_t = typename Tiles::acc_t;
     AttnFwdParams<T> p{};
-    p.q = kptr<scalar_t>(q);
-    p.k = kptr<scalar_t>(k);
-    p.v = kptr<scalar_t>(v);
+    set_inputs<scalar_t>(p, q, k, v);
     p.out = kptr<scalar_t>(out);
     p.lse = lse.data_ptr<acc_t>();
-    p.nq = nq, p.nk = nk, p.e = e, p.ev = ev;
-    p.q_sb = q.stride(0), p.q_sn = q.stride(1), p.q_se = q.stride(2);
-    p.k_sb = k.stride(0), p.k_sn = k.stride(1), p.k_se = k.stride(2);
-    p.v_sb = v.stride(0), p.v_sn = v.stride(1), p.v_se = v.stride(2);
-    p.o_sb = out.stride(0), p.o_sn = out.stride(1), p.o_se = out.stride(2);
+    strides3(out, p.o_sb, p.o_sn, p.o_se);
     p.q_blocks = ceil_div(nq, Tiles::kRows);
     p.scale = static_cast<acc_t>(scale);
     // Ev = 0 still launches one slice: its blocks write lse.
@@ -114,9 +124,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch
     using Tiles = AttnTiles<T>;
     using acc_t = typename Tiles::acc_t;
     AttnBwdParams<T> p{};
-    p.q = kptr<scalar_t>(q);
-    p.k = kptr<scalar_t>(k);
-    p.v = kptr<scalar_t>(v);
+    set_inputs<scalar_t>(p, q, k, v);
     p.out = kptr<scalar_t>(out_c);
     p.grad_out = kptr<scalar_t>(grad_out_c);
     p.lse = lse_c.data_ptr<acc_t>();
@@ -125,15 +133,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch
     p.dq = kptr<scalar_t>(dq);
     p.dk = kptr<scalar_t>(dk);
     p.dv = kptr<scalar_t>(dv);
-    p.batch = batch, p.nq = nq, p.nk = nk, p.e = e, p.ev = ev;
-    p.q_sb = q.stride(0), p.q_sn = q.stride(1), p.q_se = q.stride(2);
-    p.k_sb = k.stride(0), p.k_sn = k.stride(1), p.k_se = k.stride(2);
-    p.v_sb = v.stride(0), p.v_sn = v.stride(1), p.v_se = v.stride(2);
-    p.o_sb = out_c.stride(0), p.o_sn = out_c.stride(1), p.o_se = out_c.stride(2);
-    p.do_sb = grad_out_c.stride(0), p.do_sn = grad_out_c.stride(1), p.do_se = grad_out_c.stride(2);
-    p.dq_sb = dq.stride(0), p.dq_sn = dq.stride(1), p.dq_se = dq.stride(2);
-    p.dk_sb = dk.stride(0), p.dk_sn = dk.stride(1), p.dk_se = dk.stride(2);
-    p.dv_sb = dv.stride(0), p.dv_sn = dv.stride(1), p.dv_se = dv.stride(2);
+    p.batch = batch;
+    strides3(out_c, p.o_sb, p.o_sn, p.o_se);
+    strides3(grad_out_c, p.do_sb, p.do_sn, p.do_se);
+    strides3(dq, p.dq_sb, p.dq_sn, p.dq_se);
+    strides3(dk, p.dk_sb, p.dk_sn, p.dk_se);
+    strides3(dv, p.dv_sb, p.dv_sn, p.dv_se);
     p.q_blocks = ceil_div(nq, Tiles::kRows);
     p.k_blocks = ceil_div(nk, Tiles::kRows);
     p.e_chunks = ceil_div(e, Tiles::kChunk);
