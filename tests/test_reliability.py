@@ -19,6 +19,7 @@ import threading
 import pytest
 import torch
 
+import attnseg
 import emulator
 import helpers
 from attnseg import reference
@@ -201,9 +202,11 @@ def test_no_leak_over_thousands_of_calls():
     process: resident memory after 3,000 calls is within 4 MiB of that after 500 (warm-up:
     allocator caches, thread pools). A leak of one 12x13x32 fp32 tensor per call (20 KiB) would
     add 50 MiB."""
-    env = dict(os.environ, ATTNSEG_QUIET="1")
+    # the attnseg this process imported (installed or in place), not a source tree in the cwd
+    root = os.path.dirname(os.path.dirname(os.path.abspath(attnseg.__file__)))
+    env = dict(os.environ, ATTNSEG_QUIET="1", PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
     out = subprocess.run([sys.executable, "-c", LEAK_SCRIPT, "3000"], capture_output=True, text=True, env=env,
-                         timeout=600)
+                         cwd=root, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     samples = {int(k): v for k, v in __import__("json").loads(out.stdout.strip().splitlines()[-1]).items()}
     growth = samples[3000] - samples[500]
