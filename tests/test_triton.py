@@ -726,6 +726,24 @@ def test_attention_nonfinite_propagates_like_reference(where):
 
 
 @interpreter_only
+@pytest.mark.parametrize("case", ["all_equal_logits", "tile_33x1", "tile_1x33", "tile_65x31", "subnormal"])
+def test_attention_extremes(case):
+    """As tests/test_reliability.py does for the CPU and CUDA kernels: all-equal logits (uniform
+    attention), tiles that are all padding but one row or key, subnormal fp32 inputs."""
+    nq, nk = {"tile_33x1": (33, 1), "tile_1x33": (1, 33), "tile_65x31": (65, 31)}.get(case, (33, 65))
+    g = torch.Generator().manual_seed(7)
+    q, k, v = (torch.randn(2, n, w, generator=g) for n, w in ((nq, 16), (nk, 16), (nk, 24)))
+    if case == "all_equal_logits":
+        q = torch.zeros_like(q)
+    elif case == "subnormal":
+        q, k, v = (t * 1e-40 for t in (q, k, v))
+        assert (v.abs() < torch.finfo(torch.float32).tiny).any()
+    result = helpers.check_attention_backend(_triton_attention, q, k, v, 1.0)
+    if case == "all_equal_logits":
+        torch.testing.assert_close(result[1], torch.full((2, nq), math.log(nk)), rtol=0, atol=1e-6)
+
+
+@interpreter_only
 def test_repeated_runs_are_bitwise_identical():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, n, w, generator=g) for n, w in ((45, 16), (70, 16), (70, 40)))
