@@ -51,22 +51,28 @@ def position_attention(x, query, key, value, gamma):
     return gamma * out + x
 
 
+def channel_attention_product(x, variant: str = "official"):
+    """A X of CAM, without gamma and residual, for x: [B, C, N] (the official code's steps).
+
+    official: A = softmax(rowmax(E) − E); paper: A = softmax(E); E = X Xᵀ over the N pixels.
+    """
+    if variant not in ("official", "paper"):
+        raise ValueError(f"variant must be 'official' or 'paper', got {variant!r}")
+    proj_query = x
+    proj_key = x.permute(0, 2, 1)
+    energy = torch.bmm(proj_query, proj_key)
+    if variant == "official":
+        energy = torch.max(energy, -1, keepdim=True)[0].expand_as(energy) - energy
+    attention_map = torch.softmax(energy, dim=-1)
+    return torch.bmm(attention_map, x)
+
+
 def channel_attention(x, gamma, variant: str = "official"):
     """CAM as the official ``CAM_Module.forward`` ("official") or as the paper writes it ("paper").
 
     official: A = softmax(rowmax(E) − E); paper: A = softmax(E); E = X Xᵀ over the N = H·W pixels.
     x: [B, C, H, W]; gamma: [1]. Returns gamma · (A X) + x.
     """
-    if variant not in ("official", "paper"):
-        raise ValueError(f"variant must be 'official' or 'paper', got {variant!r}")
     b, c, h, w = x.shape
-    proj_query = x.reshape(b, c, -1)
-    proj_key = x.reshape(b, c, -1).permute(0, 2, 1)
-    energy = torch.bmm(proj_query, proj_key)
-    if variant == "official":
-        energy = torch.max(energy, -1, keepdim=True)[0].expand_as(energy) - energy
-    attention_map = torch.softmax(energy, dim=-1)
-    proj_value = x.reshape(b, c, -1)
-    out = torch.bmm(attention_map, proj_value)
-    out = out.view(b, c, h, w)
+    out = channel_attention_product(x.reshape(b, c, -1), variant).view(b, c, h, w)
     return gamma * out + x

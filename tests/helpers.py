@@ -248,12 +248,11 @@ def _delta_cancellation_atol(q, k, v, scale, grad_out) -> dict:
 
 
 def reference_cam_grads(x, official, grad_y):
-    """(y, dx) of y = softmax(∓X Xᵀ) X, the official code's energy (rowmax(E) − E) when official."""
+    """(y, dx) of y = A X by attnseg.reference (the official code's steps; official or paper)."""
+    from attnseg import reference
+
     x = x.detach().clone().requires_grad_()
-    energy = torch.bmm(x, x.transpose(1, 2))
-    if official:
-        energy = energy.amax(-1, keepdim=True).expand_as(energy) - energy
-    y = torch.bmm(torch.softmax(energy, -1), x)
+    y = reference.channel_attention_product(x, "official" if official else "paper")
     (grad_x,) = torch.autograd.grad(y, x, grad_y.to(y.dtype))
     return y.detach(), grad_x
 

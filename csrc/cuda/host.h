@@ -267,8 +267,10 @@ at::Tensor channel_attention_bwd_impl(Launch& launch, const at::Tensor& grad_y, 
     launch(cam_symmetrize_kernel<Acc>,
            dim3(grid_dim_checked(ceil_div(batch * c * c, kRowThreads), kGridX, op, "B x C x C")), dim3(kRowThreads), 0,
            static_cast<const Acc*>(grad_energy.data_ptr<Acc>()), sym.data_ptr<Acc>(), batch, c);
-    // dX = Aᵀ dY (into an fp32 workspace) + S X (with that workspace as bias, into dX's type).
-    at::Tensor partial_x = at::empty({batch, c, n}, acc_options);
+    // dX = Aᵀ dY (in the accumulation type) + S X (with Aᵀ dY as bias, into dX's type). For fp32 and
+    // fp64, dX itself holds Aᵀ dY: each output is read as bias and written by the same thread.
+    // fp16/bf16 need a B x C x N fp32 workspace instead.
+    at::Tensor partial_x = std::is_same_v<T, Acc> ? grad_x : at::empty({batch, c, n}, acc_options);
     const auto first = gemm_params<Acc, T, Acc, Acc>(a.data_ptr<Acc>(), {c * c, 1, c}, gyp, gy.strides(),
                                                      partial_x.data_ptr<Acc>(), partial_x.strides(), c, n, c);
     launch_gemm(launch, first, batch, op);
