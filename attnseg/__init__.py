@@ -1,7 +1,7 @@
 """attnseg: fused position and channel attention (DANet) for PyTorch."""
 
 from . import reference
-from ._ops import native_available, native_unavailable_reason
+from ._ops import DoubleBackwardError, native_available, native_unavailable_reason
 from .checkpoints import load_mmseg_dahead, load_official_danet_head
 from .context import NonLocal2d, ObjectContextAttention
 from .functional import (
@@ -21,6 +21,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "ChannelAttention",
+    "DoubleBackwardError",
     "DANetHead",
     "NonLocal2d",
     "ObjectContextAttention",

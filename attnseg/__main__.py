@@ -2,7 +2,8 @@
 
 Shows the attnseg version and install path, torch (and the CUDA it was built with), Python,
 CPU threads, whether the native extension loaded (and why not), each backend's availability
-per device, the compiled CUDA architectures and the triton version if it can be imported.
+per device, the GPU architectures compiled into attnseg's CUDA kernels (SASS and PTX,
+read from the library) beside torch's, and the triton version if it can be imported.
 """
 
 from __future__ import annotations
@@ -46,10 +47,16 @@ def main() -> int:
     cuda_ok = torch.cuda.is_available()
     _line("CUDA available", f"yes ({torch.cuda.device_count()} device(s): {torch.cuda.get_device_name(0)})"
           if cuda_ok else "no")
-    _line("torch CUDA arch list", ", ".join(torch.cuda.get_arch_list()) or "none")
     from attnseg import _ops  # noqa: PLC0415
 
-    _line("attnseg CUDA kernels", "built in" if _ops.native_cuda_built() else "not built (CPU kernels only)")
+    archs = _ops.native_cuda_architectures()
+    if archs is None:
+        _line("attnseg CUDA kernels", "not built (CPU kernels only)")
+    else:
+        _line("attnseg CUDA kernels", "built in")
+        _line("attnseg CUDA SASS", ", ".join(archs["sass"]) or "none")
+        _line("attnseg CUDA PTX", ", ".join(archs["ptx"]) or "none (no JIT for newer GPUs)")
+    _line("torch CUDA arch list", ", ".join(torch.cuda.get_arch_list()) or "none")
     _line("triton", _triton_version())
 
     devices = ["cpu"] + (["cuda"] if cuda_ok else [])

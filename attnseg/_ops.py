@@ -14,21 +14,64 @@ Triton backend registers its ops through the same two functions.
 
 from __future__ import annotations
 
+import glob
 import os
+import struct
+import sys
 import warnings
 
 import torch
 
 _native_error: str | None = None
+
+
+def _running_as_cli() -> bool:
+    """True while ``python -m attnseg`` imports the package: its report prints the reason itself."""
+    argv = list(getattr(sys, "orig_argv", []))
+    return any(a == "-m" and b in ("attnseg", "attnseg.__main__") for a, b in zip(argv, argv[1:]))
+
+
+def _installed_copy_elsewhere(package_dir: str) -> str | None:
+    """Another ``attnseg`` package on sys.path, with a compiled extension, than ``package_dir``."""
+    source_parent = os.path.realpath(os.path.dirname(package_dir))
+    for entry in sys.path:
+        folder = os.path.realpath(entry or os.getcwd())
+        if folder == source_parent:
+            continue
+        candidate = os.path.join(folder, "attnseg")
+        if glob.glob(os.path.join(candidate, "_C*.so")) or glob.glob(os.path.join(candidate, "_C*.pyd")):
+            return candidate
+    return None
+
+
+def _load_failure_message(exc: BaseException) -> str:
+    """What went wrong and what to do, for the usual causes of a missing attnseg._C."""
+    package_dir = os.path.dirname(os.path.abspath(__file__))
+    built = glob.glob(os.path.join(package_dir, "_C*.so")) + glob.glob(os.path.join(package_dir, "_C*.pyd"))
+    source_tree = os.path.isfile(os.path.join(os.path.dirname(package_dir), "setup.py"))
+    if not built and source_tree:
+        installed = _installed_copy_elsewhere(package_dir)
+        where = (f"the installed copy is at {installed}, but the source folder comes first on sys.path"
+                 if installed else "no installed copy was found on sys.path")
+        return (f"attnseg was imported from the source folder {package_dir}, which has no compiled extension "
+                f"(attnseg._C); {where}. Run from another folder (Python puts the current folder or the "
+                "script's folder first on sys.path), or install in place for development with "
+                "`pip install -e .` (README.md, Develop)")
+    if not built:
+        return (f"{package_dir} has no compiled extension attnseg._C ({type(exc).__name__}: {exc}); "
+                "reinstall attnseg with `pip install .` from its source")
+    return (f"{type(exc).__name__}: {exc}. If attnseg was built against another torch than the one "
+            f"installed ({torch.__version__}), rebuild against it: `pip install --no-build-isolation .`")
+
+
 try:  # the compiled library registers torch.ops.attnseg.* as a side effect of loading
     from . import _C  # noqa: F401
 except Exception as exc:  # ImportError, or OSError for a library built against another torch
-    _native_error = f"{type(exc).__name__}: {exc}"
-    if os.environ.get("ATTNSEG_QUIET") != "1":
+    _native_error = _load_failure_message(exc)
+    if os.environ.get("ATTNSEG_QUIET") != "1" and not _running_as_cli():
         warnings.warn(
-            "attnseg: the compiled extension attnseg._C could not be loaded, so the 'native' "
-            f"backend is unavailable and 'auto' uses the reference backend. Reason: {_native_error}. "
-            "Rebuild against the installed torch with `pip install --no-build-isolation .`.",
+            "attnseg: the compiled extension attnseg._C could not be loaded, so the 'native' backend is "
+            f"unavailable and 'auto' uses the reference backend. {_native_error}.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -61,6 +104,47 @@ def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
 # ---------------------------------------------------------------------------------------------
 
 
+class DoubleBackwardError(RuntimeError):
+    """A second-order gradient was asked of a fused op whose backward is not differentiable."""
+
+
+class _FirstOrderOnly(torch.autograd.Function):
+    """Identity on the gradients a fused backward returns under ``create_graph=True``.
+
+    The fused backward kernels are not themselves differentiable (their results would have no
+    grad_fn and a second-order gradient would silently be zero, or torch would fail deep inside
+    an op). This node makes the gradients differentiable *on paper* and raises the moment a
+    double backward reaches it, naming the op and what to use instead.
+    """
+
+    @staticmethod
+    def forward(ctx, op_name: str, num_grads: int, *tensors):
+        # tensors: the gradients, then the op's inputs and incoming gradients: the outputs need
+        # those as inputs of this node, or autograd would not connect them to anything.
+        ctx.op_name = op_name
+        return tuple(g.clone() if g is not None else None for g in tensors[:num_grads])
+
+    @staticmethod
+    def backward(ctx, *unused):
+        users = ("attnseg.channel_attention, ChannelAttention and DANetHead" if "channel" in ctx.op_name else
+                 "attnseg.attention, position_attention and the modules on them: PositionAttention, DANetHead, "
+                 "ObjectContextAttention, NonLocal2d")
+        raise DoubleBackwardError(
+            f"attnseg: a double backward (second-order gradient) went through {ctx.op_name} (the fused op "
+            f"behind {users}), whose kernels compute first-order gradients only. For second-order gradients (gradient penalties, "
+            "torch.autograd.gradgradcheck) use backend=\"reference\" on that call or module, which is "
+            "differentiable twice (it materialises the attention map)."
+        )
+
+
+def _first_order_only(op_name: str, grads, sources):
+    """``grads`` unchanged in a plain backward; under ``create_graph=True`` they are outputs of a
+    :class:`_FirstOrderOnly` node over ``sources`` (what they were computed from)."""
+    if not torch.is_grad_enabled():
+        return grads
+    return _FirstOrderOnly.apply(op_name, len(grads), *grads, *sources)
+
+
 def register_attention_autograd(fwd_name: str, bwd_op) -> None:
     """Wire ``fwd_name`` (q, k, v, scale) -> (out, lse) to ``bwd_op`` for autograd."""
 
@@ -74,7 +158,11 @@ def register_attention_autograd(fwd_name: str, bwd_op) -> None:
         q, k, v, out, lse = ctx.saved_tensors
         if grad_out is None:
             grad_out = torch.zeros_like(out)
-        dq, dk, dv = bwd_op(grad_out, grad_lse, q, k, v, out, lse, ctx.scale)
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():  # the kernels are not differentiable: never record them
+            grads = bwd_op(grad_out, grad_lse, q, k, v, out, lse, ctx.scale)
+        with torch.set_grad_enabled(create_graph):
+            dq, dk, dv = _first_order_only(fwd_name, grads, (grad_out, q, k, v))
         return dq, dk, dv, None
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
@@ -97,7 +185,12 @@ def register_channel_autograd(fwd_name: str, bwd_op) -> None:
         x, attn = ctx.saved_tensors
         if grad_y is None:
             return None, None
-        return bwd_op(grad_y, x, attn, ctx.official), None
+        create_graph = torch.is_grad_enabled()
+        with torch.no_grad():
+            grad_x = bwd_op(grad_y, x, attn, ctx.official)
+        with torch.set_grad_enabled(create_graph):
+            (grad_x,) = _first_order_only(fwd_name, (grad_x,), (grad_y, x))
+        return grad_x, None
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 
@@ -131,3 +224,61 @@ if native_available():
 
     register_attention_autograd("attnseg::attention_fwd", torch.ops.attnseg.attention_bwd)
     register_channel_autograd("attnseg::channel_attention_fwd", torch.ops.attnseg.channel_attention_bwd)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the CUDA kernels were compiled for: read from the library's fatbinary, not from the build
+# flags, so it is what the GPU will actually find.
+# ---------------------------------------------------------------------------------------------
+
+_FATBIN_MAGIC = 0xBA55ED50
+
+
+def _elf_section(data: bytes, wanted: str) -> tuple[int, int] | None:
+    """(offset, size) of the ELF64 little-endian section named ``wanted``, or None."""
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        return None
+    shoff = struct.unpack_from("<Q", data, 0x28)[0]
+    shentsize, shnum, shstrndx = struct.unpack_from("<HHH", data, 0x3A)
+    headers = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+    names_offset = headers[shstrndx][4]
+    for name_offset, _, _, _, offset, size, *_ in headers:
+        start = names_offset + name_offset
+        if data[start:data.index(b"\0", start)].decode(errors="replace") == wanted:
+            return offset, size
+    return None
+
+
+def fatbin_architectures(path: str) -> dict[str, list[str]]:
+    """{"sass": ["sm_80", ...], "ptx": ["compute_90", ...]} embedded in the shared library ``path``.
+
+    Walks the ``.nv_fatbin`` section: fatbinary headers (magic 0xBA55ED50, header size, size)
+    holding entries (kind 1 = PTX, 2 = ELF/SASS; the architecture at byte 28 of each entry
+    header), the layout ``cuobjdump --list-elf/--list-ptx`` reports (checked in tests).
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    sass, ptx = set(), set()
+    section = _elf_section(data, ".nv_fatbin")
+    if section is not None:
+        pos, end = section[0], section[0] + section[1]
+        while pos + 16 <= end:
+            magic, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, pos)
+            if magic != _FATBIN_MAGIC:
+                pos += 8  # blobs are 8-byte aligned
+                continue
+            entry, blob_end = pos + header_size, pos + header_size + fat_size
+            while entry + 32 <= blob_end:
+                kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
+                arch = struct.unpack_from("<I", data, entry + 28)[0]
+                (ptx if kind == 1 else sass).add(arch)
+                entry += entry_header + payload
+            pos = blob_end
+    return {"sass": [f"sm_{a}" for a in sorted(sass)], "ptx": [f"compute_{a}" for a in sorted(ptx)]}
+
+
+def native_cuda_architectures() -> dict[str, list[str]] | None:
+    """The GPU architectures compiled into attnseg._C (None without the extension's CUDA kernels)."""
+    if not native_cuda_built():
+        return None
+    return fatbin_architectures(_C.__file__)

@@ -36,8 +36,9 @@ def _check_feature_map(owner: str, name: str, t, channels: int | None, layout: s
         raise ValueError(f"{owner}: {name} must be a 4-D tensor {layout}, got shape {tuple(t.shape)}")
     if channels is not None and t.shape[1] != channels:
         raise ValueError(f"{owner}: {name} must have {channels} channels {layout}, got shape {tuple(t.shape)}")
-    if any(size == 0 for size in t.shape):
-        raise ValueError(f"{owner}: {name} has a zero-sized dimension, shape {tuple(t.shape)}")
+    if any(size == 0 for size in t.shape[1:]):  # an empty batch is fine, as for torch's layers
+        raise ValueError(f"{owner}: {name} has a zero-sized dimension, shape {tuple(t.shape)}; "
+                         "every size but the batch must be >= 1")
 
 
 def _bn_relu(channels: int, norm_layer) -> nn.Sequential:

@@ -52,9 +52,11 @@ def _native_unavailable(device: torch.device) -> str | None:
     if device.type == "cpu":
         return None
     if device.type == "cuda":
-        if _ops.native_cuda_built():
-            return None
-        return "attnseg was built without its CUDA kernels (no nvcc or a CPU-only torch at build time)"
+        if not _ops.native_cuda_built():
+            return "attnseg was built without its CUDA kernels (no nvcc or a CPU-only torch at build time)"
+        if not torch.cuda.is_available():
+            return "the CUDA kernels are built in, but no CUDA device is available (torch.cuda.is_available() is False)"
+        return None
     return f"no native kernels for device type {device.type!r}"
 
 
@@ -125,8 +127,11 @@ def _check_tensor(fn: str, name: str, t, ndim: int, layout: str) -> None:
         )
     if t.is_sparse or t.layout != torch.strided:
         raise ValueError(f"{fn}: {name} must be a dense (strided) tensor, got layout {t.layout}")
-    if any(size == 0 for size in t.shape):
-        raise ValueError(f"{fn}: {name} has a zero-sized dimension, shape {tuple(t.shape)}; every size must be >= 1")
+    # An empty batch is fine (as for torch's layers: the result is empty); any other empty size is not.
+    if any(size == 0 for size in t.shape[1:]):
+        raise ValueError(
+            f"{fn}: {name} has a zero-sized dimension, shape {tuple(t.shape)}; every size but the batch must be >= 1"
+        )
 
 
 def _check_same(fn: str, names: tuple[str, ...], tensors: tuple[torch.Tensor, ...]) -> None:

@@ -41,11 +41,12 @@ def position_attention(x, query, key, value, gamma):
     value: [B, C, H, W]; gamma: [1]. Returns gamma · (value attended by softmax(qᵀk)) + x.
     """
     b, c, h, w = x.shape
-    proj_query = query.reshape(b, -1, h * w).permute(0, 2, 1)
-    proj_key = key.reshape(b, -1, h * w)
+    # the official code's view(b, -1, h * w), with the sizes spelled out so that b = 0 works
+    proj_query = query.reshape(b, query.shape[1], h * w).permute(0, 2, 1)
+    proj_key = key.reshape(b, key.shape[1], h * w)
     energy = torch.bmm(proj_query, proj_key)
     attention_map = torch.softmax(energy, dim=-1)
-    proj_value = value.reshape(b, -1, h * w)
+    proj_value = value.reshape(b, value.shape[1], h * w)
     out = torch.bmm(proj_value, attention_map.permute(0, 2, 1))
     out = out.view(b, c, h, w)
     return gamma * out + x
@@ -74,5 +75,5 @@ def channel_attention(x, gamma, variant: str = "official"):
     x: [B, C, H, W]; gamma: [1]. Returns gamma · (A X) + x.
     """
     b, c, h, w = x.shape
-    out = channel_attention_product(x.reshape(b, c, -1), variant).view(b, c, h, w)
+    out = channel_attention_product(x.reshape(b, c, h * w), variant).view(b, c, h, w)
     return gamma * out + x

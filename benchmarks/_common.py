@@ -27,6 +27,7 @@ import gc
 import importlib
 import math
 import multiprocessing
+import multiprocessing.forkserver
 import os
 import resource
 import signal
@@ -109,6 +110,27 @@ def _child_entry(connection, target, payload, memory_headroom_bytes):
         connection.close()
 
 
+def _describe_imports(modules: Sequence[str]) -> dict:
+    """Runs in a child: the file each module comes from, and attnseg's native status."""
+    found = {name: getattr(importlib.import_module(name), "__file__", None) for name in modules}
+    if "attnseg" in modules:
+        attnseg = sys.modules["attnseg"]
+        found["native"] = "loaded" if attnseg.native_available() else f"NOT loaded: {attnseg.native_unavailable_reason()}"
+    return found
+
+
+def attnseg_used_line(parent_module, runner: "IsolatedRunner") -> str:
+    """Header line naming the attnseg the measurements (in child processes) actually used."""
+    child = runner.child_imports(("attnseg",))
+    if "error" in child:
+        return f"WARNING: could not ask a child process which attnseg it imports ({child['error']})"
+    where = os.path.dirname(child["attnseg"])
+    line = f"attnseg used by the measurements: {where} (native extension {child['native']})"
+    if os.path.realpath(child["attnseg"]) != os.path.realpath(parent_module.__file__):
+        line += f"\nWARNING: the child processes import {child['attnseg']}, this process {parent_module.__file__}"
+    return line
+
+
 class IsolatedRunner:
     """Runs ``target(payload) -> dict`` in a fresh process, one at a time (payload: picklable).
 
@@ -124,6 +146,35 @@ class IsolatedRunner:
         self._context = multiprocessing.get_context(self.start_method)
         if self.start_method == "forkserver":
             self._context.set_forkserver_preload(list(preload))
+            self._start_forkserver_beside(preload)
+
+    @staticmethod
+    def _start_forkserver_beside(preload: Sequence[str]) -> None:
+        """Start the forkserver so that it imports the same packages as this process.
+
+        The forkserver is ``python -c ...``, so its sys.path starts with its current folder, and
+        (CPython 3.11) it ignores the sys.path it is handed: started from a checkout's root it
+        would import the source tree's attnseg (no compiled extension) although this process
+        imported the installed one. Started with its current folder set to the folder that
+        holds this process's attnseg, its first sys.path entry finds exactly that package.
+        """
+        module = sys.modules.get("attnseg") if "attnseg" in preload else None
+        if module is None:
+            multiprocessing.forkserver.ensure_running()
+            return
+        here = os.getcwd()
+        os.chdir(Path(module.__file__).resolve().parent.parent)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.chdir(here)
+
+    def child_imports(self, modules: Sequence[str] = ("attnseg",)) -> dict:
+        """Where a child process imports ``modules`` from, and whether attnseg's kernels load there."""
+        outcome = self.run(_describe_imports, tuple(modules), timeout_s=120)
+        if outcome.result is None:
+            return {"error": f"{outcome.failure}: {outcome.detail or ''}"}
+        return outcome.result
 
     def run(self, target: Callable[[Any], dict], payload: Any, *, timeout_s: float | None = None,
             memory_headroom_bytes: int | None = None) -> ChildOutcome:

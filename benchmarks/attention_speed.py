@@ -65,6 +65,7 @@ import torch.nn.functional as F
 
 from _common import (
     IsolatedRunner,
+    attnseg_used_line,
     PeakMemoryMeter,
     PlotPanel,
     available_memory_bytes,
@@ -282,8 +283,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def run_all(results: list[CaseResult], args) -> None:
-    runner = IsolatedRunner(preload=("torch", "attnseg"))
+def run_all(results: list[CaseResult], args, runner: IsolatedRunner) -> None:
     headroom = available_memory_bytes() if args.device == "cpu" else None  # fail cleanly, not by OOM killer
     for index, result in enumerate(results, 1):
         progress(f"[{index}/{len(results)}] {result.case.label} ...", end="")
@@ -364,8 +364,9 @@ def main(argv=None) -> int:
 
     print(f"softmax(q k^T * scale) v: q, k [B, N, E], v [B, N, Ev]; B={args.batch} E={args.e} Ev={args.ev} "
           f"scale={args.scale:g}, {args.dtype}, {args.layout} inputs, on {args.device}")
-    print(f"attnseg {attnseg.__version__} from {attnseg.__file__}; torch {torch.__version__}; "
-          f"torch threads {args.threads}")
+    runner = IsolatedRunner(preload=("torch", "attnseg"))
+    print(f"attnseg {attnseg.__version__}; torch {torch.__version__}; torch threads {args.threads}")
+    print(attnseg_used_line(attnseg, runner))
     print(f"each case in a fresh process: {args.warmups} warm-up call(s), {args.repeats} timed call(s) "
           f"({'CUDA events' if args.device == 'cuda' else 'time.perf_counter'}), median shown")
     print(f"TFLOP/s: {FLOP_CONVENTION}")
@@ -378,7 +379,7 @@ def main(argv=None) -> int:
         print(load)
     print(flush=True)
 
-    run_all(results, args)
+    run_all(results, args, runner)
     print(format_table(["N", "H x W", "mode", "impl", "median", "TFLOP/s", "peak MiB", "vs ref"],
                        table_rows(results), align="><<<>>>>"))
     print("vs ref: time / reference time, same size and mode (below 1 is faster)")

@@ -76,6 +76,7 @@ import torch
 
 from _common import (
     IsolatedRunner,
+    attnseg_used_line,
     PeakMemoryMeter,
     PlotPanel,
     available_memory_bytes,
@@ -455,7 +456,8 @@ def print_header(args, runner: IsolatedRunner) -> None:
     """What is compared, how, and the meter's check on allocations of known size."""
     e = args.channels // args.reduction
     print(f"DANet position attention: reference (attnseg.reference, materialises N x N) vs {args.backend}")
-    print(f"attnseg {attnseg.__version__} from {attnseg.__file__}; torch {torch.__version__}")
+    print(f"attnseg {attnseg.__version__}; torch {torch.__version__}")
+    print(attnseg_used_line(attnseg, runner))
     print(f"device {args.device}, {args.dtype}, B={args.batch} C=Ev={args.channels} E={e} scale=1; "
           f"torch threads {args.threads} for both implementations")
     print(f"each case in a fresh process ({runner.start_method}); {args.warmups} warm-up call(s), then "

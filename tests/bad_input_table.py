@@ -30,6 +30,12 @@ tensors of a state_dict. Contiguity is never required: every kernel takes stride
 strided layout is accepted (tested with channel-first, sliced and batch-major views), and
 sparse or other non-strided layouts are refused.
 
+An empty batch (B = 0) is not an error: as with torch's own layers (Conv2d, BatchNorm2d in eval
+mode, scaled_dot_product_attention), every function, module and backend returns an empty result
+and empty gradients (tests/test_front_door.py). Any other zero size is refused with the message
+below; for the modules a zero height or width already fails in their 1×1 convolutions, with
+torch's own error.
+
 The raw ops (`torch.ops.attnseg.*`) repeat the checks in C++ (`csrc/common/checks.h`, shared by
 the CPU and CUDA kernels, so the CUDA launchers give the same messages); there a bad input is a
 `RuntimeError`. They are also fuzzed with random ranks, sizes and dtypes

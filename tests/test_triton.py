@@ -425,6 +425,32 @@ def test_functional_channel_attention(variant):
 
 
 @interpreter_only
+def test_empty_batch_gives_empty_results_and_gradients():
+    q, k, v = (torch.randn(0, n, w, requires_grad=True) for n, w in ((5, 4), (6, 4), (6, 3)))
+    out = attnseg.attention(q, k, v, backend="triton")
+    out.sum().backward()
+    assert out.shape == (0, 5, 3) and q.grad.shape == q.shape and v.grad.shape == v.shape
+    x = torch.randn(0, 16, 3, 4, requires_grad=True)
+    for module in (attnseg.PositionAttention(16, backend="triton"), attnseg.ChannelAttention(backend="triton")):
+        y = module(x)
+        y.sum().backward()
+        assert y.shape == x.shape and x.grad.shape == x.shape
+
+
+@interpreter_only
+def test_double_backward_raises_a_clear_error():
+    q, k, v = (t.detach().requires_grad_() for t in _attention_inputs(1, 5, 6, 4, 3, torch.float32))
+    (dq,) = torch.autograd.grad(attnseg.attention(q, k, v, backend="triton").square().sum(), q, create_graph=True)
+    with pytest.raises(attnseg.DoubleBackwardError, match='triton_attention_fwd.*backend="reference"'):
+        dq.sum().backward()
+    x = torch.randn(1, 4, 2, 3, requires_grad=True)
+    cam = attnseg.ChannelAttention(backend="triton")
+    (dx,) = torch.autograd.grad(cam(x).square().sum(), x, create_graph=True)
+    with pytest.raises(attnseg.DoubleBackwardError, match="triton_channel_attention_fwd"):
+        dx.sum().backward()
+
+
+@interpreter_only
 def test_ops_pass_opcheck_without_tracing():
     """Schema, autograd registration and fake (meta) kernels; AOT tracing needs a GPU (see below)."""
     from torch.library import opcheck

@@ -437,6 +437,8 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     nk, ev = k.shape[1], v.shape[2]
     out = torch.empty((b, nq, ev), dtype=q.dtype, device=q.device)
     lse = torch.empty((b, nq), dtype=_ops._lse_dtype(q.dtype), device=q.device)
+    if b == 0:  # an empty batch: nothing to launch (a grid may not have a zero dimension)
+        return out, lse
     scale_hi, scale_lo = _scale_pair(scale)
 
     def grid(meta):
@@ -475,6 +477,8 @@ def attention_bwd(
     dk = torch.empty((b, nk, e), dtype=k.dtype, device=k.device)
     dv = torch.empty((b, nk, ev), dtype=v.dtype, device=v.device)
     delta = torch.empty((b, nq), dtype=acc_dtype, device=q.device)
+    if b == 0:
+        return dq, dk, dv
     grad_out = grad_out.to(q.dtype)  # no-op from autograd; tl.dot needs matching operand dtypes
     lse = lse.to(acc_dtype)
     scale_hi, scale_lo = _scale_pair(scale)

@@ -384,6 +384,8 @@ def channel_attention_fwd(x: torch.Tensor, official: bool) -> tuple[torch.Tensor
     """CAM forward. x [B,C,N] (any strides) -> y = A X [B,C,N] contiguous, attn A [B,C,C] fp32 (fp64)."""
     _check_x("triton_channel_attention_fwd", x)
     batch, c, n = x.shape
+    if batch == 0:  # an empty batch: nothing to launch (a grid may not have a zero dimension)
+        return x.new_empty((0, c, n)), x.new_empty((0, c, c), dtype=_ops._lse_dtype(x.dtype))
     partial = _nt_partials(x, x, symmetric=True)
     splits = partial.shape[0]
     attn = torch.empty((batch, c, c), dtype=partial.dtype, device=x.device)
@@ -411,6 +413,8 @@ def channel_attention_bwd(grad_y: torch.Tensor, x: torch.Tensor, attn: torch.Ten
     """CAM backward: grad_x [B,C,N] contiguous in x's dtype, from grad_y [B,C,N] and attn [B,C,C]."""
     _check_x("triton_channel_attention_bwd", x)
     batch, c, n = x.shape
+    if batch == 0:
+        return x.new_empty((0, c, n))
     grad_y = grad_y.to(x.dtype)  # no-op from autograd; tl.dot needs matching operand dtypes
     attn = attn.to(_ops._lse_dtype(x.dtype)).contiguous()  # shares its strides with grad_energy
     partial = _nt_partials(grad_y, x, symmetric=False)
