@@ -54,7 +54,7 @@ def _modules(backend: str):
     return [
         ("PositionAttention", gamma(PositionAttention(16, backend=backend)), lambda: (_input(1, 16, 2, 3),)),
         ("ChannelAttention", gamma(ChannelAttention(backend=backend)), lambda: (_input(1, 6, 2, 3),)),
-        ("DANetHead", gamma(DANetHead(64, 3, backend=backend)).eval(), lambda: (_input(1, 64, 2, 3),)),
+        ("DANetHead", gamma(DANetHead(32, 2, backend=backend)).eval(), lambda: (_input(1, 32, 2, 2),)),
         ("NonLocal2d", gamma(NonLocal2d(8, backend=backend)), lambda: (_input(1, 8, 2, 3),)),
         ("ObjectContextAttention", gamma(ObjectContextAttention(8, 4, 8, backend=backend)).eval(),
          lambda: (_input(1, 8, 2, 3), _input(1, 3, 2, 3, seed=1))),
