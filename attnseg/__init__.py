@@ -4,6 +4,7 @@ from . import reference
 from ._ops import native_available, native_unavailable_reason
 from .checkpoints import load_mmseg_dahead, load_official_danet_head
 from .context import NonLocal2d, ObjectContextAttention
+from .convert import ConversionReport, convert_model
 from .functional import (
     BACKENDS,
     BackendUnavailableError,
@@ -21,6 +22,7 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "ChannelAttention",
+    "ConversionReport",
     "DANetHead",
     "NonLocal2d",
     "ObjectContextAttention",
@@ -28,6 +30,7 @@ __all__ = [
     "attention",
     "available_backends",
     "channel_attention",
+    "convert_model",
     "load_mmseg_dahead",
     "load_official_danet_head",
     "native_available",

@@ -26,6 +26,17 @@ def _backend_repr(backend: str) -> str:
     return f"backend='auto' (cpu: {F_attn.resolve_backend('auto', 'cpu')})"
 
 
+def _attend_positions(x, query, key, value, gamma, backend: str):
+    """gamma · attend(x) + x after PAM's projections (shared by PositionAttention and the modules
+    :func:`attnseg.convert_model` builds)."""
+    if value.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+        # autocast ran the 1x1 convolutions in bf16/fp16: attend in that dtype (accumulating
+        # in fp32) and return x's dtype, as the official module does under autocast
+        attended = F_attn.position_attention(x.to(value.dtype), query, key, value, gamma, backend=backend)
+        return attended.to(x.dtype)
+    return F_attn.position_attention(x, query, key, value, gamma, backend=backend)
+
+
 class PositionAttention(nn.Module):
     """DANet position attention (PAM): gamma · softmax(q kᵀ) v + x over all H·W pixel pairs.
 
@@ -72,13 +83,8 @@ class PositionAttention(nn.Module):
             raise ValueError(
                 f"PositionAttention: x must have {self.in_channels} channels, got shape {tuple(x.shape)}"
             )
-        query, key, value = self.query_conv(x), self.key_conv(x), self.value_conv(x)
-        if value.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
-            # autocast ran the 1x1 convolutions in bf16/fp16: attend in that dtype (accumulating
-            # in fp32) and return x's dtype, as the official module does under autocast
-            attended = F_attn.position_attention(x.to(value.dtype), query, key, value, self.gamma, backend=self.backend)
-            return attended.to(x.dtype)
-        return F_attn.position_attention(x, query, key, value, self.gamma, backend=self.backend)
+        return _attend_positions(x, self.query_conv(x), self.key_conv(x), self.value_conv(x), self.gamma,
+                                 self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, key_channels={self.key_channels}, "
