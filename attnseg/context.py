@@ -19,6 +19,7 @@ from torch import nn
 
 from . import functional as F_attn
 from .modules import _backend_repr, _check_backend
+from .onnx import module_backend
 
 __all__ = ["ObjectContextAttention", "NonLocal2d"]
 
@@ -51,7 +52,7 @@ def _object_attention(block: nn.Module, x, regions, key_channels: int, scale: fl
     query = block.f_pixel(x).flatten(2).transpose(1, 2)  # [B, N, key]
     key = block.f_object(regions).flatten(2).transpose(1, 2)  # [B, K, key]
     value = block.f_down(regions).flatten(2).transpose(1, 2)  # [B, K, key]
-    context = F_attn.attention(query, key, value, scale, backend=backend)  # [B, N, key]
+    context = F_attn.attention(query, key, value, scale, backend=module_backend(backend))  # [B, N, key]
     return block.f_up(context.transpose(1, 2).reshape(b, key_channels, h, w))
 
 
@@ -65,7 +66,7 @@ def _non_local(x, theta: nn.Module, phi: nn.Module, g: nn.Module, out: nn.Module
     query = theta(x).flatten(2).transpose(1, 2)  # [B, N, inter] views, no copies
     key = phi(x).flatten(2).transpose(1, 2)  # [B, Nk, inter]
     value = g(x).flatten(2).transpose(1, 2)
-    y = F_attn.attention(query, key, value, scale, backend=backend)  # [B, N, inter]
+    y = F_attn.attention(query, key, value, scale, backend=module_backend(backend))  # [B, N, inter]
     return x + out(y.transpose(1, 2).reshape(b, inter_channels, h, w))
 
 

@@ -52,9 +52,9 @@ from typing import Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import functional as F_attn
 from .context import _non_local, _object_attention
-from .modules import ChannelAttention, PositionAttention, _attend_positions, _backend_repr, _check_backend
+from .modules import (ChannelAttention, PositionAttention, _attend_channels, _attend_positions, _backend_repr,
+                      _check_backend)
 
 __all__ = [
     "ConversionReport",
@@ -88,7 +88,7 @@ class FusedMMSegCAM(nn.Module):
     """mmsegmentation's DAHead ``CAM`` (the official softmax(rowmax(E) - E)) on the fused op."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F_attn.channel_attention(x, self.gamma.scale.reshape(1), variant="official", backend=self.backend)
+        return _attend_channels(x, self.gamma.scale.reshape(1), "official", self.backend)
 
     def extra_repr(self) -> str:
         return _backend_repr(self.backend)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import functional as F_attn
+from .onnx import module_backend
 
 __all__ = ["PositionAttention", "ChannelAttention", "DANetHead"]
 
@@ -29,6 +30,7 @@ def _backend_repr(backend: str) -> str:
 def _attend_positions(x, query, key, value, gamma, backend: str):
     """gamma · attend(x) + x after PAM's projections (shared by PositionAttention and the modules
     :func:`attnseg.convert_model` builds)."""
+    backend = module_backend(backend)
     if value.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
         # autocast ran the 1x1 convolutions in bf16/fp16: attend in that dtype (accumulating
         # in fp32) and return x's dtype, as the official module does under autocast
@@ -91,6 +93,11 @@ class PositionAttention(nn.Module):
                 f"{_backend_repr(self.backend)}")
 
 
+def _attend_channels(x, gamma, variant: str, backend: str):
+    """gamma · A X + x (shared by ChannelAttention and the modules :func:`attnseg.convert_model` builds)."""
+    return F_attn.channel_attention(x, gamma, variant=variant, backend=module_backend(backend))
+
+
 class ChannelAttention(nn.Module):
     """DANet channel attention (CAM): gamma · A X + x with A a C×C softmax over channel pairs.
 
@@ -122,7 +129,7 @@ class ChannelAttention(nn.Module):
             and x.shape[1] != self.in_channels
         ):
             raise ValueError(f"ChannelAttention: x must have {self.in_channels} channels, got shape {tuple(x.shape)}")
-        return F_attn.channel_attention(x, self.gamma, variant=self.variant, backend=self.backend)
+        return _attend_channels(x, self.gamma, self.variant, self.backend)
 
     def extra_repr(self) -> str:
         channels = f"in_channels={self.in_channels}, " if self.in_channels is not None else ""
