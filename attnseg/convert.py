@@ -58,10 +58,12 @@ from .modules import (ChannelAttention, PositionAttention, _attend_channels, _at
 
 __all__ = [
     "ConversionReport",
+    "Converted",
     "FusedMMSegCAM",
     "FusedMMSegPAM",
     "FusedNonLocal2d",
     "FusedObjectAttentionBlock",
+    "Skipped",
     "convert_model",
 ]
 
@@ -450,15 +452,17 @@ def _probe_mismatch(original: nn.Module, replacement: nn.Module, kind: _Kind) ->
     device = next((t.device for t in original.state_dict().values()), torch.device("cpu"))
     tensors = {}
     for name, p in original.named_parameters():
-        tensors[name] = (0.5 * torch.randn(p.shape, generator=generator, dtype=torch.float64)).to(device)
+        # weights scaled by 1/sqrt(fan-in): logits of order one, whatever the channel count
+        std = p[0].numel() ** -0.5 if p.dim() > 1 else 0.5
+        tensors[name] = (std * torch.randn(p.shape, generator=generator, dtype=torch.float64)).to(device)
     for name, b in original.named_buffers():
         tensors[name] = b.to(torch.float64) if b.is_floating_point() else b
     inputs = tuple(t.to(device) for t in kind.probe_inputs(original, generator))
-    was_training = original.training
+    modes = [(m, m.training) for m in (*original.modules(), replacement)]  # each its own (a frozen BN stays eval)
     saved_backend = replacement.backend
     try:
-        original.eval()  # shared submodules: the replacement sees eval mode too
-        replacement.training = False
+        for m, _ in modes:
+            m.training = False
         replacement.backend = "reference"
         with torch.no_grad():
             expected = torch.func.functional_call(original, tensors, inputs)
@@ -466,8 +470,8 @@ def _probe_mismatch(original: nn.Module, replacement: nn.Module, kind: _Kind) ->
     except Exception as exc:  # a forward that cannot even run on the probe is not the upstream one
         return f"its forward failed on a probe input ({type(exc).__name__}: {exc})"
     finally:
-        original.train(was_training)
-        replacement.training = was_training
+        for m, training in modes:
+            m.training = training
         replacement.backend = saved_backend
     if not isinstance(expected, torch.Tensor) or expected.shape != got.shape:
         return "its forward returns something other than what upstream's returns on a probe input"

@@ -463,7 +463,10 @@ def test_backend_reaches_replacements_and_bad_arguments_named():
 def test_probe_leaves_batchnorm_statistics_and_training_mode():
     block = _trained(ObjectAttentionBlock2D(12, 6))
     block.train()
+    block.f_up[1][0].eval()  # a frozen BatchNorm inside a training model stays frozen
     stats = {k: v.clone() for k, v in block.state_dict().items()}
     converted = convert_model(block)
-    assert converted.training and all(m.training for m in converted.modules())
+    assert isinstance(converted, FusedObjectAttentionBlock)
+    modes = {name: m.training for name, m in converted.named_modules()}
+    assert modes.pop("f_up.1.0") is False and all(modes.values()), modes
     assert all(torch.equal(v, converted.state_dict()[k]) for k, v in stats.items())
