@@ -15,6 +15,7 @@ import attnseg
 
 mmengine = pytest.importorskip("mmengine")
 from mmengine.config import Config  # noqa: E402
+from mmengine.evaluator import BaseMetric  # noqa: E402
 from mmengine.hooks import Hook  # noqa: E402
 from mmengine.model import BaseModel  # noqa: E402
 from mmengine.runner import Runner  # noqa: E402
@@ -116,6 +117,39 @@ def test_runner_converts_the_model_and_trains_with_the_unconverted_losses(tmp_pa
     assert recorder.losses == pytest.approx(expected, rel=1e-9, abs=1e-12)
     # the second loss depends on the first step's update through the converted modules
     assert recorder.losses[1] != pytest.approx(recorder.losses[0], rel=1e-6)
+
+
+class MeanLogit(BaseMetric):
+    def process(self, data_batch, data_samples):
+        self.results.append(torch.stack(list(data_samples)).mean().item())  # the evaluator hands a list
+
+    def compute_metrics(self, results):
+        return {"mean_logit": sum(results) / len(results)}
+
+
+def test_runner_test_converts_before_testing(tmp_path):
+    import attnseg.integrations.mmengine  # noqa: F401  (the import registers the hook; here, without a config)
+
+    torch.manual_seed(0)
+    model = ToySegmentor().double()
+    unconverted = copy.deepcopy(model).eval()
+    dataset = Pairs()
+    runner = Runner(
+        model=model,
+        work_dir=str(tmp_path / "work"),
+        test_dataloader=dict(dataset=dataset, sampler=dict(type="DefaultSampler", shuffle=False),
+                             batch_size=2, num_workers=0, collate_fn=dict(type="default_collate")),
+        test_cfg=dict(),
+        test_evaluator=[MeanLogit()],
+        default_hooks=dict(checkpoint=None),
+        custom_hooks=[dict(type="ConvertAttentionHook", verbose=False)],
+        default_scope=None,
+    )
+    metrics = runner.test()
+    assert isinstance(runner.model.pam, attnseg.PositionAttention)
+    with torch.no_grad():
+        expected = [unconverted(dataset.images[i:i + 2]).mean().item() for i in (0, 2)]
+    assert metrics["mean_logit"] == pytest.approx(sum(expected) / 2, rel=1e-9)
 
 
 def test_attnseg_imports_without_mmengine():
