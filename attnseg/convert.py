@@ -1,19 +1,16 @@
 """Put attnseg's fused attention into a model that already exists: :func:`convert_model`.
 
-Recognised modules (by class name, then by the exact structure their forward uses):
+Recognised modules (by class name, then by the exact structure their forward uses), and what
+replaces each:
 
-=========================  ==========================================  ==============================
-class name                 from                                        replaced by
-=========================  ==========================================  ==============================
-``PAM_Module``             junfu1115/DANet ``encoding/nn/da_att.py``   :class:`attnseg.PositionAttention`
-``CAM_Module``             junfu1115/DANet ``encoding/nn/da_att.py``   :class:`attnseg.ChannelAttention`
-``PAM``                    mmseg ``decode_heads/da_head.py``           :class:`FusedMMSegPAM`
-``CAM``                    mmseg ``decode_heads/da_head.py``           :class:`FusedMMSegCAM`
-``_ObjectAttentionBlock``, HRNet-OCR ``lib/models/seg_hrnet_ocr.py``   :class:`FusedObjectAttentionBlock`
-``ObjectAttentionBlock2D``  (scale=1)
-``NonLocal2d``             mmcv ``cnn/bricks/non_local.py``            :class:`FusedNonLocal2d`
-                           (mode="embedded_gaussian")
-=========================  ==========================================  ==============================
+* ``PAM_Module`` (junfu1115/DANet ``encoding/nn/da_att.py``) -> :class:`attnseg.PositionAttention`
+* ``CAM_Module`` (the same file) -> :class:`attnseg.ChannelAttention` (variant "official")
+* ``PAM`` (mmsegmentation ``decode_heads/da_head.py``, a ``SelfAttentionBlock``) -> :class:`FusedMMSegPAM`
+* ``CAM`` (the same file) -> :class:`FusedMMSegCAM`
+* ``_ObjectAttentionBlock`` / ``ObjectAttentionBlock2D`` with scale=1 (HRNet-OCR
+  ``lib/models/seg_hrnet_ocr.py``) -> :class:`FusedObjectAttentionBlock`
+* ``NonLocal2d`` with mode="embedded_gaussian" (mmcv ``cnn/bricks/non_local.py``; ``sub_sample``
+  and a ``norm_cfg`` on ``conv_out`` included) -> :class:`FusedNonLocal2d`
 
 What a replacement keeps: the very Parameter and buffer objects of the original (an optimizer
 built before the conversion keeps training the model), its submodules (the projections are
@@ -25,7 +22,7 @@ attention in the middle runs on :func:`attnseg.functional.attention` /
 How a module is recognised, in order; the first check that fails leaves it as it is and is
 reported as the reason:
 
-1. its class name is in the table above, and its ``forward`` is the one of that class (or of
+1. its class name is in the list above, and its ``forward`` is the one of that class (or of
    the upstream base class: ``SelfAttentionBlock``, ``_NonLocalNd``, ``_ObjectAttentionBlock``),
    not overridden by a subclass;
 2. no forward or backward hooks are registered on it (a replacement would drop them);

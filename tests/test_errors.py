@@ -212,6 +212,7 @@ MODULE_BAD = {
     "head_channels_0": (lambda: DANetHead(64, 3, channels=0), ("channels",)),
     "head_out_channels_0": (lambda: DANetHead(64, 0), ("out_channels",)),
     "head_alias_disagrees": (lambda: DANetHead(64, 3, num_classes=4), ("out_channels", "num_classes")),
+    "convert_model_backend": (lambda: attnseg.convert_model(nn.Identity(), backend="cuda"), ("backend",)),
     "head_cam_variant": (lambda: DANetHead(64, 3, cam_variant="bogus"), ("variant",)),
 }
 
