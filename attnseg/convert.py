@@ -223,9 +223,9 @@ def _check_official_pam(m) -> Optional[str]:
     c = m.value_conv.in_channels if isinstance(m.value_conv, nn.Conv2d) else -1
     width = m.query_conv.out_channels if isinstance(m.query_conv, nn.Conv2d) else None
     return _first_of(
+        _pointwise_conv(m.value_conv, "value_conv", c, c, True),  # first: it defines C
         _pointwise_conv(m.query_conv, "query_conv", c, width, True),
         _pointwise_conv(m.key_conv, "key_conv", c, width, True),
-        _pointwise_conv(m.value_conv, "value_conv", c, c, True),
         None if isinstance(m.gamma, nn.Parameter) and m.gamma.shape == (1,) else "gamma is not a Parameter of shape [1]",
         _softmax_last_dim(m.softmax, "softmax"),
     )
