@@ -4,6 +4,7 @@ from . import reference
 from ._ops import DoubleBackwardError, native_available, native_unavailable_reason
 from .checkpoints import load_mmseg_dahead, load_official_danet_head
 from .context import NonLocal2d, ObjectContextAttention
+from .convert import ConversionReport, convert_model
 from .functional import (
     BACKENDS,
     BackendUnavailableError,
@@ -21,14 +22,16 @@ __all__ = [
     "BACKENDS",
     "BackendUnavailableError",
     "ChannelAttention",
-    "DoubleBackwardError",
+    "ConversionReport",
     "DANetHead",
+    "DoubleBackwardError",
     "NonLocal2d",
     "ObjectContextAttention",
     "PositionAttention",
     "attention",
     "available_backends",
     "channel_attention",
+    "convert_model",
     "load_mmseg_dahead",
     "load_official_danet_head",
     "native_available",

@@ -73,6 +73,38 @@ def _shape(t) -> Tuple[int, ...]:
     return tuple(t.shape)
 
 
+def _check_head(loader: str, head) -> None:
+    if not isinstance(head, DANetHead):
+        hint = ""
+        if isinstance(head, Mapping):
+            hint = " (the arguments are (head, state_dict): the head comes first)"
+        elif isinstance(head, torch.nn.Module):
+            hint = (" (to run an existing model's own DANet/mmseg attention modules on attnseg's kernels, "
+                    "use attnseg.convert_model(model) instead)")
+        raise TypeError(
+            f"{loader}: head must be an attnseg.DANetHead (e.g. DANetHead(in_channels, out_channels, "
+            f"channels=..., pam_channels=...)), got {type(head).__name__}{hint}"
+        )
+
+
+def _select_under_prefix(loader: str, flat: Mapping[str, object], prefix: str, head_keys) -> Dict[str, object]:
+    """:func:`_select`, refusing a prefix that matches nothing (a head-only state_dict, most often)."""
+    selected = _select(flat, prefix)
+    if selected or not flat:
+        return selected
+    head_only = sorted(k for k in flat if k in head_keys)
+    if head_only:
+        raise ValueError(
+            f"{loader}: no key of the state_dict starts with prefix={prefix!r}, but it has head keys such as "
+            f"{head_only[0]!r}: it looks like a head-only state_dict; pass prefix=\"\""
+        )
+    sample = ", ".join(repr(k) for k in sorted(flat)[:3])
+    raise ValueError(
+        f"{loader}: no key of the state_dict starts with prefix={prefix!r} (its keys start: {sample}); "
+        f"pass the prefix the head's keys have in the checkpoint (prefix=\"\" for a head-only state_dict)"
+    )
+
+
 def _check_and_load(
     head: DANetHead,
     mapped: Dict[str, Tuple[str, Tensor]],
@@ -85,8 +117,6 @@ def _check_and_load(
 
     Nothing is copied before every check passed.
     """
-    if not isinstance(head, DANetHead):
-        raise TypeError(f"head must be an attnseg DANetHead, got {type(head).__name__}")
     expected = head.state_dict()
 
     to_load: Dict[str, Tensor] = {}
@@ -136,12 +166,9 @@ def _check_and_load(
 
 
 def _head_hint(head: DANetHead) -> str:
-    in_channels = head.conv5a[0].in_channels
-    inter = head.conv5a[0].out_channels
     return (
-        f"This head was built as DANetHead(in_channels={in_channels}, ...): inter_channels = "
-        f"in_channels // 4 = {inter}, PAM query/key width = inter_channels // 8 = {inter // 8}, "
-        f"num_classes = {head.conv8[1].out_channels}."
+        f"This head was built as DANetHead(in_channels={head.in_channels}, out_channels={head.out_channels}, "
+        f"channels={head.channels}, pam_channels={head.pam_channels}); build it with the checkpoint's sizes."
     )
 
 
@@ -155,10 +182,12 @@ def load_official_danet_head(
 
     Args:
         head: the attnseg head to load into (built with the checkpoint's in_channels and
-            num_classes).
+            out_channels); anything else is a TypeError.
         state_dict: the whole DANet model's state_dict, optionally wrapped as
             ``{"state_dict": ...}`` and/or with ``module.`` key prefixes.
-        prefix: the head's key prefix in the checkpoint ("head." in DANet).
+        prefix: the head's key prefix in the checkpoint ("head." in DANet; "" for a head-only
+            state_dict). A prefix that no key has is a ValueError (hinting at ``prefix=""``
+            when the keys are the head's own).
         strict: raise on missing or unexpected keys under ``prefix``.
 
     Key layout (after ``prefix``), identical to attnseg's names::
@@ -177,11 +206,15 @@ def load_official_danet_head(
         ``_IncompatibleKeys(missing_keys, unexpected_keys)`` (both empty after a strict load).
 
     Raises:
+        TypeError: head is not an attnseg DANetHead.
+        ValueError: no key has ``prefix`` (hinting at ``prefix=""`` for a head-only state_dict).
         ValueError: a tensor's shape does not fit the head (names key and both shapes).
         RuntimeError: strict and keys missing/unexpected (all listed, sorted); nothing loaded.
     """
-    selected = _select(_unwrap(state_dict), prefix)
+    loader = "load_official_danet_head"
+    _check_head(loader, head)
     expected = set(head.state_dict())
+    selected = _select_under_prefix(loader, _unwrap(state_dict), prefix, expected)
     mapped = {k: (prefix + k, v) for k, v in selected.items() if k in expected}
     unexpected = [prefix + k for k in selected if k not in expected]
     return _check_and_load(head, mapped, unexpected, strict, "official DANet", _head_hint(head))
@@ -222,16 +255,18 @@ def load_mmseg_dahead(
     """Load an mmsegmentation ``DAHead`` (mmseg/models/decode_heads/da_head.py) into an attnseg
     :class:`DANetHead`.
 
-    mmseg's DAHead(in_channels, channels, pam_channels, num_classes) fits
-    ``DANetHead(in_channels, num_classes)`` when ``channels == in_channels // 4`` and
-    ``pam_channels == channels // 8`` (mmseg's DANet configs: 2048, 512, 64). Other shapes
-    raise ValueError.
+    mmseg's ``DAHead(in_channels, channels, pam_channels, num_classes)``, any sizes, fits
+    ``DANetHead(in_channels, num_classes, channels=channels, pam_channels=pam_channels)``
+    (mmseg's DANet configs: 2048, 512, 64, which are also DANetHead's defaults). A head of
+    other sizes raises ValueError naming the first key that does not fit.
 
     Args:
         head: the attnseg head to load into.
         state_dict: the whole mmseg segmentor's state_dict, optionally wrapped as
             ``{"state_dict": ...}`` (mmseg's checkpoint files) and/or with ``module.`` prefixes.
-        prefix: the DAHead's key prefix ("decode_head." in mmseg's EncoderDecoder).
+        prefix: the DAHead's key prefix ("decode_head." in mmseg's EncoderDecoder; "" for a
+            head-only state_dict). A prefix that no key has is a ValueError (hinting at
+            ``prefix=""`` when the keys are DAHead's own).
         strict: raise on missing or unexpected keys under ``prefix``.
 
     Key mapping (after ``prefix``; ConvModule = 3x3 conv without bias + BN + ReLU)::
@@ -261,11 +296,15 @@ def load_mmseg_dahead(
         unexpected in the checkpoint's (prefix included).
 
     Raises:
+        TypeError: head is not an attnseg DANetHead.
+        ValueError: no key has ``prefix`` (hinting at ``prefix=""`` for a head-only state_dict).
         ValueError: a tensor's shape does not fit the head (names key and both shapes), or
             two checkpoint keys map onto the same head parameter.
         RuntimeError: strict and keys missing/unexpected (all listed, sorted); nothing loaded.
     """
-    selected = _select(_unwrap(state_dict), prefix)
+    loader = "load_mmseg_dahead"
+    _check_head(loader, head)
+    selected = _select_under_prefix(loader, _unwrap(state_dict), prefix, _MMSEG_KEY_MAP)
     mapped: Dict[str, Tuple[str, Tensor]] = {}
     unexpected: List[str] = []
     for key, value in selected.items():
@@ -280,7 +319,7 @@ def load_mmseg_dahead(
             )
         mapped[target] = (prefix + key, value)
     hint = _head_hint(head) + (
-        " An mmseg DAHead fits it when channels == in_channels // 4 and "
-        "pam_channels == channels // 8 (and num_classes is the same)."
+        " An mmseg DAHead(in_channels, channels, pam_channels, num_classes=n) fits "
+        "DANetHead(in_channels, n, channels=channels, pam_channels=pam_channels)."
     )
     return _check_and_load(head, mapped, unexpected, strict, "mmseg DAHead", hint)

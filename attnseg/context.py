@@ -19,6 +19,7 @@ from torch import nn
 
 from . import functional as F_attn
 from .modules import _backend_repr, _check_backend
+from .onnx import module_backend
 
 __all__ = ["ObjectContextAttention", "NonLocal2d"]
 
@@ -39,6 +40,35 @@ def _check_feature_map(owner: str, name: str, t, channels: int | None, layout: s
     if any(size == 0 for size in t.shape[1:]):  # an empty batch is fine, as for torch's layers
         raise ValueError(f"{owner}: {name} has a zero-sized dimension, shape {tuple(t.shape)}; "
                          "every size but the batch must be >= 1")
+
+
+def _object_attention(block: nn.Module, x, regions, key_channels: int, scale: float, backend: str):
+    """HRNet-OCR's object attention (``_ObjectAttentionBlock.forward`` at scale 1) on the fused op.
+
+    ``block`` has f_pixel (φ), f_object (ψ), f_down (δ), f_up (ρ); x: [B, C, H, W] pixels,
+    regions: [B, C, K, 1] region features. Returns ρ(softmax(φ(x)ᵀ ψ(f) · scale) δ(f)), [B, C', H, W].
+    """
+    b, _, h, w = x.shape
+    # channel-first [B, ch, ...] -> [B, n, ch] views, no copies
+    query = block.f_pixel(x).flatten(2).transpose(1, 2)  # [B, N, key]
+    key = block.f_object(regions).flatten(2).transpose(1, 2)  # [B, K, key]
+    value = block.f_down(regions).flatten(2).transpose(1, 2)  # [B, K, key]
+    context = F_attn.attention(query, key, value, scale, backend=module_backend(backend))  # [B, N, key]
+    return block.f_up(context.transpose(1, 2).reshape(b, key_channels, h, w))
+
+
+def _non_local(x, theta: nn.Module, phi: nn.Module, g: nn.Module, out: nn.Module, inter_channels: int,
+               scale: float, backend: str):
+    """Embedded-Gaussian non-local block on the fused op: x + out(softmax(θ(x)ᵀ φ(x) · scale) g(x)).
+
+    φ and g may downsample (mmcv's ``sub_sample``): the op takes Nk ≠ Nq.
+    """
+    b, _, h, w = x.shape
+    query = theta(x).flatten(2).transpose(1, 2)  # [B, N, inter] views, no copies
+    key = phi(x).flatten(2).transpose(1, 2)  # [B, Nk, inter]
+    value = g(x).flatten(2).transpose(1, 2)
+    y = F_attn.attention(query, key, value, scale, backend=module_backend(backend))  # [B, N, inter]
+    return x + out(y.transpose(1, 2).reshape(b, inter_channels, h, w))
 
 
 def _bn_relu(channels: int, norm_layer) -> nn.Sequential:
@@ -142,12 +172,7 @@ class ObjectContextAttention(nn.Module):
             )
         block = self.object_context_block
         regions = self.spatial_gather(x, coarse_logits)  # [B, C, K, 1]
-        # channel-first [B, ch, ...] -> [B, n, ch] views, no copies
-        query = block.f_pixel(x).flatten(2).transpose(1, 2)  # [B, N, key]
-        key = block.f_object(regions).flatten(2).transpose(1, 2)  # [B, K, key]
-        value = block.f_down(regions).flatten(2).transpose(1, 2)  # [B, K, key]
-        context = F_attn.attention(query, key, value, self.scale, backend=self.backend)  # [B, N, key]
-        context = block.f_up(context.transpose(1, 2).view(b, self.key_channels, h, w))
+        context = _object_attention(block, x, regions, self.key_channels, self.scale, self.backend)
         return self.conv_bn_dropout(torch.cat([context, x], dim=1))
 
     def extra_repr(self) -> str:
@@ -204,12 +229,7 @@ class NonLocal2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _check_feature_map("NonLocal2d", "x", x, self.in_channels, "[B, C, H, W]")
-        b, _, h, w = x.shape
-        query = self.theta(x).flatten(2).transpose(1, 2)  # [B, N, inter] views, no copies
-        key = self.phi(x).flatten(2).transpose(1, 2)
-        value = self.g(x).flatten(2).transpose(1, 2)
-        y = F_attn.attention(query, key, value, self.scale, backend=self.backend)  # [B, N, inter]
-        return x + self.W(y.transpose(1, 2).view(b, self.inter_channels, h, w))
+        return _non_local(x, self.theta, self.phi, self.g, self.W, self.inter_channels, self.scale, self.backend)
 
     def extra_repr(self) -> str:
         return (

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from . import functional as F_attn
+from .onnx import module_backend
 
 __all__ = ["PositionAttention", "ChannelAttention", "DANetHead"]
 
@@ -26,32 +27,54 @@ def _backend_repr(backend: str) -> str:
     return f"backend='auto' (cpu: {F_attn.resolve_backend('auto', 'cpu')})"
 
 
+def _attend_positions(x, query, key, value, gamma, backend: str):
+    """gamma · attend(x) + x after PAM's projections (shared by PositionAttention and the modules
+    :func:`attnseg.convert_model` builds)."""
+    backend = module_backend(backend)
+    if value.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
+        # autocast ran the 1x1 convolutions in bf16/fp16: attend in that dtype (accumulating
+        # in fp32) and return x's dtype, as the official module does under autocast
+        attended = F_attn.position_attention(x.to(value.dtype), query, key, value, gamma, backend=backend)
+        return attended.to(x.dtype)
+    return F_attn.position_attention(x, query, key, value, gamma, backend=backend)
+
+
 class PositionAttention(nn.Module):
     """DANet position attention (PAM): gamma · softmax(q kᵀ) v + x over all H·W pixel pairs.
 
     Args:
-        in_channels: C of the [B, C, H, W] input.
-        reduction: query/key width is C // reduction (8 in DANet). Must divide C.
+        in_channels: C of the [B, C, H, W] input (any C >= 1, as the official ``PAM_Module``).
+        reduction: the query/key width is C // reduction (8 in DANet; the official
+            ``PAM_Module(60)`` has width 60 // 8 = 7). A width of 0 is an error.
         backend: "auto", "native", "triton" or "reference" (see :mod:`attnseg.functional`).
+        key_channels: optional keyword, the query/key width itself (mmsegmentation's
+            ``pam_channels``); when given, ``reduction`` is not used.
 
-    Parameters (official names): query_conv, key_conv (1×1, C -> C/reduction, bias),
+    Parameters (official names): query_conv, key_conv (1×1, C -> key_channels, bias),
     value_conv (1×1, C -> C, bias), gamma ([1], zero-initialised).
     """
 
-    def __init__(self, in_channels: int, reduction: int = 8, backend: str = "auto"):
+    def __init__(self, in_channels: int, reduction: int = 8, backend: str = "auto", *,
+                 key_channels: int | None = None):
         super().__init__()
-        if not isinstance(in_channels, int) or in_channels < 1:
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
             raise ValueError(f"PositionAttention: in_channels must be a positive int, got {in_channels!r}")
-        if not isinstance(reduction, int) or reduction < 1:
+        if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
             raise ValueError(f"PositionAttention: reduction must be a positive int, got {reduction!r}")
-        if in_channels % reduction != 0:
-            raise ValueError(
-                f"PositionAttention: in_channels ({in_channels}) must be divisible by reduction ({reduction})"
-            )
+        if key_channels is None:
+            key_channels = in_channels // reduction
+            if key_channels == 0:
+                raise ValueError(
+                    f"PositionAttention: the query/key width in_channels // reduction = {in_channels} // "
+                    f"{reduction} is 0; in_channels must be at least {reduction} (= reduction), or pass a "
+                    f"smaller reduction or key_channels="
+                )
+        elif isinstance(key_channels, bool) or not isinstance(key_channels, int) or key_channels < 1:
+            raise ValueError(f"PositionAttention: key_channels must be a positive int or None, got {key_channels!r}")
         self.in_channels = in_channels
         self.reduction = reduction
+        self.key_channels = key_channels
         self.backend = _check_backend(backend)
-        key_channels = in_channels // reduction
         self.query_conv = nn.Conv2d(in_channels, key_channels, kernel_size=1)
         self.key_conv = nn.Conv2d(in_channels, key_channels, kernel_size=1)
         self.value_conv = nn.Conv2d(in_channels, in_channels, kernel_size=1)
@@ -62,16 +85,17 @@ class PositionAttention(nn.Module):
             raise ValueError(
                 f"PositionAttention: x must have {self.in_channels} channels, got shape {tuple(x.shape)}"
             )
-        query, key, value = self.query_conv(x), self.key_conv(x), self.value_conv(x)
-        if value.dtype != x.dtype and torch.is_autocast_enabled(x.device.type):
-            # autocast ran the 1x1 convolutions in bf16/fp16: attend in that dtype (accumulating
-            # in fp32) and return x's dtype, as the official module does under autocast
-            attended = F_attn.position_attention(x.to(value.dtype), query, key, value, self.gamma, backend=self.backend)
-            return attended.to(x.dtype)
-        return F_attn.position_attention(x, query, key, value, self.gamma, backend=self.backend)
+        return _attend_positions(x, self.query_conv(x), self.key_conv(x), self.value_conv(x), self.gamma,
+                                 self.backend)
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, reduction={self.reduction}, {_backend_repr(self.backend)}"
+        return (f"in_channels={self.in_channels}, key_channels={self.key_channels}, "
+                f"{_backend_repr(self.backend)}")
+
+
+def _attend_channels(x, gamma, variant: str, backend: str):
+    """gamma · A X + x (shared by ChannelAttention and the modules :func:`attnseg.convert_model` builds)."""
+    return F_attn.channel_attention(x, gamma, variant=variant, backend=module_backend(backend))
 
 
 class ChannelAttention(nn.Module):
@@ -105,7 +129,7 @@ class ChannelAttention(nn.Module):
             and x.shape[1] != self.in_channels
         ):
             raise ValueError(f"ChannelAttention: x must have {self.in_channels} channels, got shape {tuple(x.shape)}")
-        return F_attn.channel_attention(x, self.gamma, variant=self.variant, backend=self.backend)
+        return _attend_channels(x, self.gamma, self.variant, self.backend)
 
     def extra_repr(self) -> str:
         channels = f"in_channels={self.in_channels}, " if self.in_channels is not None else ""
@@ -120,47 +144,87 @@ def _conv_bn_relu(in_channels: int, out_channels: int, norm_layer) -> nn.Sequent
     )
 
 
-def _classifier(in_channels: int, num_classes: int) -> nn.Sequential:
-    return nn.Sequential(nn.Dropout2d(0.1, False), nn.Conv2d(in_channels, num_classes, 1))
+def _classifier(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Dropout2d(0.1, False), nn.Conv2d(in_channels, out_channels, 1))
 
 
 class DANetHead(nn.Module):
     """The DANet head: PAM and CAM branches on a dilated-FCN feature map, summed and classified.
 
-    Args:
-        in_channels: backbone channels (2048 for ResNet-50/101); inter_channels = in_channels // 4.
-        num_classes: output classes.
+    Args (the official ``DANetHead(in_channels, out_channels, norm_layer)`` order):
+        in_channels: backbone channels (2048 for ResNet-50/101).
+        out_channels: output classes (``num_classes=`` is accepted as an alias).
         norm_layer: normalisation layer class (``nn.BatchNorm2d``, or ``nn.SyncBatchNorm``).
         backend: passed to both attention modules.
         cam_variant: "official" or "paper" (see :class:`ChannelAttention`).
+        channels: keyword, the inter channels of both branches (default in_channels // 4, as
+            the official head; mmsegmentation's DAHead ``channels``).
+        pam_channels: keyword, PAM's query/key width (default channels // 8; mmseg's
+            ``pam_channels``).
 
-    Returns ``(fused_logits, pam_logits, cam_logits)``, each [B, num_classes, H, W], like the
+    Returns ``(fused_logits, pam_logits, cam_logits)``, each [B, out_channels, H, W], like the
     official head. Submodule names match the official ones (conv5a, conv5c, sa, sc, conv51,
     conv52, conv6, conv7, conv8), so ``head.*`` checkpoint weights load strictly.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, norm_layer=nn.BatchNorm2d, backend: str = "auto",
-                 cam_variant: str = "official"):
+    def __init__(self, in_channels: int, out_channels: int | None = None, norm_layer=nn.BatchNorm2d,
+                 backend: str = "auto", cam_variant: str = "official", *, channels: int | None = None,
+                 pam_channels: int | None = None, num_classes: int | None = None):
         super().__init__()
-        if not isinstance(in_channels, int) or in_channels < 4 or in_channels % 4 != 0:
-            raise ValueError(f"DANetHead: in_channels must be a positive multiple of 4, got {in_channels!r}")
-        inter_channels = in_channels // 4
-        if inter_channels % 8 != 0:
-            raise ValueError(
-                f"DANetHead: in_channels // 4 ({inter_channels}) must be divisible by 8 (PAM's reduction); "
-                f"got in_channels={in_channels}"
-            )
+        if num_classes is not None:
+            if out_channels is not None and out_channels != num_classes:
+                raise ValueError(
+                    f"DANetHead: out_channels ({out_channels!r}) and its alias num_classes ({num_classes!r}) "
+                    "disagree; pass one of them"
+                )
+            out_channels = num_classes
+        if out_channels is None:
+            raise TypeError("DANetHead: missing the number of classes: pass out_channels (or num_classes)")
+        if isinstance(out_channels, bool) or not isinstance(out_channels, int) or out_channels < 1:
+            raise ValueError(f"DANetHead: out_channels must be a positive int, got {out_channels!r}")
+        if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+            raise ValueError(f"DANetHead: in_channels must be a positive int, got {in_channels!r}")
+        if channels is None:
+            inter_channels = in_channels // 4
+            if inter_channels == 0:
+                raise ValueError(
+                    f"DANetHead: inter channels in_channels // 4 = {in_channels} // 4 is 0; in_channels must be "
+                    f"at least 4, or pass channels="
+                )
+        elif isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise ValueError(f"DANetHead: channels must be a positive int or None, got {channels!r}")
+        else:
+            inter_channels = channels
+        if pam_channels is None:
+            pam_channels = inter_channels // 8
+            if pam_channels == 0:
+                source = f"channels = {inter_channels}" if channels is not None else (
+                    f"in_channels // 4 = {inter_channels}; in_channels must be at least 32")
+                raise ValueError(
+                    f"DANetHead: PAM's query/key width (inter channels) // 8 is 0 with {source}; "
+                    f"pass pam_channels= (or channels=)"
+                )
+        elif isinstance(pam_channels, bool) or not isinstance(pam_channels, int) or pam_channels < 1:
+            raise ValueError(f"DANetHead: pam_channels must be a positive int or None, got {pam_channels!r}")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.channels = inter_channels
+        self.pam_channels = pam_channels
         self.conv5a = _conv_bn_relu(in_channels, inter_channels, norm_layer)
         self.conv5c = _conv_bn_relu(in_channels, inter_channels, norm_layer)
-        self.sa = PositionAttention(inter_channels, backend=backend)
+        self.sa = PositionAttention(inter_channels, backend=backend, key_channels=pam_channels)
         self.sc = ChannelAttention(inter_channels, variant=cam_variant, backend=backend)
         self.conv51 = _conv_bn_relu(inter_channels, inter_channels, norm_layer)
         self.conv52 = _conv_bn_relu(inter_channels, inter_channels, norm_layer)
-        self.conv6 = _classifier(inter_channels, num_classes)
-        self.conv7 = _classifier(inter_channels, num_classes)
-        self.conv8 = _classifier(inter_channels, num_classes)
+        self.conv6 = _classifier(inter_channels, out_channels)
+        self.conv7 = _classifier(inter_channels, out_channels)
+        self.conv8 = _classifier(inter_channels, out_channels)
 
     def forward(self, x: torch.Tensor):
         sa_conv = self.conv51(self.sa(self.conv5a(x)))
         sc_conv = self.conv52(self.sc(self.conv5c(x)))
         return self.conv8(sa_conv + sc_conv), self.conv6(sa_conv), self.conv7(sc_conv)
+
+    def extra_repr(self) -> str:
+        return (f"in_channels={self.in_channels}, out_channels={self.out_channels}, channels={self.channels}, "
+                f"pam_channels={self.pam_channels}")

@@ -303,8 +303,54 @@ def test_mmseg_shape_mismatch_raises_value_error(channels, pam_channels, key, ck
         load_mmseg_dahead(ours, ckpt)
     msg = str(info.value)
     assert f"{key!r}: checkpoint shape {ckpt_shape}" in msg and f"of shape {head_shape}" in msg
-    assert "channels == in_channels // 4" in msg
+    assert f"DANetHead(in_channels, n, channels=channels, pam_channels=pam_channels)" in msg
     _assert_unchanged(ours, before)
+
+
+@pytest.mark.parametrize("in_channels, channels, pam_channels", [(64, 32, 4), (64, 16, 4), (48, 20, 3), (24, 24, 1)])
+def test_every_mmseg_dahead_config_loads_and_matches(in_channels, channels, pam_channels):
+    """mmseg lets channels and pam_channels be set freely; each config loads into the head
+    built with the same sizes and gives mmseg's three outputs."""
+    mmseg = MMSegDAHead(in_channels, channels, pam_channels, 3)
+    ours = DANetHead(in_channels, 3, channels=channels, pam_channels=pam_channels)
+    result = load_mmseg_dahead(ours, _mmseg_checkpoint(mmseg))
+    assert result.missing_keys == [] and result.unexpected_keys == []
+    assert ours.sa.query_conv.weight.shape == (pam_channels, channels, 1, 1)
+    _assert_outputs_match(ours, mmseg, _relu_features(2, in_channels, 5, 7))
+
+
+@pytest.mark.parametrize("in_channels", [100, 60, 36])
+def test_official_head_any_in_channels_positional_order(in_channels):
+    """The official DANetHead(in_channels, out_channels, norm_layer) for channel counts whose
+    inter channels are not multiples of 8 (PAM width = (in_channels // 4) // 8, rounding down)."""
+    official, ckpt = _official_checkpoint(in_channels=in_channels, num_classes=3)
+    ours = DANetHead(in_channels, 3, nn.BatchNorm2d)
+    assert ours.sa.key_channels == (in_channels // 4) // 8
+    load_official_danet_head(ours, ckpt)
+    _assert_outputs_match(ours, official, _relu_features(1, in_channels, 6, 5))
+
+
+def test_head_out_channels_keyword_and_num_classes_alias():
+    assert DANetHead(64, out_channels=19).conv8[1].out_channels == 19
+    assert DANetHead(64, num_classes=19).conv8[1].out_channels == 19
+    assert DANetHead(64, 19, num_classes=19).out_channels == 19
+    with pytest.raises(TypeError, match="out_channels"):
+        DANetHead(64)
+
+
+def test_head_only_state_dict_hints_at_empty_prefix_and_loads_with_it():
+    official = OfficialDANetHead(64, 3, nn.BatchNorm2d)
+    state = _trained_looking_state(official)
+    ours = DANetHead(64, 3)
+    with pytest.raises(ValueError, match='prefix=""'):
+        load_official_danet_head(ours, state)
+    load_official_danet_head(ours, state, prefix="")
+    _assert_outputs_match(ours, official, _relu_features(1, 64, 4, 4))
+
+
+def test_loader_given_another_module_kind_is_a_type_error_naming_danethead():
+    with pytest.raises(TypeError, match=r"attnseg\.DANetHead.*got MMSegDAHead.*convert_model"):
+        load_mmseg_dahead(MMSegDAHead(64, 16, 2, 3), {})
 
 
 def test_mmseg_duplicate_mapping_rejected():

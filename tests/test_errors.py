@@ -18,7 +18,9 @@ import pytest
 import torch
 
 import attnseg
-from attnseg import ChannelAttention, DANetHead, PositionAttention
+from torch import nn
+
+from attnseg import ChannelAttention, DANetHead, PositionAttention, load_mmseg_dahead, load_official_danet_head
 
 
 def raises_naming(exc_type, name):
@@ -195,15 +197,19 @@ def test_channel_attention_bad_input(case):
 
 MODULE_BAD = {
     # id: (constructor call, arguments the ValueError must name)
-    "pam_10_by_8": (lambda: PositionAttention(10, reduction=8), ("in_channels", "reduction")),
-    "pam_12_by_8": (lambda: PositionAttention(12, reduction=8), ("in_channels", "reduction")),
+    "pam_7_by_8": (lambda: PositionAttention(7, reduction=8), ("in_channels", "reduction")),
+    "pam_key_channels_0": (lambda: PositionAttention(16, key_channels=0), ("key_channels",)),
     "pam_zero": (lambda: PositionAttention(0), ("in_channels",)),
     "pam_float": (lambda: PositionAttention(16.0), ("in_channels",)),
     "pam_reduction_0": (lambda: PositionAttention(16, reduction=0), ("reduction",)),
     "cam_zero": (lambda: ChannelAttention(0), ("in_channels",)),
     "cam_variant": (lambda: ChannelAttention(variant="softmax"), ("variant",)),
-    "head_30": (lambda: DANetHead(30, 3), ("in_channels",)),
-    "head_16": (lambda: DANetHead(16, 3), ("in_channels",)),  # inter = 4, not divisible by PAM's 8
+    "head_3": (lambda: DANetHead(3, 3), ("in_channels", "channels")),  # inter = 3 // 4 = 0
+    "head_16": (lambda: DANetHead(16, 3), ("in_channels", "pam_channels")),  # PAM width 4 // 8 = 0
+    "head_channels_0": (lambda: DANetHead(64, 3, channels=0), ("channels",)),
+    "head_out_channels_0": (lambda: DANetHead(64, 0), ("out_channels",)),
+    "head_alias_disagrees": (lambda: DANetHead(64, 3, num_classes=4), ("out_channels", "num_classes")),
+    "convert_model_backend": (lambda: attnseg.convert_model(nn.Identity(), backend="cuda"), ("backend",)),
     "head_cam_variant": (lambda: DANetHead(64, 3, cam_variant="bogus"), ("variant",)),
 }
 
@@ -422,6 +428,16 @@ STATE_DICT_BAD = {
     "official_head_missing_gamma": (lambda: _load_official(**{"head.sc.gamma": None}), TypeError, "head.sc.gamma"),
     "mmseg_head_gamma_shape": (lambda: _load_mmseg(**{"decode_head.pam.gamma.scale": torch.zeros(3)}), ValueError,
                                "decode_head.pam.gamma.scale"),
+    "official_head_only_state_dict": (lambda: load_official_danet_head(DANetHead(64, 3), DANetHead(64, 3).state_dict()),
+                                      ValueError, 'prefix=""'),
+    "mmseg_head_only_state_dict": (lambda: load_mmseg_dahead(DANetHead(64, 3), {
+        k[len("decode_head."):]: v for k, v in _mmseg_head_state()[1].items()}), ValueError, 'prefix=""'),
+    "official_prefix_matches_nothing": (lambda: load_official_danet_head(DANetHead(64, 3), {"x.weight": torch.zeros(1)}),
+                                        ValueError, "prefix"),
+    "official_wrong_module_kind": (lambda: load_official_danet_head(nn.Conv2d(1, 1, 1), {}), TypeError,
+                                   "DANetHead"),
+    "mmseg_wrong_module_kind": (lambda: load_mmseg_dahead(PositionAttention(16), {}), TypeError, "DANetHead"),
+    "mmseg_arguments_swapped": (lambda: load_mmseg_dahead({}, DANetHead(64, 3)), TypeError, "head"),
 }
 
 

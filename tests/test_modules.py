@@ -450,3 +450,25 @@ def test_torch_compile_fullgraph_matches_eager():
     (expected_grad_x,) = torch.autograd.grad(expected.square().sum(), x)
     torch.testing.assert_close(out, expected)
     torch.testing.assert_close(grad_x, expected_grad_x)
+
+
+@pytest.mark.parametrize("in_channels", [60, 9, 1])
+def test_position_attention_any_in_channels_matches_official(in_channels):
+    """The official PAM_Module(in_dim) runs for any in_dim >= 8 (query width in_dim // 8, e.g.
+    7 for 60); PositionAttention takes the same range, and reduction=1 reaches in_channels=1."""
+    reduction = 8 if in_channels >= 8 else 1
+    ours = PositionAttention(in_channels, reduction=reduction).double()
+    assert ours.query_conv.out_channels == in_channels // reduction
+    if reduction == 8:
+        official = PAM_Module(in_channels).double()
+        official.load_state_dict(_trained_looking_state(official))
+        ours.load_state_dict(official.state_dict(), strict=True)
+        x = _relu_features(2, in_channels, 5, 3, torch.float64)
+        torch.testing.assert_close(ours(x), official(x), rtol=1e-10, atol=1e-10)
+    else:
+        assert ours(torch.randn(1, 1, 2, 3, dtype=torch.float64)).shape == (1, 1, 2, 3)
+
+
+def test_position_attention_width_zero_names_minimum_in_channels():
+    with pytest.raises(ValueError, match=r"in_channels must be at least 8 \(= reduction\)"):
+        PositionAttention(7)
