@@ -124,6 +124,19 @@ def test_attention_no_keys_and_empty_widths(emu):
     torch.testing.assert_close(lse, torch.full((1, 7), math.log(9)))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_empty_batch_launches_nothing_and_returns_empty_results(emu, dtype):
+    q, k, v = (torch.randn(0, n, w, dtype=dtype) for n, w in ((5, 8), (6, 8), (6, 4)))
+    out, lse = emu.attention_fwd(q, k, v, 1.0)
+    assert out.shape == (0, 5, 4) and lse.shape == (0, 5)
+    grads = emu.attention_bwd(out, None, q, k, v, out, lse, 1.0)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    x = torch.randn(0, 8, 15, dtype=dtype)
+    y, attn = emu.channel_attention_fwd(x, True)
+    assert y.shape == x.shape and attn.shape == (0, 8, 8)
+    assert emu.channel_attention_bwd(y, x, attn, True).shape == x.shape
+
+
 def test_attention_grid_limit_is_a_clear_error(emu):
     """Ev so wide that its slices exceed gridDim.y's 65535 is refused before any launch."""
     q, k, v = _attention_inputs(1, 1, 1, 1, 1, torch.float16)
