@@ -4,16 +4,18 @@
 
 For every CUDA kernel of csrc/cuda (the table ``KERNELS`` below: one entry a kernel) and every
 architecture (sm_80, sm_90), the script generates a small translation unit that includes only
-the kernel's header and instantiates the kernel template for each dtype, compiles it with nvcc
+the kernel's header and instantiates the kernel template for each dtype (by taking its
+address: no torch headers, no signature to spell), compiles it with nvcc
 (the flags of setup.py, ``-Xptxas -v``), disassembles it (``cuobjdump -sass``) and prints:
 
 * resources: registers, stack frame, spill stores/loads, static + dynamic shared memory (dynamic:
   the launch geometry, read from the kernel header's own constants by a small host program), and
   the theoretical occupancy from the per-architecture limits of ``ARCHS``;
-* the main loop's instruction mix: the loops are the backward branches of the SASS; the main
-  loop is the one holding the most tensor-core instructions (then FMA, then the smallest one):
-  tensor-core / FMA / other fp / load-store / integer-address / control shares, whether ldmatrix
-  (LDSM) and cp.async (LDGSTS) appear, and the global load widths;
+* the main loop's instruction mix: the natural loops of the SASS control-flow graph (backward
+  branches to a dominating block); the main loop is the one holding the most tensor-core
+  instructions (then FMA, then the smallest one): tensor-core / FMA / other fp / load-store /
+  integer-address / control shares, whether ldmatrix (LDSM) and cp.async (LDGSTS) appear, the
+  global load widths, and the densest loop nested in it;
 * per op, the issued / useful FLOP ratio of an analytic model of each kernel at the DANet shape
   (printed as a formula) and a modelled time on an A100 and an H100 with its assumptions printed
   (``GPUS``, :func:`modelled_time`), beside an FA2-class reference estimate.
@@ -23,8 +25,9 @@ sizes (``attnseg.triton.offline``): registers, spills, shared memory, warps / st
 the kernel's prune filter keeps them.
 
 ``--check`` exits 1 when an ENFORCED row misses a threshold of issue 11 (``THRESHOLDS``); every
-row prints PASS / FAIL regardless, and the output says which rows are enforced. Compiles are cached by
-source hash under build/kernel_report/ and run in parallel (``--jobs``).
+row prints PASS / FAIL regardless, and the output says which rows are enforced. Compiles are
+cached by source hash under build/kernel_report/ and run in parallel (``--jobs``): a cold run
+takes minutes on 2 cores (mostly the Triton configs, ~1.5 s each), a cached one seconds.
 """
 
 from __future__ import annotations
@@ -273,6 +276,8 @@ class CudaKernel:
       passes) are required; the rest feed ``model``.
     model: (shape, constants, element bytes) -> Work, for each launch of the kernel per op call.
     op: the op (key of ``USEFUL``) it is a launch of; launches: how many times one op call launches it.
+    impl: names the implementation when two of one op are in the table (e.g. "old" and "fa2"):
+      the op's FLOP ratio and time sum the kernels of one (op, impl).
     products: whether it computes matrix products (then the tensor-core checks apply to fp16/bf16,
       and the FFMA-share check to fp32).
     enforced: whether ``--check`` fails on this kernel's FAILs (and on its op's FLOP ratio).
@@ -288,6 +293,7 @@ class CudaKernel:
     products: bool
     launches: int = 1
     enforced: bool = False
+    impl: str = ""
 
 
 _ATTN_TILES = {"threads": "AttnTiles<{T}>::kThreads", "smem": "AttnTiles<{T}>::kSmemBytes",
@@ -323,6 +329,12 @@ KERNELS = (
     CudaKernel("cam_gemm_apply(bwd)", "channel_attention.cuh", "gemm_kernel<{A}, {T}, {T}, {A}>", _ALL,
                _GEMM_TILES, cam_apply, "cam_bwd", products=True),
 )
+# A new kernel is one entry; e.g. a flash-attention-2 forward with its tiles as header constants:
+#   CudaKernel("flash_fwd", "flash_attention.cuh", "flash_fwd_kernel<{T}, 64>", ("fp16", "bf16"),
+#              {"threads": "FlashFwd<{T}, 64>::kThreads", "smem": "FlashFwd<{T}, 64>::kSmemBytes",
+#               "rows": "FlashFwd<{T}, 64>::kBlockM", "cols": "FlashFwd<{T}, 64>::kBlockN", ...},
+#              flash_fwd_model, "attention_fwd", products=True, enforced=True, impl="fa2")
+# with flash_fwd_model(shape, constants, element bytes) -> Work like old_attention_fwd above.
 NAMESPACE = "attnseg::cuda"
 
 # ---------------------------------------------------------------------------------------------
@@ -731,9 +743,12 @@ def probe_constants(entries, dtypes, nvcc: str, key_salt: str) -> dict[tuple[str
     if not output_file.exists():
         folder.mkdir(parents=True, exist_ok=True)
         (folder / "probe.cu").write_text(source)
-        subprocess.run([nvcc, "-std=c++20", "--expt-relaxed-constexpr", f"-I{CUDA_DIR}",
-                        "-gencode=arch=compute_80,code=sm_80", "-o", "probe", "probe.cu"], cwd=folder, check=True,
-                       capture_output=True, text=True)
+        proc = subprocess.run([nvcc, "-std=c++20", "--expt-relaxed-constexpr", f"-I{CUDA_DIR}",
+                               "-gencode=arch=compute_80,code=sm_80", "-o", "probe", "probe.cu"], cwd=folder,
+                               capture_output=True, text=True)
+        if proc.returncode:
+            raise SystemExit(f"kernel report: the constants of KERNELS do not compile ({folder / 'probe.cu'}):\n"
+                             + proc.stderr[-4000:])
         output = subprocess.run([str(folder / "probe")], check=True, capture_output=True, text=True).stdout
         output_file.write_text(output)
     constants: dict[tuple[str, str], dict[str, int]] = {}
@@ -906,7 +921,8 @@ def triton_sweep(arch: int, dtype: str, n: int, kept_only: bool) -> list[dict]:
             if kept_only and not is_kept:
                 continue
             key = f"{kernel.__name__}|{mode}|{sorted(config.kwargs.items())}|{config.num_warps}|{config.num_stages}"
-            if key not in cache:
+            cached = key in cache
+            if not cached:
                 try:
                     compiled = offline.compile_config(kernel, args, kwargs, config, arch)
                     regs, stack = offline.resource_usage(compiled)
@@ -918,6 +934,7 @@ def triton_sweep(arch: int, dtype: str, n: int, kept_only: bool) -> list[dict]:
             rows.append({"kernel": kernel.__name__, "mode": mode, "blocks": dict(config.kwargs),
                          "warps": config.num_warps, "stages": config.num_stages, "kept": is_kept,
                          "total": len(configs), "kept_count": len(kept), "shared_limit": offline.SHARED_MEMORY[arch],
+                         "cached": cached,
                          **cache[key]})
     return rows
 
@@ -1006,11 +1023,23 @@ def report(args) -> tuple[str, bool]:
             progress(f"kernel report: waiting for the Triton sweeps ({len(triton_jobs)}: "
                      f"{'kept configs' if not args.triton_all or args.quick else 'every config'}, ~1.5 s per "
                      "uncached config)")
+        triton_errors = []
         for (arch, dtype), job in triton_jobs.items():
-            triton_rows[(arch, dtype)] = job.result()
+            try:
+                triton_rows[(arch, dtype)] = job.result()
+            except Exception as exc:  # no triton, or a Triton that cannot compile for NVIDIA offline
+                triton_errors.append(f"sm_{arch} {dtype}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+                continue
             progress(f"kernel report: Triton sm_{arch} {dtype}: {len(triton_rows[(arch, dtype)])} configs")
     if triton_rows:
         _triton_section(say, triton_rows, failures, detail=args.triton_detail)
+        fresh = sum(not r["cached"] for rows_ in triton_rows.values() for r in rows_)
+        say(f"\n{sum(map(len, triton_rows.values()))} Triton configs ({fresh} compiled in this run, the rest cached "
+            "in build/kernel_report/triton).")
+    if triton_errors:
+        say("\nTriton configs not compiled: " + "; ".join(triton_errors))
+        if TRITON_NO_SPILL_ENFORCED:
+            failures.extend(f"Triton {e}" for e in triton_errors)
     elapsed = time.time() - started
     say(f"\nReport generated in {elapsed:.0f} s on {os.cpu_count()} cores.")
     if failures:
@@ -1020,8 +1049,17 @@ def report(args) -> tuple[str, bool]:
     return "\n".join(out) + "\n", not failures
 
 
+def _entries(rows: list[Row], op: str | None = None) -> list[CudaKernel]:
+    """The table entries the rows come from (of one op), in table order, each once."""
+    seen: dict[int, CudaKernel] = {}
+    for r in rows:
+        if op is None or r.compiled.entry.op == op:
+            seen.setdefault(id(r.compiled.entry), r.compiled.entry)
+    return list(seen.values())
+
+
 def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> None:
-    enforced = [e.name for e in KERNELS if e.enforced]
+    enforced = [e.name for e in _entries(rows) if e.enforced]
     say("## CUDA kernels\n")
     say("Enforced kernels (their FAILs, and their op's FLOP ratio, fail `--check`): "
         + (", ".join(enforced) if enforced else "none yet (the kernels of issue 11 will be)") + ".\n")
@@ -1095,10 +1133,10 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
     say("Shapes: " + "; ".join(f"{s.label}: Nq = Nk = {s.nq}, E = {s.e}, Ev = {s.ev}, CAM C = {s.c}" for s in shapes)
         + ".\n")
     for op, (_, formula) in USEFUL.items():
-        kernels = [e for e in KERNELS if e.op == op]
-        say(f"- `{op}` useful FLOPs = {formula}; kernels: "
-            + "; ".join(f"{e.name}: {e.model(shapes[0], next(r.constants for r in rows if r.compiled.entry is e), 2).formula}"
-                        for e in kernels if any(r.compiled.entry is e for r in rows)))
+        models = [f"{e.name}: {e.model(shapes[0], next(r.constants for r in rows if r.compiled.entry is e), 2).formula}"
+                  for e in _entries(rows, op)]
+        if models:
+            say(f"- `{op}` useful FLOPs = {formula}; kernels: " + "; ".join(models))
     say("\nTime model (per kernel launch, summed per op): " + " ".join(modelled_time.__doc__.split()) + "\n")
     for gpu in GPUS:
         say(f"- {gpu.describe()}")
@@ -1111,9 +1149,10 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
         header += [f"{g.name} ms (bound)", f"{g.name} ref ms", "x ref"]
     body = []
     kernel_body = []
-    for op in USEFUL:
-        entries = [e for e in KERNELS if e.op == op]
+    for op, impl in dict.fromkeys((e.op, e.impl) for e in _entries(rows)):
+        entries = [e for e in _entries(rows, op) if e.impl == impl]
         op_enforced = any(e.enforced for e in entries)
+        op_label = op + (f" ({impl})" if impl else "") + (" [enforced]" if op_enforced else "")
         for dtype in [d for d in dtypes if d != "fp64"]:
             for shape in shapes:
                 nbytes = DTYPES[dtype][2]
@@ -1148,8 +1187,8 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
                 limit = THRESHOLDS["flop_ratio"].get(op)
                 verdict = "-" if limit is None else ("PASS" if ratio <= limit else "FAIL")
                 if limit is not None and op_enforced and verdict == "FAIL":
-                    failures.append(f"{op} {dtype} {shape.label}: issued/useful {ratio:.2f} > {limit}")
-                cells = [op + (" [enforced]" if op_enforced else ""), dtype, shape.label, f"{issued / 1e9:.0f}",
+                    failures.append(f"{op_label} {dtype} {shape.label}: issued/useful {ratio:.2f} > {limit}")
+                cells = [op_label, dtype, shape.label, f"{issued / 1e9:.0f}",
                          f"{useful / 1e9:.0f}", f"{ratio:.2f}",
                          "-" if limit is None else f"<= {limit} {verdict}"]
                 for g in gpus:

@@ -97,7 +97,7 @@ def test_loops_main_loop_and_load_widths():
 
 def test_flop_model_of_the_old_kernels_matches_issue_11():
     """Forward: S for each of the 8 64-wide Ev slices, 1.78x; backward: 1.89x (issue 11)."""
-    tiles = {"rows": 32, "cols": 32, "chunk": 64, "threads": 128, "smem": 0}
+    tiles = _TILES
     shape = kr.SHAPES[0]
     n2 = shape.nq * shape.nk
     fwd = kr.old_attention_fwd(shape, tiles, 2)
@@ -123,13 +123,16 @@ def test_occupancy():
     assert kr.occupancy(sm80, 128, 32, 200 * 1024).blocks == 0  # does not fit a block
 
 
-def _row(dtype="fp16", opcodes=("HMMA.16816.F32", "LDSM.16.M88.4", "LDGSTS.E.BYPASS.128"), stack=0):
-    entry = kr.KERNELS[0]
+_TILES = {"rows": 32, "cols": 32, "chunk": 64, "threads": 128, "smem": 0}
+
+
+def _row(dtype="fp16", opcodes=("HMMA.16816.F32", "LDSM.16.M88.4", "LDGSTS.E.BYPASS.128"), stack=0, entry=None):
+    entry = entry or kr.KERNELS[0]
     lines = [f"/*{16 * k:04x}*/ {op} R0, R1 ;" for k, op in enumerate(opcodes)]
     lines.append(f"/*{16 * len(opcodes):04x}*/ @P0 BRA 0x0 ;")
     code = kr.parse_sass("Function : f\n" + "\n".join(lines))["f"]
     compiled = kr.Compiled(entry, dtype, 80, ok=True, registers=64, stack=stack, code=code)
-    return kr.analyse(compiled, {"threads": 128, "smem": 0})
+    return kr.analyse(compiled, _TILES)
 
 
 def test_checks():
@@ -159,6 +162,23 @@ def test_compiles_one_kernel_for_sm80(tmp_path, monkeypatch):
     assert row.occupancy.blocks >= 1
     again = kr.compile_kernel(entry, "fp16", 80, shutil.which("nvcc"), cuobjdump, "test")
     assert again.cached and again.registers == compiled.registers
+
+
+def test_only_enforced_rows_fail_the_check():
+    import dataclasses
+
+    failing = ("HMMA.16816.F32", "LDS.U16")  # no ldmatrix, no cp.async
+    for enforced in (False, True):
+        entry = dataclasses.replace(kr.KERNELS[0], enforced=enforced)  # attention_fwd, 1.78x the useful FLOPs
+        failures, lines = [], []
+        kr._cuda_sections(lines.append, [_row(opcodes=failing, entry=entry)], [80], ["fp16"], kr.SHAPES[:1], failures)
+        text = "\n".join(lines)
+        assert "LDSM no FAIL" in text and "<= 1.15 FAIL" in text  # printed either way
+        if enforced:
+            assert "[enforced]" in text
+            assert any("LDSM" in f for f in failures) and any("issued/useful 1.78" in f for f in failures)
+        else:
+            assert failures == []
 
 
 def test_time_model():
