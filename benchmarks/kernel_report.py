@@ -1200,7 +1200,9 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
     say(table(header, body))
     say("\n`~`: rough: the main loop holds inner loops (load loops, k loops, unrolled remainders) that run "
         "several times per iteration, so its static mix (inner loops counted once) is not the dynamic mix the "
-        "issue bound assumes; the error can go either way. Barrier, dependency and memory latency are not "
+        "issue bound assumes; the error can go either way (e.g. nvcc leaves the CAM GEMM's k loop rolled on "
+        "sm_90 but unrolls it on sm_80: a main-loop FFMA share of 6 % against 31 %, which inflates the H100 "
+        "estimate). Barrier, dependency and memory latency are not "
         "modelled at all: the old kernels, with 6 barriers and shared-memory round trips a tile, are slower "
         "than these numbers. A main loop without inner loops (the new kernels' design) has no `~`.\n")
     say("Per kernel launch (ms; the largest bound is the modelled time):\n")
