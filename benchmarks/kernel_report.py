@@ -1244,17 +1244,16 @@ def _triton_section(say, triton_rows, failures, detail: bool) -> None:
                             ", ".join(_config_label(c) for c in bad) or "none",
                             _config_label(best) if best else "-", verdict])
             for c in configs:
-                if detail:
+                if detail or c["kept"]:
                     detail_rows.append([kernel, mode, dtype, f"sm_{arch}", _config_label(c, resources=False),
                                         "kept" if c["kept"] else "dropped",
                                         c.get("registers", "-"), c.get("stack", "-"), c.get("shared", "-"),
                                         "spills" if spills(c) else "clean"])
     say(table(["kernel (mode)", "dtype", "arch", "kept", "clean dropped", "kept that spill", "largest kept",
                "no kept spill" + (" [enforced]" if TRITON_NO_SPILL_ENFORCED else "")], summary))
-    if detail:
-        say("\nEvery config compiled:\n")
-        say(table(["kernel", "mode", "dtype", "arch", "config", "prune", "regs", "stack B", "shared B", ""],
-                  detail_rows))
+    say(f"\n{'Every config compiled' if detail else 'Kept configs (`--triton-detail`: every compiled one)'}; "
+        "config = block sizes in the kernel's order (e.g. BLOCK_M x BLOCK_N x BLOCK_EV), warps, stages:\n")
+    say(table(["kernel", "mode", "dtype", "arch", "config", "prune", "regs", "stack B", "shared B", ""], detail_rows))
 
 
 def _config_label(c: dict, resources: bool = True) -> str:
