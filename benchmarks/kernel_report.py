@@ -1138,7 +1138,7 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
         if models:
             say(f"- `{op}` useful FLOPs = {formula}; kernels: " + "; ".join(models))
     say("\nTime model (per kernel launch, summed per op): " + " ".join(modelled_time.__doc__.split()) + "\n")
-    for gpu in GPUS:
+    for gpu in (g for g in GPUS if g.arch in archs):
         say(f"- {gpu.describe()}")
     say("- reference: useful FLOPs / (efficiency x peak): " + ", ".join(
         f"{op} {REFERENCE_NAME[op]} at {eff:.0%}" for op, eff in REFERENCE_EFFICIENCY.items())
