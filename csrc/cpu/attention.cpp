@@ -235,7 +235,7 @@ void attention_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& delta, c
 // the softmax statistics, lse, dP and the accumulators of O, dQ, dK, dV are fp32; P and dS are
 // rounded to bf16 right before the GEMMs that consume them. The same tiles, tasks and dQ groups
 // as the fp32 kernels above. The operands are arranged once per call (O(N·(E + Ev)) bf16):
-// the A operands row-major with K even (zero-padded), the B operands pair-packed (bf16_gemm.h).
+// the A operands row-major with K even (zero-padded), the B operands pair-packed in panels.
 // ---------------------------------------------------------------------------------------------
 
 // t [B, rows, cols] -> contiguous bf16 [B, rows, cols rounded up to even], zero-padded: an A operand.
@@ -243,24 +243,27 @@ at::Tensor bf16_rows(const at::Tensor& t) {
   return at::constant_pad_nd(t.to(at::kBFloat16), {0, t.size(2) & 1}).contiguous();
 }
 
-// The B operand of a product whose K runs over the rows of t [B, rows, cols]:
-// [B, ceil(rows / 2), cols, 2], word (p, c) = (t[2p][c], t[2p + 1][c]).
-at::Tensor pair_pack_rows(const at::Tensor& t) {
-  const at::Tensor padded = at::constant_pad_nd(t.to(at::kBFloat16), {0, 0, 0, t.size(1) & 1});
-  return padded.view({t.size(0), padded.size(1) / 2, 2, t.size(2)}).transpose(2, 3).contiguous();
-}
-
-// The B operand of a product whose K runs over the columns of t [B, rows, cols] (t transposed):
-// [B, ceil(cols / 2), rows, 2], word (p, r) = (t[r][2p], t[r][2p + 1]).
-at::Tensor pair_pack_cols(const at::Tensor& t) {
-  const at::Tensor padded = bf16_rows(t);
-  return padded.view({t.size(0), t.size(1), padded.size(2) / 2, 2}).permute({0, 2, 1, 3}).contiguous();
-}
+// The B operand of a product whose K runs over the rows of t [B, rows, cols], pair-packed in
+// panels (bf16_gemm.h): [B, ceil(cols / 64), ceil(rows / 2), 64, 2], zero-padded.
+struct PackedB {
+  at::Tensor data;
+  int64_t panel_stride;  // words
+  explicit PackedB(const at::Tensor& t) {
+    const int64_t rows = t.size(1), cols = t.size(2);
+    const int64_t pad_cols = ceil_div(cols, kPanel) * kPanel - cols;
+    const at::Tensor padded = at::constant_pad_nd(t.to(at::kBFloat16), {0, pad_cols, 0, rows & 1});
+    const int64_t pairs = padded.size(1) / 2, panels = padded.size(2) / kPanel;
+    data = padded.view({t.size(0), pairs, 2, panels, kPanel}).permute({0, 3, 1, 4, 2}).contiguous();
+    panel_stride = pairs * kPanel;
+  }
+  // The operand from row k0 (even) of K and column n0 (a multiple of 64) on, in batch b.
+  const uint32_t* words(int64_t b, int64_t k0, int64_t n0) const {
+    return reinterpret_cast<const uint32_t*>(data[b].data_ptr<c10::BFloat16>()) + (n0 / kPanel) * panel_stride +
+           (k0 / 2) * kPanel;
+  }
+};
 
 const c10::BFloat16* bf16_ptr(const at::Tensor& t, int64_t b) { return t[b].data_ptr<c10::BFloat16>(); }
-const uint32_t* words_ptr(const at::Tensor& t, int64_t b) {
-  return reinterpret_cast<const uint32_t*>(t[b].data_ptr<c10::BFloat16>());
-}
 uint32_t* words_ptr(at::Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>()); }
 uint16_t* bits_ptr(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<c10::BFloat16>()); }
 
@@ -271,8 +274,8 @@ void attention_fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
   const int64_t q_blocks = ceil_div(nq, kBlockM);
   const float scale = static_cast<float>(scale_d);
   const at::Tensor q_rows = bf16_rows(q);        // A of S = Q Kᵀ:  [B, Nq, E2]
-  const at::Tensor k_cols = pair_pack_cols(k);   // B of S:         [B, E2 / 2, Nk, 2]
-  const at::Tensor v_pairs = pair_pack_rows(v);  // B of O += P V:  [B, Nk2 / 2, Ev, 2]
+  const PackedB k_t(k.transpose(1, 2));         // B of S:         Kᵀ
+  const PackedB v_pairs(v);                      // B of O += P V:  V
   const int64_t e2 = q_rows.size(2);
   const auto f32 = q.options().dtype(at::kFloat);
   float* lse_ptr = lse.data_ptr<float>();
@@ -296,11 +299,11 @@ void attention_fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
     const c10::BFloat16* q_i = bf16_ptr(q_rows, b) + i0 * e2;
     for (int64_t j0 = 0; j0 < nk; j0 += kBlockN) {
       const int64_t bn = std::min(kBlockN, nk - j0), bn2 = bn + (bn & 1);
-      bf16_gemm(bm, bn, e2, q_i, e2, words_ptr(k_cols, b) + j0, nk, s, bn, 1.0f, false);
+      bf16_gemm(bm, bn, e2, q_i, e2, k_t.words(b, 0, j0), k_t.panel_stride, s, bn, 1.0f, false);
       online_softmax_rows(s, bm, bn, scale, scratch.row_max.data(), scratch.row_sum.data(), acc, ev);
       round_rows_to_bf16(s, bm, bn, bn, bits_ptr(scratch.probs), bn2);
-      bf16_gemm(bm, ev, bn2, scratch.probs.data_ptr<c10::BFloat16>(), bn2, words_ptr(v_pairs, b) + (j0 / 2) * ev, ev,
-                acc, ev, 1.0f, true);
+      bf16_gemm(bm, ev, bn2, scratch.probs.data_ptr<c10::BFloat16>(), bn2, v_pairs.words(b, j0, 0),
+                v_pairs.panel_stride, acc, ev, 1.0f, true);
     }
     normalize_rows(acc, bm, ev, scratch.row_max.data(), scratch.row_sum.data(), lse_ptr + b * nq + i0);
     out[b].narrow(0, i0, bm).copy_(scratch.acc.narrow(0, 0, bm * ev).view({bm, ev}));
@@ -319,12 +322,12 @@ void attention_bwd_bf16(const at::Tensor& grad_out, const at::Tensor& delta, con
   const int64_t chunk_rows = std::min(nq, kBackwardChunk);
   const float scale = static_cast<float>(scale_d);
   const at::Tensor q_rows = bf16_rows(q);                       // A of S = Q Kᵀ:     [B, Nq, E2]
-  const at::Tensor k_cols = pair_pack_cols(k);                  // B of S:            [B, E2 / 2, Nk, 2]
+  const PackedB k_t(k.transpose(1, 2));                         // B of S:            Kᵀ
   const at::Tensor do_rows = bf16_rows(grad_out);               // A of dP = dO Vᵀ:   [B, Nq, Ev2]
-  const at::Tensor v_cols = pair_pack_cols(v);                  // B of dP:           [B, Ev2 / 2, Nk, 2]
+  const PackedB v_t(v.transpose(1, 2));                         // B of dP:           Vᵀ
   const at::Tensor do_t = bf16_rows(grad_out.transpose(1, 2));  // A of dVᵀ = dOᵀ P:  [B, Ev, Nq2]
   const at::Tensor q_t = bf16_rows(q.transpose(1, 2));          // A of dKᵀ = Qᵀ dS:  [B, E, Nq2]
-  const at::Tensor k_pairs = pair_pack_rows(k);                 // B of dQ = dS K:    [B, Nk2 / 2, E, 2]
+  const PackedB k_pairs(k);                                     // B of dQ = dS K:    K
   const int64_t e2 = q_rows.size(2), ev2 = do_rows.size(2), nq2 = do_t.size(2);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq_partial = groups > 1 ? at::empty({groups - 1, batch, chunk_rows, e}, f32) : at::Tensor();
@@ -335,7 +338,7 @@ void attention_bwd_bf16(const at::Tensor& grad_out, const at::Tensor& delta, con
     at::Tensor p, dp, p_pairs, ds_pairs, ds_rows;
   };
   const auto make_scratch = [&] {
-    const int64_t tile = kBlockM * kBlockN, pair_words = (kBlockM / 2 + 1) * kBlockN;
+    const int64_t tile = kBlockM * kBlockN, pair_words = pair_packed_words(kBlockM, kBlockN);
     return Scratch{at::empty({tile}, f32), at::empty({tile}, f32), at::empty({pair_words}, f32.dtype(at::kInt)),
                    at::empty({pair_words}, f32.dtype(at::kInt)),
                    at::empty({kBlockM * (kBlockN + 1)}, f32.dtype(at::kBFloat16))};
@@ -353,20 +356,22 @@ void attention_bwd_bf16(const at::Tensor& grad_out, const at::Tensor& delta, con
         const int64_t j0 = kb * kBlockN, bn = std::min(kBlockN, nk - j0), bn2 = bn + (bn & 1);
         for (int64_t i0 = c0; i0 < c0 + c_rows; i0 += kBlockM) {
           const int64_t bm = std::min(kBlockM, c0 + c_rows - i0), bm2 = bm + (bm & 1);
-          bf16_gemm(bm, bn, e2, bf16_ptr(q_rows, b) + i0 * e2, e2, words_ptr(k_cols, b) + j0, nk, p, bn, 1.0f, false);
+          const int64_t tile_panel_stride = (bm2 / 2) * kPanel;  // of the P and dS pairs
+          bf16_gemm(bm, bn, e2, bf16_ptr(q_rows, b) + i0 * e2, e2, k_t.words(b, 0, j0), k_t.panel_stride, p, bn, 1.0f,
+                    false);
           for (int64_t r = 0; r < bm; ++r) recompute_probabilities(p + r * bn, bn, scale, lse_ptr[b * nq + i0 + r]);
           pack_row_pairs_bf16(p, bm, bn, bn, words_ptr(t.p_pairs));
-          bf16_gemm(ev, bn, bm2, bf16_ptr(do_t, b) + i0, nq2, words_ptr(t.p_pairs), bn,
+          bf16_gemm(ev, bn, bm2, bf16_ptr(do_t, b) + i0, nq2, words_ptr(t.p_pairs), tile_panel_stride,
                     dv_t[b].data_ptr<float>() + j0, nk, 1.0f, true);
-          bf16_gemm(bm, bn, ev2, bf16_ptr(do_rows, b) + i0 * ev2, ev2, words_ptr(v_cols, b) + j0, nk, dp, bn, 1.0f,
-                    false);
+          bf16_gemm(bm, bn, ev2, bf16_ptr(do_rows, b) + i0 * ev2, ev2, v_t.words(b, 0, j0), v_t.panel_stride, dp, bn,
+                    1.0f, false);
           for (int64_t r = 0; r < bm; ++r) softmax_grad_row(p + r * bn, dp + r * bn, bn, delta_ptr[b * nq + i0 + r]);
           pack_row_pairs_bf16(dp, bm, bn, bn, words_ptr(t.ds_pairs));
           round_rows_to_bf16(dp, bm, bn, bn, bits_ptr(t.ds_rows), bn2);
-          bf16_gemm(e, bn, bm2, bf16_ptr(q_t, b) + i0, nq2, words_ptr(t.ds_pairs), bn,
+          bf16_gemm(e, bn, bm2, bf16_ptr(q_t, b) + i0, nq2, words_ptr(t.ds_pairs), tile_panel_stride,
                     dk_t[b].data_ptr<float>() + j0, nk, scale, true);
-          bf16_gemm(bm, e, bn2, t.ds_rows.data_ptr<c10::BFloat16>(), bn2, words_ptr(k_pairs, b) + (j0 / 2) * e, e,
-                    dq_chunk + (i0 - c0) * e, e, scale, true);
+          bf16_gemm(bm, e, bn2, t.ds_rows.data_ptr<c10::BFloat16>(), bn2, k_pairs.words(b, j0, 0),
+                    k_pairs.panel_stride, dq_chunk + (i0 - c0) * e, e, scale, true);
         }
       }
     });
