@@ -310,7 +310,7 @@ void attention_fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
   });
 }
 
-// delta: fp32 [B, Nq]; dq: fp32 [B, Nq, E]; dk_t: fp32 [B, E, Nk]; dv_t: fp32 [B, Ev, Nk] (zeroed;
+// delta, lse: fp32 [B, Nq] contiguous; dq: fp32 [B, Nq, E]; dk_t: fp32 [B, E, Nk]; dv_t: fp32 [B, Ev, Nk] (zeroed;
 // dK and dV are accumulated transposed, dKᵀ = Qᵀ dS and dVᵀ = dOᵀ P, so that their B operands are
 // P and dS pair-packed over the query rows, which the tile loop writes directly).
 void attention_bwd_bf16(const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& q,
@@ -456,7 +456,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
     at::Tensor dq = at::zeros({batch, nq, q_in.size(2)}, f32);
     at::Tensor dk_t = at::zeros({batch, k_in.size(2), nk}, f32);
     at::Tensor dv_t = at::zeros({batch, v_in.size(2), nk}, f32);
-    if (run) attention_bwd_bf16(grad_out_in, delta, q_in, k_in, v_in, lse_in, scale, dq, dk_t, dv_t);
+    if (run) attention_bwd_bf16(grad_out_in, delta, q_in, k_in, v_in, lse_in.contiguous(), scale, dq, dk_t, dv_t);
     // Gradients in the inputs' layouts (empty_like rules, as the fake kernel).
     return {at::empty_like(q_in).copy_(dq), at::empty_like(k_in).copy_(dk_t.transpose(1, 2)),
             at::empty_like(v_in).copy_(dv_t.transpose(1, 2))};
