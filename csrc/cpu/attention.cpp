@@ -258,12 +258,15 @@ struct PackedB {
   }
   // The operand from row k0 (even) of K and column n0 (a multiple of 64) on, in batch b.
   const uint32_t* words(int64_t b, int64_t k0, int64_t n0) const {
-    return reinterpret_cast<const uint32_t*>(data[b].data_ptr<c10::BFloat16>()) + (n0 / kPanel) * panel_stride +
-           (k0 / 2) * kPanel;
+    return reinterpret_cast<const uint32_t*>(data.data_ptr<c10::BFloat16>()) + b * (data.stride(0) / 2) +
+           (n0 / kPanel) * panel_stride + (k0 / 2) * kPanel;
   }
 };
 
-const c10::BFloat16* bf16_ptr(const at::Tensor& t, int64_t b) { return t[b].data_ptr<c10::BFloat16>(); }
+// Batch b of a contiguous tensor (no per-tile Tensor views in the loops).
+template <typename T>
+T* batch_ptr(const at::Tensor& t, int64_t b) { return t.data_ptr<T>() + b * t.stride(0); }
+const c10::BFloat16* bf16_ptr(const at::Tensor& t, int64_t b) { return batch_ptr<c10::BFloat16>(t, b); }
 uint32_t* words_ptr(at::Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>()); }
 uint16_t* bits_ptr(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<c10::BFloat16>()); }
 
@@ -348,7 +351,9 @@ void attention_bwd_bf16(const at::Tensor& grad_out, const at::Tensor& delta, con
     if (groups > 1) dq_partial.zero_();
     parallel_tasks(batch * groups, make_scratch, [&](Scratch& t, int64_t task) {
       const int64_t b = task / groups, g = task % groups;
-      float* dq_chunk = g == 0 ? dq[b].data_ptr<float>() + c0 * e : dq_partial[g - 1][b].data_ptr<float>();
+      float* dq_chunk = g == 0 ? batch_ptr<float>(dq, b) + c0 * e : dq_partial[g - 1][b].data_ptr<float>();
+      float* dk_t_b = batch_ptr<float>(dk_t, b);
+      float* dv_t_b = batch_ptr<float>(dv_t, b);
       float* p = t.p.data_ptr<float>();
       float* dp = t.dp.data_ptr<float>();
       const int64_t kb_begin = g * k_blocks / groups, kb_end = (g + 1) * k_blocks / groups;
@@ -362,14 +367,14 @@ void attention_bwd_bf16(const at::Tensor& grad_out, const at::Tensor& delta, con
           for (int64_t r = 0; r < bm; ++r) recompute_probabilities(p + r * bn, bn, scale, lse_ptr[b * nq + i0 + r]);
           pack_row_pairs_bf16(p, bm, bn, bn, words_ptr(t.p_pairs));
           bf16_gemm(ev, bn, bm2, bf16_ptr(do_t, b) + i0, nq2, words_ptr(t.p_pairs), tile_panel_stride,
-                    dv_t[b].data_ptr<float>() + j0, nk, 1.0f, true);
+                    dv_t_b + j0, nk, 1.0f, true);
           bf16_gemm(bm, bn, ev2, bf16_ptr(do_rows, b) + i0 * ev2, ev2, v_t.words(b, 0, j0), v_t.panel_stride, dp, bn,
                     1.0f, false);
           for (int64_t r = 0; r < bm; ++r) softmax_grad_row(p + r * bn, dp + r * bn, bn, delta_ptr[b * nq + i0 + r]);
           pack_row_pairs_bf16(dp, bm, bn, bn, words_ptr(t.ds_pairs));
           round_rows_to_bf16(dp, bm, bn, bn, bits_ptr(t.ds_rows), bn2);
           bf16_gemm(e, bn, bm2, bf16_ptr(q_t, b) + i0, nq2, words_ptr(t.ds_pairs), tile_panel_stride,
-                    dk_t[b].data_ptr<float>() + j0, nk, scale, true);
+                    dk_t_b + j0, nk, scale, true);
           bf16_gemm(bm, e, bn2, t.ds_rows.data_ptr<c10::BFloat16>(), bn2, k_pairs.words(b, j0, 0),
                     k_pairs.panel_stride, dq_chunk + (i0 - c0) * e, e, scale, true);
         }
