@@ -5,23 +5,43 @@
 
 #include "simt.h"  // before the kernel headers: defines the CUDA spellings they use
 
+#include <algorithm>
+#include <map>
 #include <string>
 
 #include "../../csrc/cuda/host.h"
 
 namespace {
 
+// As on the device, a launch may use more than simt::options().max_dynamic_smem (48 KiB) only
+// for a kernel that opted in with set_max_dynamic_smem, and no kernel more than the smallest
+// opt-in maximum of the targeted GPUs (sm_80: 163 KiB; sm_86: 99 KiB).
 struct EmulatorLaunch {
+  static constexpr size_t kMaxOptIn = 99 * 1024;
+  std::map<const void*, size_t> opted_in;
+
   void check_device(const at::Tensor& t, const char* op, const char* name) const {
     TORCH_CHECK(t.device().is_cpu(), op, ": the emulator runs kernels on CPU memory, got ", name, " on ", t.device());
   }
+  template <class Kernel>
+  void set_max_dynamic_smem(Kernel kernel, size_t bytes) {
+    TORCH_CHECK(bytes <= kMaxOptIn, "SIMT emulator: a kernel asks for ", bytes,
+                " bytes of dynamic shared memory, more than a GPU offers (", kMaxOptIn, ")");
+    opted_in[reinterpret_cast<const void*>(kernel)] = bytes;
+  }
   template <class Kernel, class... Args>
   void operator()(Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) const {
+    size_t& limit = simt::options().max_dynamic_smem;
+    const size_t default_limit = limit;
+    const auto it = opted_in.find(reinterpret_cast<const void*>(kernel));
+    if (it != opted_in.end()) limit = std::max(limit, it->second);
     try {
       simt::launch(grid, block, smem, kernel, args...);
     } catch (const simt::Error& e) {
+      limit = default_limit;
       TORCH_CHECK(false, "SIMT emulator: ", e.what());
     }
+    limit = default_limit;
   }
 };
 
