@@ -486,8 +486,7 @@ void test_ldmatrix_mma(const char* name) {
   float d[32][4];
   simt::launch(dim3(1), dim3(32), 1024, ldmatrix_mma_kernel<T>, a, b, false, LdBug::SwappedQuadrants, &d[0][0]);
   gather_accumulators(d, D);
-  EXPECT(count_wrong_products(A, B, Z, D) > 0, "%s: a kernel loading A's quadrants in the wrong order must fail",
-         name);
+  EXPECT(count_wrong_products(A, B, Z, D) > 0, "%s ldmatrix + mma: a kernel loading A's quadrants in the wrong order must fail", name);
 }
 
 __global__ void ldmatrix_misuse_kernel(const uint16_t* global, int kind) {
