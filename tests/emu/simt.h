@@ -6,7 +6,7 @@
 //   * Blocks run one after another. Every CUDA thread of a block is a fiber (ucontext) on one OS
 //     thread; a fiber runs until it reaches a barrier, a warp collective or its end.
 //   * __syncthreads() is a barrier over the block's fibers. Warp collectives (shuffles, votes,
-//     __syncwarp, the WMMA *_sync calls) are barriers over the warp's 32 fibers; the last lane
+//     __syncwarp, the WMMA *_sync calls, mma and ldmatrix) are barriers over the warp's 32 fibers; the last lane
 //     to arrive performs the exchange for all of them.
 //   * Between barriers the fibers run in the order the schedule picks: forward, reverse, or a
 //     fresh random permutation at every scheduling round. A kernel that reads shared memory
@@ -22,9 +22,31 @@
 //     barriers (or at a warp collective with a lane that has exited) throws simt::Error.
 //   * WMMA: a fragment holds the whole tile in every lane (the real element layout is opaque
 //     to kernels, so the emulator chooses the simplest); products accumulate in fp32.
+//   * Fragment-level primitives (simt::warp, behind csrc/cuda/warp.cuh): mma.sync m16n8k16 and
+//     ldmatrix are warp collectives with the PTX ISA's per-lane register layout (written in
+//     warp.cuh). Each lane posts a pointer to its own operands (registers, row address); the
+//     last lane to arrive assembles the matrices from the 32 posts, computes, and writes every
+//     lane's result registers, so a wrong register or lane assignment gives a wrong product.
+//     Like .aligned on the device they need the full warp: a partial warp or an exited lane is
+//     an error. ldmatrix rows must be 16-byte aligned and inside the block's dynamic shared
+//     memory (static __shared__ arrays are function statics, indistinguishable from global
+//     memory here, so they are refused). mma: the exact products of the fp16/bf16 inputs are
+//     added to C in fp32 one k at a time (k = 0..15), each addition rounded to nearest even;
+//     tensor cores round differently inside one instruction, so compare with hardware by
+//     tolerance. -DSIMT_PLANT_FRAGMENT_BUG=1 swaps A's registers a[1] and a[2] (for the test that
+//     shows the self-tests catch a layout bug).
+//   * cp.async is per thread: cp_async_16 queues a copy (16-byte aligned dynamic shared
+//     destination, src-size 0..16, the rest zero-filled), commit closes the queued copies into a
+//     group, wait(n) performs all but the n most recent groups. The copy is done at that wait,
+//     not before: until then the destination keeps its old (for a fresh block, NaN) contents,
+//     for the issuing thread too, so a missing or too-weak wait reads wrong data under every
+//     schedule. Copies still pending when a thread exits are dropped (the device allows exiting
+//     with copies whose data is never read).
 //
 // What this cannot verify: speed, occupancy, memory-model effects beyond barriers (fences,
-// ordering of global writes between blocks), bank conflicts, real tensor-core rounding.
+// ordering of global writes between blocks), bank conflicts, real tensor-core rounding, and
+// writes racing an in-flight cp.async: the emulator reads the source and writes the destination
+// at the wait, so a store to either between the issue and the wait goes unnoticed.
 #pragma once
 
 #define ATTNSEG_SIMT_EMULATOR 1
