@@ -59,7 +59,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <deque>
 #include <exception>
 #include <functional>
 #include <limits>
@@ -122,7 +121,7 @@ struct Fiber {
   // cp.async: copies issued since the last commit, and the committed groups not yet waited for
   // (oldest first). Whatever is left when the thread exits is dropped.
   std::vector<AsyncCopy> open_copies;
-  std::deque<std::vector<AsyncCopy>> copy_groups;
+  std::vector<std::vector<AsyncCopy>> copy_groups;
 };
 
 struct Runtime {
@@ -828,10 +827,11 @@ inline void cp_async_commit() {
 inline void cp_async_wait(int n) {
   auto& f = detail::async_thread("cp.async.wait_group");
   if (n < 0) throw Error("simt: cp.async.wait_group needs n >= 0");
-  while (static_cast<int>(f.copy_groups.size()) > n) {
-    for (const auto& c : f.copy_groups.front()) detail::perform(c);
-    f.copy_groups.pop_front();
-  }
+  const int retire = static_cast<int>(f.copy_groups.size()) - n;
+  if (retire <= 0) return;
+  for (int g = 0; g < retire; ++g)
+    for (const auto& c : f.copy_groups[g]) detail::perform(c);
+  f.copy_groups.erase(f.copy_groups.begin(), f.copy_groups.begin() + retire);
 }
 
 }  // namespace simt::warp
