@@ -20,7 +20,8 @@
 //                  sees it before), wait<1> retires only the older group, uncommitted copies are
 //                  not waited for, src-size < 16 zero-fills, src-size 0 reads nothing; misuse
 //   pipeline       a two-stage cp.async pipeline is right under every schedule; planted bugs (a
-//                  too-weak wait, a missing wait) give wrong (poisoned) data under every schedule
+//                  too-weak wait, a missing wait) give wrong (poisoned) data under every schedule,
+//                  and without the barrier after the wait the schedules disagree
 // Built with -DSIMT_PLANT_FRAGMENT_BUG=1 the emulator swaps the roles of a[1] and a[2]; the mma
 // tests must then fail (tests/test_cuda_emulated.py checks that they do).
 #include "simt.h"
@@ -614,9 +615,10 @@ void test_cp_async_misuse() {
 // neighbour's element of every tile (so the data crosses threads through shared memory, after
 // a barrier). wait_depth 1 is correct: every iteration commits one group (possibly empty), so
 // wait<1> retires the group of the tile about to be read. wait_depth 2 is the planted bug: the
-// current tile may still be in flight. skip_wait plants a missing wait altogether.
+// current tile may still be in flight. skip_wait plants a missing wait altogether, and
+// skip_barrier the barrier after the wait (a wait covers only the calling thread's copies).
 template <int WaitDepth>
-__global__ void cp_async_pipeline_kernel(const float* src, int tiles, bool skip_wait, float* out) {
+__global__ void cp_async_pipeline_kernel(const float* src, int tiles, bool skip_wait, bool skip_barrier, float* out) {
   ATTNSEG_DYNAMIC_SMEM(smem);
   float* buf = reinterpret_cast<float*>(smem);  // 2 stages x 256 floats
   const int tid = threadIdx.x;                  // 64 threads, 4 floats (16 bytes) each per tile
@@ -630,7 +632,7 @@ __global__ void cp_async_pipeline_kernel(const float* src, int tiles, bool skip_
     if (k + 1 < tiles) issue(k + 1);
     cw::cp_async_commit();
     if (!skip_wait) cw::cp_async_wait<WaitDepth>();
-    __syncthreads();
+    if (!skip_barrier) __syncthreads();
     sum += buf[(k % 2) * 256 + (tid * 4 + 37) % 256];
     __syncthreads();  // the stage is overwritten by the next issue
   }
@@ -644,18 +646,24 @@ void test_cp_async_pipeline() {
   std::vector<float> expected(n, 0.0f);
   for (int t = 0; t < n; ++t)
     for (int k = 0; k < tiles; ++k) expected[t] += src[k * 256 + (t * 4 + 37) % 256];
-  auto run = [&](auto kernel, bool skip_wait, simt::Schedule s) {
+  auto run = [&](auto kernel, bool skip_wait, bool skip_barrier, simt::Schedule s) {
     simt::set_schedule(s, 13);
     std::vector<float> out(n);
-    simt::launch(dim3(1), dim3(n), 2 * 256 * sizeof(float), kernel, src.data(), tiles, skip_wait, out.data());
+    simt::launch(dim3(1), dim3(n), 2 * 256 * sizeof(float), kernel, src.data(), tiles, skip_wait, skip_barrier,
+                 out.data());
     return out;
   };
+  std::vector<std::vector<float>> without_barrier;
   for (auto s : kSchedules) {
-    EXPECT(run(cp_async_pipeline_kernel<1>, false, s) == expected, "the correct cp.async pipeline");
-    EXPECT(run(cp_async_pipeline_kernel<2>, false, s) != expected, "a too-weak wait (wait<2>) must give wrong data");
-    EXPECT(run(cp_async_pipeline_kernel<1>, true, s) != expected, "a missing wait must give wrong data");
+    EXPECT(run(cp_async_pipeline_kernel<1>, false, false, s) == expected, "the correct cp.async pipeline");
+    EXPECT(run(cp_async_pipeline_kernel<2>, false, false, s) != expected,
+           "a too-weak wait (wait<2>) must give wrong data");
+    EXPECT(run(cp_async_pipeline_kernel<1>, true, false, s) != expected, "a missing wait must give wrong data");
+    without_barrier.push_back(run(cp_async_pipeline_kernel<1>, false, true, s));
   }
   simt::set_schedule(simt::Schedule::Forward);
+  EXPECT(std::memcmp(without_barrier[0].data(), without_barrier[1].data(), n * sizeof(float)) != 0,
+         "without the barrier after the wait the forward and reverse schedules must disagree");
 }
 
 }  // namespace
