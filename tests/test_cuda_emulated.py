@@ -15,6 +15,9 @@ recomputes P from the stored lse as flash-attention does (see test_triton.py).
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -230,3 +233,28 @@ def test_schedules_expose_a_missing_barrier(emu):
     fixed = _under_each_schedule(emu, lambda: emu.racy_neighbour(x, True))
     for r in fixed:
         assert torch.equal(r, torch.roll(x, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fragment-level primitives (csrc/cuda/warp.cuh): a planted layout bug fails the self-tests
+# ---------------------------------------------------------------------------------------------
+
+
+def test_planted_fragment_layout_bug_fails_the_selftests(tmp_path):
+    """tests/emu/selftest.cpp builds mma fragments from explicit matrices by the layout written
+    in csrc/cuda/warp.cuh. Built with -DSIMT_PLANT_FRAGMENT_BUG=1 (the emulator's mma swaps the
+    roles of A's registers a[1] and a[2]) its mma checks fail, and only those: the layout, not
+    the build, is what they detect. ctest runs the build without the bug, which passes."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no C++ compiler ({cxx})")
+    exe = tmp_path / "selftest_planted_fragment_bug"
+    source = os.path.join(emulator.EMU_DIR, "selftest.cpp")
+    build = [cxx, "-std=c++20", "-O1", "-DSIMT_PLANT_FRAGMENT_BUG=1", "-I", emulator.EMU_DIR, source, "-o", str(exe)]
+    compiled = subprocess.run(build, capture_output=True, text=True, timeout=600)
+    assert compiled.returncode == 0, compiled.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    failures = [line for line in run.stdout.splitlines() if line.startswith("FAIL")]
+    assert run.returncode != 0, run.stdout
+    assert any("fp16 mma:" in line for line in failures) and any("bf16 mma:" in line for line in failures), run.stdout
+    assert all("mma" in line for line in failures), run.stdout
