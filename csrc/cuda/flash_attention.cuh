@@ -109,7 +109,7 @@ ATTNSEG_UNROLL
   } else {
     const T zero = Num<T>::from_acc(0.0f);
     const bool rows_unit = src.row_stride == 1 && src.col_stride != 1;
-ATTNSEG_UNROLL_N(4)
+ATTNSEG_UNROLL_N(1)
     for (int idx = threadIdx.x; idx < kRows * kCols; idx += kThreads) {
       const int r = rows_unit ? idx % kRows : idx / kCols;
       const int c = rows_unit ? idx / kRows : idx % kCols;
