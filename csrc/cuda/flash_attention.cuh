@@ -27,7 +27,7 @@
 // on the unit-stride axis (16 bytes each with cp.async).
 //
 // NaN/inf semantics are the old kernel's (attention_fwd_kernel): NaN-propagating max, a row whose
-// running max is −inf keeps p = 0 and alpha = 1, lse = m for m = ±inf, out = O / l (0/0 = NaN for a
+// running max is −inf keeps p = 0 (and O = l = 0), lse = m for m = ±inf, out = O / l (0/0 = NaN for a
 // row of −inf logits, as the reference's softmax gives).
 #pragma once
 
@@ -56,7 +56,10 @@ struct FlashFwdTiles {
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = 16 * kWarps;  // queries per block, 16 per warp
-  static constexpr int kBlockN = 32;           // keys per tile (64 does not fit the registers at kEvTile = 256)
+  // Keys per tile. 64 halves the per-tile overhead (O rescale, cp.async issue, barrier) per MMA,
+  // but at kEvTile = 256 it needs 252 registers and 99 KiB of shared memory at E = 64: one block
+  // per A100 SM instead of two; the wide tiles keep 32 (240 registers, 59 KiB).
+  static constexpr int kBlockN = kHeadDim + kEvTile <= 192 ? 64 : 32;
   static constexpr int kStages = 2;
   static constexpr int kPad = 8;
   // Q tile: [kBlockM][kLdQRowMajor] or [kHeadDim][kLdQKeysMajor]; room for either.
@@ -98,18 +101,30 @@ template <int kRows, int kCols, int kLd, int kThreads, typename T>
 __device__ __forceinline__ void load_tile(T* smem, const TileSrc<T>& src, bool async) {
   static_assert(kCols % 8 == 0 && kLd % 8 == 0, "rows of whole 16-byte chunks");
   if (async) {
+    // Thread x copies chunk x % kChunksPerRow of rows x / kChunksPerRow + i · kRowsPerPass: a static
+    // trip count and per-thread column, so the issue loop is a straight line of LDGSTS.
     constexpr int kChunksPerRow = kCols / 8;
-ATTNSEG_UNROLL
-    for (int chunk = threadIdx.x; chunk < kRows * kChunksPerRow; chunk += kThreads) {
-      const int r = chunk / kChunksPerRow, c = (chunk % kChunksPerRow) * 8;
-      const int valid = r < src.rows ? std::min(8, src.cols - c) : 0;
-      const int bytes = valid > 0 ? valid * int(sizeof(T)) : 0;
-      warp::cp_async_16(smem + r * kLd + c, bytes > 0 ? src.origin + (r * src.row_stride + c) : src.origin, bytes);
+    static_assert(kThreads % kChunksPerRow == 0, "a pass covers whole rows");
+    constexpr int kRowsPerPass = kThreads / kChunksPerRow;
+    constexpr int kPasses = (kRows + kRowsPerPass - 1) / kRowsPerPass;
+    const int r0 = threadIdx.x / kChunksPerRow, c = (threadIdx.x % kChunksPerRow) * 8;
+    const int col_bytes = std::max(0, std::min(8, src.cols - c)) * int(sizeof(T));
+    // With src-size 0 the source is not read (cp.async zero-fills), so a row past the tile's
+    // valid extent still gets its (unused) pointer and no select.
+    const T* g = src.origin + (r0 * src.row_stride + c);
+    const int pass_stride = kRowsPerPass * src.row_stride;
+    T* const s0 = smem + r0 * kLd + c;
+    ATTNSEG_UNROLL
+    for (int i = 0; i < kPasses; ++i) {
+      const int r = r0 + i * kRowsPerPass;
+      if (kRows % kRowsPerPass != 0 && r >= kRows) break;
+      warp::cp_async_16(s0 + i * kRowsPerPass * kLd, g, r < src.rows ? col_bytes : 0);
+      g += pass_stride;
     }
   } else {
     const T zero = Num<T>::from_acc(0.0f);
     const bool rows_unit = src.row_stride == 1 && src.col_stride != 1;
-ATTNSEG_UNROLL_N(1)
+    ATTNSEG_UNROLL_N(1)
     for (int idx = threadIdx.x; idx < kRows * kCols; idx += kThreads) {
       const int r = rows_unit ? idx % kRows : idx / kCols;
       const int c = rows_unit ? idx / kRows : idx % kCols;
@@ -118,7 +133,32 @@ ATTNSEG_UNROLL_N(1)
   }
 }
 
-__device__ __forceinline__ float exp_fast(float x) { return exp2f(x * 1.4426950408889634f); }
+// e^x as 2^(x · log2 e) on the MUFU unit, flushing subnormal results to zero (ex2.approx.ftz:
+// a probability below 2^-126 next to a row maximum's 1 changes nothing); the emulator flushes the
+// same way. x is a difference of logits, exact for the dominant terms, so the log2 e factor costs
+// no accuracy where it matters (folding it into the scale, as FA2 does, would round large logits).
+__device__ __forceinline__ float exp_fast(float x) {
+  const float y = x * 1.4426950408889634f;
+#if defined(__CUDACC__)
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(y));
+  return r;
+#else
+  const float r = std::exp2(y);
+  return r < 1.17549435e-38f ? 0.0f : r;
+#endif
+}
+
+// max_acc (NaN-propagating max) in one instruction: max.NaN.f32 (sm_80+).
+__device__ __forceinline__ float max_nan(float a, float b) {
+#if defined(__CUDACC__)
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return max_acc(a, b);
+#endif
+}
 
 // grid: (batch * ceil(nq / kBlockM), ceil(ev / kEvTile)), block: kThreads, dynamic smem: kSmemBytes.
 template <typename T, int kHeadDim, int kEvTile, bool kKeysMajor>
@@ -189,11 +229,11 @@ __global__ void __launch_bounds__(FlashFwdTiles<kHeadDim, kEvTile, kKeysMajor>::
   {
     const int m0 = 16 * warp_id;
     if (p.q_keys_major) {  // smem [E][queries]: the A fragment is the transpose of the stored 8x8 blocks
-ATTNSEG_UNROLL
+      ATTNSEG_UNROLL
       for (int ks = 0; ks < kKSteps; ++ks)
         warp::ldmatrix_x4_trans(q_frag[ks], q_smem + (16 * ks + mat_b + mat_row) * Tiles::kLdQKeysMajor + m0 + mat_a);
     } else {
-ATTNSEG_UNROLL
+      ATTNSEG_UNROLL
       for (int ks = 0; ks < kKSteps; ++ks)
         warp::ldmatrix_x4(q_frag[ks], q_smem + (m0 + mat_a + mat_row) * Tiles::kLdQRowMajor + 16 * ks + mat_b);
     }
@@ -203,7 +243,7 @@ ATTNSEG_UNROLL
   const int v_lane = kKeysMajor ? (mat_b + mat_row) * kLdV + mat_a : (mat_a + mat_row) * kLdV + mat_b;
 
   float o_acc[kOTiles][4];  // O[16 x kEvTile] of this warp: o_acc[n][0..1] row g, [2..3] row g + 8
-ATTNSEG_UNROLL
+  ATTNSEG_UNROLL
   for (int n = 0; n < kOTiles; ++n)
     for (int c = 0; c < 4; ++c) o_acc[n][c] = 0.0f;
   float row_max[2] = {neg_inf<float>(), neg_inf<float>()};  // rows g and g + 8
@@ -220,12 +260,12 @@ ATTNSEG_UNROLL
 
     // S = Q Kᵀ
     float s[kSTiles][4];
-ATTNSEG_UNROLL
+    ATTNSEG_UNROLL
     for (int n = 0; n < kSTiles; ++n)
       for (int c = 0; c < 4; ++c) s[n][c] = 0.0f;
-ATTNSEG_UNROLL
+    ATTNSEG_UNROLL
     for (int ks = 0; ks < kKSteps; ++ks) {
-ATTNSEG_UNROLL
+      ATTNSEG_UNROLL
       for (int np = 0; np < kSTiles / 2; ++np) {
         uint32_t kb[4];  // B fragments of n-tiles 2np ({0, 1}) and 2np + 1 ({2, 3})
         if constexpr (kKeysMajor) {
@@ -240,40 +280,41 @@ ATTNSEG_UNROLL
 
     // Scale; keys past Nk (only in the last tile) get logit −inf.
     const int j0 = jt * kBlockN;
-    const bool ragged = j0 + kBlockN > nk;
-ATTNSEG_UNROLL
-    for (int n = 0; n < kSTiles; ++n) {
-ATTNSEG_UNROLL
-      for (int c = 0; c < 4; ++c) {
-        s[n][c] *= scale;
-        if (ragged && j0 + 8 * n + 2 * t + (c & 1) >= nk) s[n][c] = neg_inf<float>();
-      }
+    ATTNSEG_UNROLL
+    for (int n = 0; n < kSTiles; ++n)
+      for (int c = 0; c < 4; ++c) s[n][c] *= scale;
+    if (j0 + kBlockN > nk) {
+      ATTNSEG_UNROLL
+      for (int n = 0; n < kSTiles; ++n)
+        for (int c = 0; c < 4; ++c)
+          if (j0 + 8 * n + 2 * t + (c & 1) >= nk) s[n][c] = neg_inf<float>();
     }
 
     // Online softmax on rows g (c = 0, 1) and g + 8 (c = 2, 3); a row's 4 lanes form a quad.
-ATTNSEG_UNROLL
+    ATTNSEG_UNROLL
     for (int r = 0; r < 2; ++r) {
       float tile_max = neg_inf<float>();
-ATTNSEG_UNROLL
-      for (int n = 0; n < kSTiles; ++n) tile_max = max_acc(max_acc(tile_max, s[n][2 * r]), s[n][2 * r + 1]);
-      tile_max = max_acc(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1));
-      tile_max = max_acc(tile_max, __shfl_xor_sync(kFullMask, tile_max, 2));
-      const float m_new = max_acc(row_max[r], tile_max);
-      // m_new = −inf only when every logit so far is −inf: keep l = 0 and O = 0 (no −inf − −inf)
-      const bool empty = m_new == neg_inf<float>();
-      const float alpha = empty ? 1.0f : exp_fast(row_max[r] - m_new);
+      ATTNSEG_UNROLL
+      for (int n = 0; n < kSTiles; ++n) tile_max = max_nan(max_nan(tile_max, s[n][2 * r]), s[n][2 * r + 1]);
+      tile_max = max_nan(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1));
+      tile_max = max_nan(tile_max, __shfl_xor_sync(kFullMask, tile_max, 2));
+      const float m_new = max_nan(row_max[r], tile_max);
+      // m_new = −inf only when every logit so far is −inf: subtracting 0 instead keeps p = 0 (no
+      // −inf − −inf = NaN); alpha = 0 then multiplies an O and l that are still 0.
+      const float m_sub = m_new == neg_inf<float>() ? 0.0f : m_new;
+      const float alpha = exp_fast(row_max[r] - m_sub);
       float sum = 0.0f;
-ATTNSEG_UNROLL
+      ATTNSEG_UNROLL
       for (int n = 0; n < kSTiles; ++n) {
-ATTNSEG_UNROLL
+        ATTNSEG_UNROLL
         for (int c = 2 * r; c < 2 * r + 2; ++c) {
-          s[n][c] = empty ? 0.0f : exp_fast(s[n][c] - m_new);
+          s[n][c] = exp_fast(s[n][c] - m_sub);
           sum += s[n][c];
         }
       }
       row_sum[r] = row_sum[r] * alpha + sum;
       row_max[r] = m_new;
-ATTNSEG_UNROLL
+      ATTNSEG_UNROLL
       for (int n = 0; n < kOTiles; ++n) {
         o_acc[n][2 * r] *= alpha;
         o_acc[n][2 * r + 1] *= alpha;
@@ -281,12 +322,12 @@ ATTNSEG_UNROLL
     }
 
     // O += P V, P rounded to T: the S accumulators of n-tiles 2kk, 2kk + 1 are the A fragment.
-ATTNSEG_UNROLL
+    ATTNSEG_UNROLL
     for (int kk = 0; kk < kSTiles / 2; ++kk) {
       const uint32_t pa[4] = {warp::pack2<T>(s[2 * kk][0], s[2 * kk][1]), warp::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
                               warp::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                               warp::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-ATTNSEG_UNROLL
+      ATTNSEG_UNROLL
       for (int np = 0; np < kOTiles / 2; ++np) {
         uint32_t vb[4];  // B fragments of O n-tiles 2np ({0, 1}) and 2np + 1 ({2, 3})
         if constexpr (kKeysMajor) {
@@ -307,7 +348,7 @@ ATTNSEG_UNROLL
 
   // ---- epilogue: out = O / l, lse = m + log l ----
   T* const out_batch = p.out + b * p.o_sb;
-ATTNSEG_UNROLL
+  ATTNSEG_UNROLL
   for (int r = 0; r < 2; ++r) {
     float l = row_sum[r];
     l += __shfl_xor_sync(kFullMask, l, 1);
@@ -316,9 +357,9 @@ ATTNSEG_UNROLL
     if (row < p.nq) {
       const float inv_l = 1.0f / l;  // l = 0 (a row of −inf logits): 0 · inf = NaN, as 0 / 0 in the reference
       T* const out_row = out_batch + row * p.o_sn + int64_t(ev0) * p.o_se;
-ATTNSEG_UNROLL
+      ATTNSEG_UNROLL
       for (int n = 0; n < kOTiles; ++n) {
-ATTNSEG_UNROLL
+        ATTNSEG_UNROLL
         for (int c = 0; c < 2; ++c) {
           const int col = 8 * n + 2 * t + c;
           if (col < ev_cols) out_row[col * int(p.o_se)] = Num<T>::from_acc(o_acc[n][2 * r + c] * inv_l);
