@@ -185,8 +185,11 @@ __global__ void __launch_bounds__(FlashFwdTiles<kHeadDim, kEvTile, kKeysMajor>::
   const T* const k_batch = p.k + b * p.k_sb;
   const T* const v_batch = p.v + b * p.v_sb + ev0 * p.v_se;
 
-  // K and V tiles of the keys j0 .. j0 + kBlockN into ring stage `stage`.
-  auto load_kv = [&](int j0, int stage) {
+  // K and V tiles of the keys j0 .. j0 + kBlockN into ring stage `stage`; all_async (a
+  // std::bool_constant) true: both by cp.async, compiled without the element-wise path.
+  auto load_kv = [&](int j0, int stage, auto all_async) {
+    const bool k_async = decltype(all_async)::value || p.k_async;
+    const bool v_async = decltype(all_async)::value || p.v_async;
     const int keys = std::min(kBlockN, nk - j0);
     const TileSrc<T> k_src = kKeysMajor ? TileSrc<T>{k_batch + j0 * p.k_sn, int(p.k_se), int(p.k_sn), e, keys}
                                         : TileSrc<T>{k_batch + j0 * p.k_sn, int(p.k_sn), int(p.k_se), keys, e};
@@ -196,11 +199,11 @@ __global__ void __launch_bounds__(FlashFwdTiles<kHeadDim, kEvTile, kKeysMajor>::
     T* const k_dst = k_smem + stage * Tiles::kKElems;
     T* const v_dst = v_smem + stage * Tiles::kVElems;
     if constexpr (kKeysMajor) {
-      load_tile<kHeadDim, kBlockN, kLdK, kThreads>(k_dst, k_src, p.k_async);
-      load_tile<kEvTile, kBlockN, kLdV, kThreads>(v_dst, v_src, p.v_async);
+      load_tile<kHeadDim, kBlockN, kLdK, kThreads>(k_dst, k_src, k_async);
+      load_tile<kEvTile, kBlockN, kLdV, kThreads>(v_dst, v_src, v_async);
     } else {
-      load_tile<kBlockN, kHeadDim, kLdK, kThreads>(k_dst, k_src, p.k_async);
-      load_tile<kBlockN, kEvTile, kLdV, kThreads>(v_dst, v_src, p.v_async);
+      load_tile<kBlockN, kHeadDim, kLdK, kThreads>(k_dst, k_src, k_async);
+      load_tile<kBlockN, kEvTile, kLdV, kThreads>(v_dst, v_src, v_async);
     }
     warp::cp_async_commit();
   };
@@ -217,7 +220,7 @@ __global__ void __launch_bounds__(FlashFwdTiles<kHeadDim, kEvTile, kKeysMajor>::
           q_smem, TileSrc<T>{q_tile, int(p.q_sn), int(p.q_se), rows, e}, p.q_async);
     }
   }
-  load_kv(0, 0);
+  load_kv(0, 0, std::false_type{});
   warp::cp_async_wait<0>();
   __syncthreads();
 
@@ -252,102 +255,116 @@ __global__ void __launch_bounds__(FlashFwdTiles<kHeadDim, kEvTile, kKeysMajor>::
   const int n_tiles = int(ceil_div(nk, kBlockN));
 
   // ---- main loop over key tiles ----
-  for (int jt = 0; jt < n_tiles; ++jt) {
-    const int stage = jt % Tiles::kStages;
-    if (jt + 1 < n_tiles) load_kv((jt + 1) * kBlockN, stage ^ 1);  // prefetch: in flight during this tile
-    const T* const k_tile = k_smem + stage * Tiles::kKElems + k_lane;
-    const T* const v_tile = v_smem + stage * Tiles::kVElems + v_lane;
+  // Instantiated twice, each copy called once (so inlined): K and V both by cp.async (the DANet
+  // layouts at N a multiple of 8), or element-wise loads where the host found them needed. The
+  // choice is made here, once, not per tile.
+  auto key_loop = [&](auto all_async) {
+    for (int jt = 0; jt < n_tiles; ++jt) {
+      const int stage = jt % Tiles::kStages;
+      if (jt + 1 < n_tiles) load_kv((jt + 1) * kBlockN, stage ^ 1, all_async);  // prefetch: in flight during this tile
+      const T* const k_tile = k_smem + stage * Tiles::kKElems + k_lane;
+      const T* const v_tile = v_smem + stage * Tiles::kVElems + v_lane;
 
-    // S = Q Kᵀ
-    float s[kSTiles][4];
-    ATTNSEG_UNROLL
-    for (int n = 0; n < kSTiles; ++n)
-      for (int c = 0; c < 4; ++c) s[n][c] = 0.0f;
-    ATTNSEG_UNROLL
-    for (int ks = 0; ks < kKSteps; ++ks) {
-      ATTNSEG_UNROLL
-      for (int np = 0; np < kSTiles / 2; ++np) {
-        uint32_t kb[4];  // B fragments of n-tiles 2np ({0, 1}) and 2np + 1 ({2, 3})
-        if constexpr (kKeysMajor) {
-          warp::ldmatrix_x4_trans(kb, k_tile + 16 * ks * kLdK + 16 * np);
-        } else {
-          warp::ldmatrix_x4(kb, k_tile + 16 * np * kLdK + 16 * ks);
-        }
-        warp::mma_m16n8k16<T>(s[2 * np], q_frag[ks], {kb[0], kb[1]}, s[2 * np]);
-        warp::mma_m16n8k16<T>(s[2 * np + 1], q_frag[ks], {kb[2], kb[3]}, s[2 * np + 1]);
-      }
-    }
-
-    // Scale; keys past Nk (only in the last tile) get logit −inf.
-    const int j0 = jt * kBlockN;
-    ATTNSEG_UNROLL
-    for (int n = 0; n < kSTiles; ++n)
-      for (int c = 0; c < 4; ++c) s[n][c] *= scale;
-    if (j0 + kBlockN > nk) {
+      // S = Q Kᵀ
+      float s[kSTiles][4];
       ATTNSEG_UNROLL
       for (int n = 0; n < kSTiles; ++n)
-        for (int c = 0; c < 4; ++c)
-          if (j0 + 8 * n + 2 * t + (c & 1) >= nk) s[n][c] = neg_inf<float>();
-    }
-
-    // Online softmax on rows g (c = 0, 1) and g + 8 (c = 2, 3); a row's 4 lanes form a quad.
-    ATTNSEG_UNROLL
-    for (int r = 0; r < 2; ++r) {
-      float tile_max = neg_inf<float>();
+        for (int c = 0; c < 4; ++c) s[n][c] = 0.0f;
       ATTNSEG_UNROLL
-      for (int n = 0; n < kSTiles; ++n) tile_max = max_nan(max_nan(tile_max, s[n][2 * r]), s[n][2 * r + 1]);
-      tile_max = max_nan(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1));
-      tile_max = max_nan(tile_max, __shfl_xor_sync(kFullMask, tile_max, 2));
-      const float m_new = max_nan(row_max[r], tile_max);
-      // m_new = −inf only when every logit so far is −inf: subtracting 0 instead keeps p = 0 (no
-      // −inf − −inf = NaN); alpha = 0 then multiplies an O and l that are still 0.
-      const float m_sub = m_new == neg_inf<float>() ? 0.0f : m_new;
-      const float alpha = exp_fast(row_max[r] - m_sub);
-      float sum = 0.0f;
-      ATTNSEG_UNROLL
-      for (int n = 0; n < kSTiles; ++n) {
+      for (int ks = 0; ks < kKSteps; ++ks) {
         ATTNSEG_UNROLL
-        for (int c = 2 * r; c < 2 * r + 2; ++c) {
-          s[n][c] = exp_fast(s[n][c] - m_sub);
-          sum += s[n][c];
+        for (int np = 0; np < kSTiles / 2; ++np) {
+          uint32_t kb[4];  // B fragments of n-tiles 2np ({0, 1}) and 2np + 1 ({2, 3})
+          if constexpr (kKeysMajor) {
+            warp::ldmatrix_x4_trans(kb, k_tile + 16 * ks * kLdK + 16 * np);
+          } else {
+            warp::ldmatrix_x4(kb, k_tile + 16 * np * kLdK + 16 * ks);
+          }
+          warp::mma_m16n8k16<T>(s[2 * np], q_frag[ks], {kb[0], kb[1]}, s[2 * np]);
+          warp::mma_m16n8k16<T>(s[2 * np + 1], q_frag[ks], {kb[2], kb[3]}, s[2 * np + 1]);
         }
       }
-      row_sum[r] = row_sum[r] * alpha + sum;
-      row_max[r] = m_new;
-      ATTNSEG_UNROLL
-      for (int n = 0; n < kOTiles; ++n) {
-        o_acc[n][2 * r] *= alpha;
-        o_acc[n][2 * r + 1] *= alpha;
-      }
-    }
 
-    // O += P V, P rounded to T: the S accumulators of n-tiles 2kk, 2kk + 1 are the A fragment.
-    ATTNSEG_UNROLL
-    for (int kk = 0; kk < kSTiles / 2; ++kk) {
-      const uint32_t pa[4] = {warp::pack2<T>(s[2 * kk][0], s[2 * kk][1]), warp::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
-                              warp::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                              warp::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+      // Scale; keys past Nk (only in the last tile) get logit −inf.
+      const int j0 = jt * kBlockN;
       ATTNSEG_UNROLL
-      for (int np = 0; np < kOTiles / 2; ++np) {
-        uint32_t vb[4];  // B fragments of O n-tiles 2np ({0, 1}) and 2np + 1 ({2, 3})
-        if constexpr (kKeysMajor) {
-          warp::ldmatrix_x4(vb, v_tile + 16 * np * kLdV + 16 * kk);
-        } else {
-          warp::ldmatrix_x4_trans(vb, v_tile + 16 * kk * kLdV + 16 * np);
+      for (int n = 0; n < kSTiles; ++n)
+        for (int c = 0; c < 4; ++c) s[n][c] *= scale;
+      if (j0 + kBlockN > nk) {
+        ATTNSEG_UNROLL
+        for (int n = 0; n < kSTiles; ++n)
+          for (int c = 0; c < 4; ++c)
+            if (j0 + 8 * n + 2 * t + (c & 1) >= nk) s[n][c] = neg_inf<float>();
+      }
+
+      // Online softmax on rows g (c = 0, 1) and g + 8 (c = 2, 3); a row's 4 lanes form a quad.
+      ATTNSEG_UNROLL
+      for (int r = 0; r < 2; ++r) {
+        float tile_max = neg_inf<float>();
+        ATTNSEG_UNROLL
+        for (int n = 0; n < kSTiles; ++n) tile_max = max_nan(max_nan(tile_max, s[n][2 * r]), s[n][2 * r + 1]);
+        tile_max = max_nan(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1));
+        tile_max = max_nan(tile_max, __shfl_xor_sync(kFullMask, tile_max, 2));
+        const float m_new = max_nan(row_max[r], tile_max);
+        // m_new = −inf only when every logit so far is −inf: subtracting 0 instead keeps p = 0 (no
+        // −inf − −inf = NaN); alpha = 0 then multiplies an O and l that are still 0.
+        const float m_sub = m_new == neg_inf<float>() ? 0.0f : m_new;
+        const float alpha = exp_fast(row_max[r] - m_sub);
+        float sum = 0.0f;
+        ATTNSEG_UNROLL
+        for (int n = 0; n < kSTiles; ++n) {
+          ATTNSEG_UNROLL
+          for (int c = 2 * r; c < 2 * r + 2; ++c) {
+            s[n][c] = exp_fast(s[n][c] - m_sub);
+            sum += s[n][c];
+          }
         }
-        warp::mma_m16n8k16<T>(o_acc[2 * np], pa, {vb[0], vb[1]}, o_acc[2 * np]);
-        warp::mma_m16n8k16<T>(o_acc[2 * np + 1], pa, {vb[2], vb[3]}, o_acc[2 * np + 1]);
+        row_sum[r] = row_sum[r] * alpha + sum;
+        row_max[r] = m_new;
+        ATTNSEG_UNROLL
+        for (int n = 0; n < kOTiles; ++n) {
+          o_acc[n][2 * r] *= alpha;
+          o_acc[n][2 * r + 1] *= alpha;
+        }
       }
-    }
 
-    // Tile jt + 1 has landed and is visible; every warp is done with this stage before the next
-    // iteration's prefetch overwrites it.
-    warp::cp_async_wait<0>();
-    __syncthreads();
+      // O += P V, P rounded to T: the S accumulators of n-tiles 2kk, 2kk + 1 are the A fragment.
+      ATTNSEG_UNROLL
+      for (int kk = 0; kk < kSTiles / 2; ++kk) {
+        const uint32_t pa[4] = {warp::pack2<T>(s[2 * kk][0], s[2 * kk][1]), warp::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                                warp::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                                warp::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+        ATTNSEG_UNROLL
+        for (int np = 0; np < kOTiles / 2; ++np) {
+          uint32_t vb[4];  // B fragments of O n-tiles 2np ({0, 1}) and 2np + 1 ({2, 3})
+          if constexpr (kKeysMajor) {
+            warp::ldmatrix_x4(vb, v_tile + 16 * np * kLdV + 16 * kk);
+          } else {
+            warp::ldmatrix_x4_trans(vb, v_tile + 16 * kk * kLdV + 16 * np);
+          }
+          warp::mma_m16n8k16<T>(o_acc[2 * np], pa, {vb[0], vb[1]}, o_acc[2 * np]);
+          warp::mma_m16n8k16<T>(o_acc[2 * np + 1], pa, {vb[2], vb[3]}, o_acc[2 * np + 1]);
+        }
+      }
+
+      // Tile jt + 1 has landed and is visible; every warp is done with this stage before the next
+      // iteration's prefetch overwrites it.
+      warp::cp_async_wait<0>();
+      __syncthreads();
+    }
+  };
+  if (p.k_async && p.v_async) {
+    key_loop(std::true_type{});
+  } else {
+    key_loop(std::false_type{});
   }
 
   // ---- epilogue: out = O / l, lse = m + log l ----
   T* const out_batch = p.out + b * p.o_sb;
+  // Column pairs (2t, 2t + 1) of a row are adjacent and 4-byte aligned when out has unit column
+  // stride, even Ev and even row / batch strides (the contiguous output host.h allocates).
+  const bool pair_stores = p.o_se == 1 && p.ev % 2 == 0 && p.o_sn % 2 == 0 && p.o_sb % 2 == 0 &&
+                           reinterpret_cast<uintptr_t>(p.out) % 4 == 0;
   ATTNSEG_UNROLL
   for (int r = 0; r < 2; ++r) {
     float l = row_sum[r];
@@ -357,12 +374,22 @@ __global__ void __launch_bounds__(FlashFwdTiles<kHeadDim, kEvTile, kKeysMajor>::
     if (row < p.nq) {
       const float inv_l = 1.0f / l;  // l = 0 (a row of −inf logits): 0 · inf = NaN, as 0 / 0 in the reference
       T* const out_row = out_batch + row * p.o_sn + int64_t(ev0) * p.o_se;
-      ATTNSEG_UNROLL
-      for (int n = 0; n < kOTiles; ++n) {
+      if (pair_stores) {  // a lane's two columns as one 32-bit store: a quad writes 16 contiguous bytes
         ATTNSEG_UNROLL
-        for (int c = 0; c < 2; ++c) {
-          const int col = 8 * n + 2 * t + c;
-          if (col < ev_cols) out_row[col * int(p.o_se)] = Num<T>::from_acc(o_acc[n][2 * r + c] * inv_l);
+        for (int n = 0; n < kOTiles; ++n) {
+          const int col = 8 * n + 2 * t;
+          if (col < ev_cols)
+            *reinterpret_cast<uint32_t*>(out_row + col) =
+                warp::pack2<T>(o_acc[n][2 * r] * inv_l, o_acc[n][2 * r + 1] * inv_l);
+        }
+      } else {
+        ATTNSEG_UNROLL
+        for (int n = 0; n < kOTiles; ++n) {
+          ATTNSEG_UNROLL
+          for (int c = 0; c < 2; ++c) {
+            const int col = 8 * n + 2 * t + c;
+            if (col < ev_cols) out_row[col * int(p.o_se)] = Num<T>::from_acc(o_acc[n][2 * r + c] * inv_l);
+          }
         }
       }
       if (blockIdx.y == 0 && t == 0) {

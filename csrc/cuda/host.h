@@ -112,23 +112,24 @@ void launch_flash_fwd(Launch& launch, FlashFwdParams<T> p, int64_t batch, const 
   launch(kernel, grid, dim3(Tiles::kThreads), Tiles::kSmemBytes, p);
 }
 
-// Runs the flash forward if the rule above takes it; false: the caller runs the old kernel.
+// The rule above, for a tensor-core type: E and Ev in range, 32-bit offsets inside a tile (the
+// largest tiles any instantiation loads) and row indices that fit an int.
+template <typename T>
+bool flash_fwd_applies(const AttnFwdParams<T>& p) {
+  const int64_t int_limit = std::numeric_limits<int32_t>::max() - 256;
+  return p.e >= 1 && p.e <= 128 && p.ev >= 1 && p.nq <= int_limit && p.nk <= int_limit && p.ev <= int_limit &&
+         tile_offsets_fit_int32(64, p.q_sn, 128, p.q_se) && tile_offsets_fit_int32(64, p.k_sn, 128, p.k_se) &&
+         tile_offsets_fit_int32(64, p.v_sn, 256, p.v_se) && tile_offsets_fit_int32(1, 0, 256, p.o_se);
+}
+
+// E padded to 16 / 32 / 64 / 128; Ev in the narrowest slice that holds it, else 256-wide slices
+// (Ev = 512: two, S computed twice); the K/V tile layout from K's strides.
 template <typename T, class Launch>
-bool try_flash_fwd(Launch& launch, const AttnFwdParams<T>& base, int64_t batch, const char* op) {
-  if constexpr (!Num<T>::kTensorCores) {
-    return false;
-  } else {
-  if (base.e < 1 || base.e > 128 || base.ev < 1) return false;
+void dispatch_flash_fwd(Launch& launch, const AttnFwdParams<T>& base, int64_t batch, const char* op) {
   FlashFwdParams<T> p{};
   static_cast<AttnFwdParams<T>&>(p) = base;
-  const bool kv_keys_major = keys_major(p.k_sn, p.k_se);
   p.q_keys_major = keys_major(p.q_sn, p.q_se);
-  // 32-bit offsets inside a tile (the largest tiles any instantiation loads), row indices in int
-  const int64_t int_limit = std::numeric_limits<int32_t>::max() - 256;
-  if (p.nq > int_limit || p.nk > int_limit || p.ev > int_limit || !tile_offsets_fit_int32(64, p.q_sn, 128, p.q_se) ||
-      !tile_offsets_fit_int32(64, p.k_sn, 128, p.k_se) || !tile_offsets_fit_int32(64, p.v_sn, 256, p.v_se) ||
-      !tile_offsets_fit_int32(1, 0, 256, p.o_se))
-    return false;
+  const bool kv_keys_major = keys_major(p.k_sn, p.k_se);
   auto with_head_dim = [&](auto head_dim) {
     constexpr int kHeadDim = decltype(head_dim)::value;
     auto with_ev_tile = [&](auto ev_tile) {
@@ -139,7 +140,6 @@ bool try_flash_fwd(Launch& launch, const AttnFwdParams<T>& base, int64_t batch, 
         launch_flash_fwd<T, kHeadDim, kEvTile, false>(launch, p, batch, op);
       }
     };
-    // the narrowest slice that holds Ev, else 256-wide slices (Ev = 512: two, S computed twice)
     if (p.ev <= 64) {
       with_ev_tile(std::integral_constant<int, 64>{});
     } else if (p.ev <= 128) {
@@ -157,8 +157,18 @@ bool try_flash_fwd(Launch& launch, const AttnFwdParams<T>& base, int64_t batch, 
   } else {
     with_head_dim(std::integral_constant<int, 128>{});
   }
-  return true;
+}
+
+// Runs the flash forward if the rule above takes it; false: the caller runs the old kernel.
+template <typename T, class Launch>
+bool try_flash_fwd(Launch& launch, const AttnFwdParams<T>& p, int64_t batch, const char* op) {
+  if constexpr (Num<T>::kTensorCores) {
+    if (flash_fwd_applies(p)) {
+      dispatch_flash_fwd(launch, p, batch, op);
+      return true;
+    }
   }
+  return false;
 }
 
 template <class Launch>
