@@ -195,13 +195,23 @@ def test_old_forward_kernel_takes_the_rest(emu, dtype, e):
     assert "attention_fwd_kernel<" in line and "flash" not in line, line
 
 
-@pytest.mark.parametrize("dtype, channel_first, nk", [(torch.float16, True, 72), (torch.float16, True, 70),
-                                                      (torch.bfloat16, False, 70)],
-                         ids=["fp16-channel-first-async", "fp16-channel-first-elementwise", "bf16-contiguous"])
-def test_flash_forward_is_schedule_independent(emu, dtype, channel_first, nk):
-    """The cp.async ring (a missing wait or barrier would read stale or half-written tiles) gives
-    bitwise-identical results under every schedule, over several key tiles and query blocks."""
-    q, k, v = (_layout(t, channel_first) for t in _attention_inputs(2, 70, nk, 20, 80, dtype))
+FLASH_SCHEDULES = [  # (id, dtype, channel-first, nk, ev): 3-5 key tiles, so both ring stages are reused
+    ("fp16-channel-first-async", torch.float16, True, 136, 80),
+    ("fp16-channel-first-elementwise", torch.float16, True, 134, 80),
+    ("bf16-contiguous", torch.bfloat16, False, 200, 80),
+    ("fp16-ev-tile-256", torch.float16, False, 130, 264),  # 32-key tiles
+]
+
+
+@pytest.mark.parametrize("dtype, channel_first, nk, ev", [c[1:] for c in FLASH_SCHEDULES],
+                         ids=[c[0] for c in FLASH_SCHEDULES])
+def test_flash_forward_is_schedule_independent(emu, dtype, channel_first, nk, ev):
+    """The cp.async ring gives bitwise-identical results under every schedule, over several key
+    tiles and query blocks. Planted by hand: without the loop's cp_async_wait every cp.async case
+    here fails (and the reference comparisons do); without its __syncthreads only the
+    channel-first cp.async case fails (the emulator's warps run in near lockstep between
+    collectives, so only the copies' visibility order exposes it)."""
+    q, k, v = (_layout(t, channel_first) for t in _attention_inputs(2, 70, nk, 20, ev, dtype))
     results = _under_each_schedule(emu, lambda: emu.attention_fwd(q, k, v, 0.4))
     for (name, seed), result in zip(SCHEDULES[1:], results[1:]):
         for a, b in zip(results[0], result):
