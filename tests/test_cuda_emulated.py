@@ -185,9 +185,10 @@ def test_flash_forward_load_paths(emu, dtype, nq, nk, e, ev, channel_first, temp
     assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
 
 
-@pytest.mark.parametrize("dtype, e", [(torch.float32, 16), (torch.float16, 129)], ids=["fp32", "fp16-e129"])
+@pytest.mark.parametrize("dtype, e", [(torch.float32, 16), (torch.float16, 129), (torch.float16, 0)],
+                         ids=["fp32", "fp16-e129", "fp16-e0"])
 def test_old_forward_kernel_takes_the_rest(emu, dtype, e):
-    """fp32 (and fp64) and E > 128 stay on attention_fwd_kernel (host.h's dispatch rule)."""
+    """fp32 (and fp64), E > 128 and E = 0 stay on attention_fwd_kernel (host.h's dispatch rule)."""
     q, k, v = _attention_inputs(1, 5, 7, e, 8, dtype)
     emu.launches()
     emu.attention_fwd(q, k, v, 0.1)
