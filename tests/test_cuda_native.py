@@ -37,9 +37,15 @@ def test_cuda_kernels_are_registered(op):
 
 @pytest.mark.requires_native
 @needs_cuda_build
-def test_native_backend_is_offered_on_cuda():
-    assert attnseg.available_backends("cuda")["native"] is None
-    assert attnseg.resolve_backend("native", "cuda") == "native"
+def test_native_backend_is_offered_on_cuda_exactly_when_a_device_is_there():
+    reason = attnseg.available_backends("cuda")["native"]
+    if torch.cuda.is_available():
+        assert reason is None
+        assert attnseg.resolve_backend("native", "cuda") == "native"
+    else:  # built in, but nothing to run on: never reported as available
+        assert "no CUDA device is available" in reason
+        with pytest.raises(attnseg.BackendUnavailableError, match="no CUDA device"):
+            attnseg.resolve_backend("native", "cuda")
 
 
 # ---- on a GPU ---------------------------------------------------------------------------------

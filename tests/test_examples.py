@@ -10,13 +10,15 @@ import pytest
 
 import attnseg
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(attnseg.__file__)))
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+# the attnseg this process tests (installed, or an in-place build), first on the child's path
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(attnseg.__file__)))
 
 
 def _run(script, *args):
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, os.path.join(REPO, "examples", script), *args], capture_output=True,
-                          text=True, env=env, cwd=REPO, timeout=300)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [PACKAGE_PARENT, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, os.path.join(EXAMPLES, script), *args], capture_output=True,
+                          text=True, env=env, cwd=EXAMPLES, timeout=300)
     assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     return proc.stdout + proc.stderr
 
