@@ -491,106 +491,19 @@ def test_unavailable_reason_without_interpreter(monkeypatch):
 # Ahead-of-time compilation for NVIDIA GPUs (no GPU needed: Triton compiles to cubin offline)
 # ---------------------------------------------------------------------------------------------
 
-_PTR_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
-
-
-def _record_launches(op, *args):
-    """The (LazyKernel, args, kwargs) launches ``op(*args)`` makes, without running them."""
-    import attnseg.triton.attention as ta
-    import attnseg.triton.channel_attention as tc
-
-    calls = []
-
-    def record(kernel, grid, *a, **kw):
-        calls.append((kernel, a, kw))
-
-    saved = ta.launch, tc.launch
-    ta.launch = tc.launch = record
-    try:
-        op(*args)
-    finally:
-        ta.launch, tc.launch = saved
-    return calls
-
-
-def _compile(kernel, args, kwargs, config, arch):
-    """Compile one launch for sm_<arch>, specialising arguments as a launch would."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    jit_fn = kernel.compiled_jit_function()
-    values = {**dict(zip(jit_fn.arg_names, args)), **kwargs, **config.kwargs}
-    signature, constexprs, attrs = {}, {}, {}
-    for i, param in enumerate(jit_fn.params):
-        value = values[param.name]
-        if param.is_constexpr or (type(value) is int and value == 1):  # Triton specialises 1
-            signature[param.name] = "constexpr"
-            constexprs[param.name] = value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = _PTR_TYPES[value.dtype]
-            attrs[(i,)] = [["tt.divisibility", 16]]  # torch allocations are 16-byte aligned
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32" if abs(value) < 2**31 else "i64"
-            if value % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-        else:
-            signature[param.name] = "fp32"
-    source = ASTSource(jit_fn, signature, constexprs, attrs)
-    options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
-    return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
-
-
-def _resource_usage(compiled) -> tuple[int, int]:
-    """(registers per thread, spill stack bytes) of a compiled kernel, read from its cubin."""
-    import re
-
-    import triton
-
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(compiled.asm["cubin"])
-        f.flush()
-        usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
-                               capture_output=True, text=True, check=True).stdout
-    return int(re.search(r"REG:(\d+)", usage).group(1)), int(re.search(r"STACK:(\d+)", usage).group(1))
-
-
-def _danet_launches(dtype, n=9409, batch=2, e=64, ev=512, c=512):
-    """Every kernel launch of the four ops at DANet-head sizes, on the layouts PAM / CAM pass."""
-    import attnseg.triton.attention as ta
-    import attnseg.triton.channel_attention as tc
-
-    q = torch.empty(batch, e, n, dtype=dtype).transpose(1, 2)
-    v = torch.empty(batch, ev, n, dtype=dtype).transpose(1, 2)
-    out, lse = torch.empty(batch, n, ev, dtype=dtype), torch.empty(batch, n)
-    x = torch.empty(batch, c, n, dtype=dtype)
-    return (
-        _record_launches(ta.attention_fwd, q, q, v, 1.0)
-        + _record_launches(ta.attention_bwd, out, lse, q, q, v, out, lse, 1.0)
-        + _record_launches(tc.channel_attention_fwd, x, True)
-        + _record_launches(tc.channel_attention_bwd, x, x, torch.empty(batch, c, c), True)
-    )
-
-
-_SHARED_MEMORY = {80: 166912, 90: 232448}  # opt-in shared memory per block of A100 / H100
+from attnseg.triton.offline import (  # noqa: E402
+    SHARED_MEMORY as _SHARED_MEMORY,
+    compile_config as _compile,
+    danet_launches as _danet_launches,
+    kept_configs as _kept_configs_for,
+    record_launches as _record_launches,
+    resource_usage as _resource_usage,
+)
 
 
 def _kept_configs(kernel, args, kwargs, arch):
-    """What the kernel's prune filter keeps on sm_<arch> ([a default config] if not autotuned)."""
-    import triton
-
-    if kernel.configs is None:
-        return [triton.Config({}, num_warps=4, num_stages=2)]
-    named = dict(zip(kernel.compiled_jit_function().arg_names, args))
-    saved = attnseg.triton.device_limits
-    attnseg.triton.device_limits = lambda device: (_SHARED_MEMORY[arch], arch // 10)  # the filter asks the GPU
-    try:
-        return kernel.prune(kernel.configs, named, **kwargs)
-    finally:
-        attnseg.triton.device_limits = saved
+    """What the prune filter keeps on sm_<arch>, with this module's (patchable) shared memory limits."""
+    return _kept_configs_for(kernel, args, kwargs, arch, _SHARED_MEMORY)
 
 
 def test_dot_precision_follows_allow_tf32():
