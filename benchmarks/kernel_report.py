@@ -229,36 +229,41 @@ def old_attention_dkv(s: Shape, k: dict, nbytes: int) -> Work:
                 "ceil(E/c)·2NqNk·(E+Ev+c) + ceil(Ev/c)·2NqNk·(E+c): Sᵀ per slice, dPᵀ per dK slice")
 
 
-def _gemm_work(m: int, n: int, kdim: int, batch: int, k: dict, a_bytes: int, b_bytes: int, c_bytes: int,
-               splits: int, formula: str) -> Work:
-    flops = batch * 2 * _up(m, k["block_m"]) * _up(n, k["block_n"]) * _up(kdim, k["block_k"])
-    dram = batch * (m * kdim * a_bytes + kdim * n * b_bytes + splits * m * n * c_bytes)
-    return Work(_chunks(n, k["block_n"]) * _chunks(m, k["block_m"]) * batch * splits, flops, dram, formula)
-
-
-def _gram_splits(n: int, block_k: int, target: int = 1024) -> int:
-    # host.h split_reduction: up to 64 splits of about `target`, each a multiple of block_k
-    splits = min(64, max(1, math.ceil(n / target)))
-    split_len = _up(math.ceil(max(n, 1) / splits), block_k)
-    return math.ceil(max(n, 1) / split_len)
-
-
-def cam_gram(s: Shape, k: dict, nbytes: int) -> Work:
-    return _gemm_work(s.c, s.c, s.nq, s.batch, k, nbytes, nbytes, 4, _gram_splits(s.nq, k["block_k"]),
-                      "2·B·C²·N (E = X Xᵀ, and dA = dY Xᵀ in the backward), split over N")
-
-
-def cam_apply(s: Shape, k: dict, nbytes: int) -> Work:
-    return _gemm_work(s.c, s.nq, s.c, s.batch, k, 4, nbytes, nbytes, 1, "2·B·C²·N (Y = A X; dX += S X)")
-
-
-def cam_first(s: Shape, k: dict, nbytes: int) -> Work:
-    return _gemm_work(s.c, s.nq, s.c, s.batch, k, 4, nbytes, 4, 1, "2·B·C²·N (Aᵀ dY into an fp32 workspace)")
-
-
 def cam_rows(s: Shape, k: dict, nbytes: int) -> Work:
-    splits = _gram_splits(s.nq, 16)
-    return Work(s.batch * s.c, 0.0, 4 * s.batch * s.c * s.c * (splits + 2), "memory only: C x C rows")
+    # reads the C x C Gram matrix (and A in the backward), writes one C x C result: ~3 planes
+    return Work(s.batch * s.c, 0.0, 4 * s.batch * s.c * s.c * 3, "memory only: C x C rows")
+
+
+@dataclasses.dataclass(frozen=True)
+class LibraryCall:
+    """A product an op hands to a library (cuBLAS through ATen) instead of a kernel of ours: not
+    compiled by the report; modelled at the op's reference efficiency (``REFERENCE_EFFICIENCY``).
+
+    flops: shape -> FLOPs of the call; launches: per op call; call: what the launcher calls.
+    """
+
+    name: str
+    op: str
+    call: str
+    flops: Callable[[Shape], float]
+    formula: str
+    launches: int = 1
+    impl: str = ""
+
+
+def _cam_gemm(s: Shape) -> float:
+    return 2 * s.batch * s.c * s.c * s.nq
+
+
+# csrc/cuda/host.h (channel attention) through DeviceLaunch::gemm (launch.cuh).
+LIBRARY_CALLS = (
+    LibraryCall("cam_gram (E = X Xᵀ)", "cam_fwd", "at::bmm(x, xᵀ, kFloat) (aten::bmm.dtype)", _cam_gemm, "2·B·C²·N"),
+    LibraryCall("cam_apply (Y = A X)", "cam_fwd", "at::bmm(A, x, kFloat), A rounded to x's type", _cam_gemm,
+                "2·B·C²·N"),
+    LibraryCall("cam_grad_attn (dA = dY Xᵀ)", "cam_bwd", "at::bmm(dY, xᵀ, kFloat)", _cam_gemm, "2·B·C²·N"),
+    LibraryCall("cam_grad_x (Aᵀ dY, S X)", "cam_bwd", "2 x at::bmm(., ., kFloat), A and 2^-k S rounded to x's type",
+                _cam_gemm, "2 x 2·B·C²·N", launches=2),
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,8 +303,6 @@ class CudaKernel:
 
 _ATTN_TILES = {"threads": "AttnTiles<{T}>::kThreads", "smem": "AttnTiles<{T}>::kSmemBytes",
                "rows": "AttnTiles<{T}>::kRows", "cols": "AttnTiles<{T}>::kCols", "chunk": "AttnTiles<{T}>::kChunk"}
-_GEMM_TILES = {"threads": "GemmTiles::kThreads", "smem": "0", "block_m": "GemmTiles::kBlockM",
-               "block_n": "GemmTiles::kBlockN", "block_k": "GemmTiles::kBlockK"}
 _ROWS = {"threads": "kRowThreads", "smem": "0"}
 _ALL = ("fp16", "bf16", "fp32", "fp64")
 
@@ -312,22 +315,12 @@ KERNELS = (
                _ATTN_TILES, old_attention_dq, "attention_bwd", products=True),
     CudaKernel("attention_bwd_dkv", "attention.cuh", "attention_bwd_dkv_kernel<{T}>", _ALL,
                _ATTN_TILES, old_attention_dkv, "attention_bwd", products=True),
-    CudaKernel("cam_gemm_gram", "channel_attention.cuh", "gemm_kernel<{T}, {T}, {A}, {A}>", _ALL,
-               _GEMM_TILES, cam_gram, "cam_fwd", products=True),
-    CudaKernel("cam_gemm_apply", "channel_attention.cuh", "gemm_kernel<{A}, {T}, {T}, {A}>", _ALL,
-               _GEMM_TILES, cam_apply, "cam_fwd", products=True),
     CudaKernel("cam_softmax_fwd", "channel_attention.cuh", "cam_softmax_fwd_kernel<{A}>", _ALL,
                _ROWS, cam_rows, "cam_fwd", products=False),
-    CudaKernel("cam_gemm_gram(bwd)", "channel_attention.cuh", "gemm_kernel<{T}, {T}, {A}, {A}>", _ALL,
-               _GEMM_TILES, cam_gram, "cam_bwd", products=True),
     CudaKernel("cam_softmax_bwd", "channel_attention.cuh", "cam_softmax_bwd_kernel<{A}>", _ALL,
                _ROWS, cam_rows, "cam_bwd", products=False),
     CudaKernel("cam_symmetrize", "channel_attention.cuh", "cam_symmetrize_kernel<{A}>", _ALL,
                _ROWS, cam_rows, "cam_bwd", products=False),
-    CudaKernel("cam_gemm_first(bwd)", "channel_attention.cuh", "gemm_kernel<{A}, {T}, {A}, {A}>", _ALL,
-               _GEMM_TILES, cam_first, "cam_bwd", products=True),
-    CudaKernel("cam_gemm_apply(bwd)", "channel_attention.cuh", "gemm_kernel<{A}, {T}, {T}, {A}>", _ALL,
-               _GEMM_TILES, cam_apply, "cam_bwd", products=True),
 )
 # A new kernel is one entry; e.g. a flash-attention-2 forward with its tiles as header constants:
 #   CudaKernel("flash_fwd", "flash_attention.cuh", "flash_fwd_kernel<{T}, 64>", ("fp16", "bf16"),
@@ -1128,6 +1121,15 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
                 g[0].loop.blocks if g[0].loop else "-", " / ".join(str(g[0].counts.get(c, 0)) for c in CLASSES)]
                for g in groups.values() if g[0].compiled.ok]))
 
+    say("\n### Library calls\n")
+    say("Products the launchers hand to cuBLAS through ATen (`DeviceLaunch::gemm`, csrc/cuda/launch.cuh): "
+        "not our kernels, so not compiled or read here. fp16/bf16 run on tensor cores with fp32 accumulation "
+        "and an fp32 result (`aten::bmm.dtype`); fp32 and fp64 in their own type. In the time model below "
+        "they count at the op's reference efficiency (cuBLAS-class), bound `library`.\n")
+    say(table(["call", "op", "launcher calls", "FLOPs", "per op call"],
+              [[lib.name, lib.op + (f" ({lib.impl})" if lib.impl else ""), lib.call, lib.formula, lib.launches]
+               for lib in LIBRARY_CALLS]))
+
     # ---- FLOP model and time per op
     say("\n### FLOP model and modelled time at the DANet shape\n")
     say("Shapes: " + "; ".join(f"{s.label}: Nq = Nk = {s.nq}, E = {s.e}, Ev = {s.ev}, CAM C = {s.c}" for s in shapes)
@@ -1135,6 +1137,7 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
     for op, (_, formula) in USEFUL.items():
         models = [f"{e.name}: {e.model(shapes[0], next(r.constants for r in rows if r.compiled.entry is e), 2).formula}"
                   for e in _entries(rows, op)]
+        models += [f"{lib.name}: library call, {lib.formula}" for lib in LIBRARY_CALLS if lib.op == op]
         if models:
             say(f"- `{op}` useful FLOPs = {formula}; kernels: " + "; ".join(models))
     say("\nTime model (per kernel launch, summed per op): " + " ".join(modelled_time.__doc__.split()) + "\n")
@@ -1159,7 +1162,7 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
                 by_arch = {}
                 issued = None
                 for g in gpus:
-                    total, bounds, lower = 0.0, [], False
+                    total, bounds, lower = 0.0, {}, False  # bound -> seconds under it
                     issued_here = 0.0
                     for e in entries:
                         row = next((r for r in rows if r.compiled.entry is e and r.compiled.dtype == dtype
@@ -1171,7 +1174,7 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
                         timing = modelled_time(row, work, g)
                         total += e.launches * timing.seconds
                         issued_here += e.launches * work.flops
-                        bounds.append(timing.bound)
+                        bounds[timing.bound] = bounds.get(timing.bound, 0.0) + e.launches * timing.seconds
                         lower |= timing.approximate
                         if shape == shapes[0]:
                             parts = (_ms(timing.parts[k]) if k in timing.parts else "-"
@@ -1180,7 +1183,14 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
                             kernel_body.append([e.name, dtype, shape.label, g.name, work.blocks,
                                                 f"{work.flops / 1e9:.0f}", row.occupancy.blocks, f"{waves:.1f}",
                                                 *parts, timing.text])
-                    by_arch[g.name] = (total, max(set(bounds), key=bounds.count) if bounds else "-", lower)
+                    for lib in LIBRARY_CALLS:  # cuBLAS calls: modelled at the reference efficiency
+                        if (lib.op, lib.impl) == (op, impl):
+                            flops = lib.launches * lib.flops(shape)
+                            total += flops / (REFERENCE_EFFICIENCY[op] * _peak(g, dtype, dtype != "fp32"))
+                            issued_here += flops
+                            bounds["library"] = bounds.get("library", 0.0) + flops / (
+                                REFERENCE_EFFICIENCY[op] * _peak(g, dtype, dtype != "fp32"))
+                    by_arch[g.name] = (total, max(bounds, key=bounds.get) if bounds else "-", lower)
                     issued = issued_here
                 useful = USEFUL[op][0](shape)
                 ratio = issued / useful if issued else math.nan
