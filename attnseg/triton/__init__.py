@@ -256,12 +256,13 @@ def _calibrated_clean(calibration, args: dict, major: int, dtype: torch.dtype) -
     """{config signature: shared bytes} of the configs that compiled without spilling for this
     launch's kernel, mode and tile widths on this architecture class, or None where no table
     covers the launch (see :mod:`attnseg.triton.calibration`)."""
-    from .calibration import CLEAN_CONFIGS, DTYPE_NAMES
+    from .calibration import CLEAN_CONFIGS, dtype_name
 
-    if calibration is None or dtype not in DTYPE_NAMES:
-        return None
+    name = dtype_name(dtype, args["DOT_PRECISION"])
     arch = 90 if major >= 9 else 80 if major == 8 else None
-    return CLEAN_CONFIGS.get((arch, DTYPE_NAMES[dtype], *calibration(args))) if arch else None
+    if calibration is None or name is None or arch is None:
+        return None
+    return CLEAN_CONFIGS.get((arch, name, *calibration(args)))
 
 
 def config_signature(config) -> tuple:
@@ -273,8 +274,8 @@ def make_prune(shared_bytes, live_elements, budget: int, caps, operand: str, cal
     """An ``early_config_prune`` for ``@triton.autotune``.
 
     ``calibration(args) -> tuple`` names the launch in :data:`attnseg.triton.calibration.CLEAN_CONFIGS`
-    (kernel, mode flags, tile widths). Where the table covers the launch (sm_8x / sm_9x+, fp16 or
-    bf16, the calibrated kernel mode and widths) it replaces the estimates of (2) and (3): a config
+    (kernel, mode flags, tile widths). Where the table covers the launch (sm_8x / sm_9x+, a swept
+    dtype, the calibrated kernel mode and widths) it replaces the estimates of (2) and (3): a config
     is kept iff it compiled there without spilling and its measured shared memory fits the device.
     Elsewhere the estimates below decide.
 
@@ -295,7 +296,7 @@ def make_prune(shared_bytes, live_elements, budget: int, caps, operand: str, cal
         largest = caps(args)
         fma = _dot_uses_fma(args[operand].dtype, args["DOT_PRECISION"])
         tile_budget = _FMA_BUDGET if fma else budget * (1.0 if major >= 9 else _PRE_HOPPER_BUDGET_SCALE)
-        clean = None if fma else _calibrated_clean(calibration, args, major, args[operand].dtype)
+        clean = _calibrated_clean(calibration, args, major, args[operand].dtype)
         kept = []
         for config in configs:
             block = config.kwargs
