@@ -143,3 +143,14 @@ def test_run_case_reports_an_sdpa_refusal_as_unsupported():
     # the memory-efficient SDPA kernel is CUDA-only: on the CPU forcing it is refused
     measured = gc.run_case(gc.dataclasses.asdict(gc.Case("pam", "sdpa", "fwd", 40, 1, "float32")), device="cpu")
     assert set(measured) == {"unsupported"} and "kernel" in measured["unsupported"].lower()
+
+
+def test_first_triton_case_of_each_kind_gets_the_compile_timeout():
+    args = gc.parse_args([])
+    compiled = set()
+    first = gc.Case("pam", "triton", "fwd", 9216, 1, "float16")
+    assert gc.case_timeout(first, args, compiled) == args.compile_timeout
+    assert gc.case_timeout(gc.Case("pam", "triton", "fwd", 32768, 8, "float16"), args, compiled) == args.case_timeout
+    assert gc.case_timeout(gc.Case("pam", "triton", "fwd+bwd", 9216, 1, "float16"), args, compiled) \
+        == args.compile_timeout
+    assert gc.case_timeout(gc.Case("pam", "native", "fwd", 9216, 1, "bfloat16"), args, compiled) == args.case_timeout
