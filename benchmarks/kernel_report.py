@@ -147,7 +147,7 @@ REFERENCE_NAME = {"attention_fwd": "FA2-class", "attention_bwd": "FA2-class", "c
 # The Triton dtypes whose "no kept config spills" check fails --check: those the prune's measured
 # table (attnseg/triton/calibration.py) covers. fp32 (IEEE, FMA path) is still pruned by estimates
 # and prints PASS / FAIL without failing --check (its --triton-all sweep is slow: not yet run).
-TRITON_NO_SPILL_ENFORCED = ("fp16",)
+TRITON_NO_SPILL_ENFORCED = ("fp16", "bf16")
 
 THRESHOLDS = {
     "flop_ratio": {"attention_fwd": 1.15, "attention_bwd": 1.35},  # issued / useful, per op
@@ -972,10 +972,22 @@ def write_triton_calibration(path: Path, triton_rows: dict) -> None:
                 clean[(tuple(sorted(r["blocks"].items())), r["warps"], r["stages"])] = r["shared"]
     lines = [f"    {key!r}: {{" + "".join(f"\n        {sig!r}: {shared}," for sig, shared in sorted(clean.items()))
              + "\n    }," for key, clean in table.items()]
+    # the specialisation classes of each kernel's integer arguments in the swept launches
+    import torch
+
+    from attnseg.triton import offline
+    from attnseg.triton.calibration import int_class
+
+    classes: dict[str, dict] = {}
+    for kernel, args, kwargs in offline.danet_launches(torch.float16, n=SHAPES[0].nq, batch=1):
+        named = {**dict(zip(kernel.compiled_jit_function().arg_names, args)), **kwargs}
+        classes[kernel.__name__] = {k: int_class(v) for k, v in named.items() if type(v) is int}
+    int_lines = [f"    {name!r}: {dict(sorted(c.items()))!r}," for name, c in sorted(classes.items())]
     dtypes = ", ".join(sorted({dtype for _, dtype in triton_rows}))
     archs = ", ".join(f"sm_{arch}" for arch in sorted({arch for arch, _ in triton_rows}))
     path.write_text(CALIBRATION_HEADER.format(triton=_triton_version(), shape=SHAPES[0].label, dtypes=dtypes,
                                               archs=archs)
+                    + "INT_CLASSES = {\n" + "\n".join(int_lines) + "\n}\n\n"
                     + "CLEAN_CONFIGS = {\n" + "\n".join(lines) + "\n}\n")
 
 
@@ -999,8 +1011,10 @@ The prune (``attnseg.triton.make_prune``) keeps exactly these configs, where the
 fits the device, for a launch with the same key on sm_8x (sm_80 table) or sm_9x and newer (sm_90
 table), at most 16 (the largest tiles first, to bound autotuning time); other launches (other
 widths or modes, fp32 with TF32 allowed, fp64, older GPUs, a dtype not swept) use its estimates.
-Regenerate after changing a kernel or its config list. Register use can differ a little for
-other strides (Triton specialises unit strides): the table is exact for the layout PAM passes.
+A launch is covered only where each integer argument specialises as in the swept launch
+(``INT_CLASSES``: equal to 1, divisible by 16, or other): another layout (contiguous q/k/v) or an
+unaligned N (9409) compiles to other code and uses the estimates. Regenerate after changing a
+kernel or its config list.
 """
 
 import torch
@@ -1011,6 +1025,14 @@ def dtype_name(dtype: torch.dtype, precision: str) -> str | None:
     if dtype == torch.float32:
         return "fp32" if precision == "ieee" else None
     return {{torch.float16: "fp16", torch.bfloat16: "bf16"}}.get(dtype)
+
+
+def int_class(value: int) -> str:
+    """How Triton specialises an integer argument: "1", "16" (divisible by 16) or "other"."""
+    return "1" if value == 1 else "16" if value % 16 == 0 else "other"
+
+
+# INT_CLASSES: kernel -> {{integer argument: its class in the swept launches}}.
 
 '''
 
