@@ -14,9 +14,10 @@ Steps, each bounded so that the table is always written:
 2. Timings, one fresh process per case (``_common.IsolatedRunner``, a per-case timeout), in
    priority order (fp16, then bf16, then fp32; smaller sizes first) so that a spent
    ``--budget`` cuts the least useful rows, which then read "not run: time budget spent".
-   PAM, the generic op out = softmax(q kᵀ) v: q, k [B, N, E], v [B, N, Ev], contiguous (every
-   fused SDPA kernel needs stride(-1) == 1), E = 64, Ev = 512, N = 9,216 and 32,768, B = 1
-   and 8; impls native and triton (``attnseg.attention(backend=...)``), "sdpa"
+   PAM, the generic op out = softmax(q kᵀ) v: q, k [B, N, E], v [B, N, Ev], E = 64, Ev = 512,
+   N = 9,216 and 32,768, B = 1 and 8; as PAM passes them (views of channel-first [B, E, N]
+   tensors, the layout the Triton autotune table was measured on) except for SDPA, which gets
+   contiguous tensors (its fused kernels need stride(-1) == 1); impls native and triton (``attnseg.attention(backend=...)``), "sdpa"
    (``scaled_dot_product_attention`` on [B, 1, N, E] views inside
    ``sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)``: the memory-efficient kernel forced; a case it
    refuses reads "unsupported" with PyTorch's reason) and "math", the official N² code
@@ -189,8 +190,14 @@ def run_case(payload: dict, device: str = "cuda") -> dict:
     grad = case.mode == "fwd+bwd"
     torch.manual_seed(0)
     if case.op == "pam":
-        inputs = [torch.randn(case.batch, case.n, width, device=device, dtype=dtype, requires_grad=grad)
-                  for width in (E, E, EV)]
+        if case.impl == "sdpa":  # its fused kernels need stride(-1) == 1: contiguous [B, N, E]
+            leaves = [torch.randn(case.batch, case.n, width, device=device, dtype=dtype, requires_grad=grad)
+                      for width in (E, E, EV)]
+            inputs = leaves
+        else:  # the [B, N, E] views of channel-first convolution outputs that PAM passes
+            leaves = [torch.randn(case.batch, width, case.n, device=device, dtype=dtype, requires_grad=grad)
+                      for width in (E, E, EV)]
+            inputs = [leaf.transpose(1, 2) for leaf in leaves]
         attend = {"native": lambda q, k, v: attnseg.attention(q, k, v, 1.0, backend="native"),
                   "triton": lambda q, k, v: attnseg.attention(q, k, v, 1.0, backend="triton"),
                   "sdpa": _sdpa_efficient, "math": attnseg.reference.attention}[case.impl]
@@ -199,6 +206,7 @@ def run_case(payload: dict, device: str = "cuda") -> dict:
         # post-ReLU-like (non-negative) features scaled by N^-1/2: Gram entries about 1/3 in every dtype
         inputs = [(torch.rand(case.batch, CAM_C, case.n, 1, device=device) / math.sqrt(case.n))
                   .to(dtype).requires_grad_(grad)]
+        leaves = inputs
         gamma = torch.ones(1, device=device, dtype=dtype)  # gamma · A X + x, with A X in the timed work
         attend = {"native": lambda x: attnseg.channel_attention(x, gamma, backend="native"),
                   "triton": lambda x: attnseg.channel_attention(x, gamma, backend="triton"),
@@ -215,7 +223,7 @@ def run_case(payload: dict, device: str = "cuda") -> dict:
                 attend(*inputs)
 
     def drop_grads():
-        for tensor in inputs:
+        for tensor in leaves:
             tensor.grad = None
 
     if case.impl == "sdpa":
@@ -300,7 +308,7 @@ def write_report(path: Path, environment: list[str], tests: dict, results: list[
     text = ["# GPU check", "", "Written by `python benchmarks/gpu_check.py` (method in its docstring).", "",
             "## Environment", "", *[f"- {line}" for line in environment], "",
             "## Tests", "", *[test_summary_line(name, outcome) for name, outcome in tests.items()], "",
-            "## Timings", "", f"TFLOP/s: {FLOP_CONVENTION}. PAM: E = {E}, Ev = {EV}, contiguous inputs; "
+            "## Timings", "", f"TFLOP/s: {FLOP_CONVENTION}. PAM: E = {E}, Ev = {EV}, channel-first views (SDPA: contiguous); "
             f"CAM: C = {CAM_C}, official variant. vs math / vs sdpa: time ratio against that row of the "
             "same case (below 1 is faster).", "", markdown_table(TABLE_HEADER, table_rows(results)), "",
             f"took {took_s:.0f} s", ""]
