@@ -450,6 +450,56 @@ def _time_call(call: Callable[[], Any], meter: PeakMemoryMeter, cuda_events: boo
     return time.perf_counter() - started
 
 
+GEMM_ROOFLINE_SIZE = 2048  # torch.mm of two 2048 x 2048 matrices: the GEMM throughput of a dtype
+
+
+def gemm_throughput(payload: dict) -> dict:
+    """Child entry point: FLOP/s of ``torch.mm`` on two ``size`` x ``size`` matrices of ``dtype``
+    (name) on ``device`` with ``threads`` torch threads: 2 warm-ups, then the median of ``repeats``."""
+    torch.set_num_threads(payload["threads"])
+    device, size = torch.device(payload["device"]), payload.get("size", GEMM_ROOFLINE_SIZE)
+    dtype = getattr(torch, payload["dtype"])
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    meter = PeakMemoryMeter(device)
+    measured = measure_call(lambda: torch.mm(a, b), meter, repeats=payload.get("repeats", 7), warmups=2,
+                            cuda_events=device.type == "cuda")
+    return {"flop_per_s": 2 * size**3 / measured.median_s, "times_s": measured.times_s, "size": size}
+
+
+class GemmRoofline:
+    """The GEMM roofline of a sweep: the FLOP/s of torch.mm in the sweep's dtype, threads and
+    device (:func:`gemm_throughput`, in a fresh process), measured before and after the sweep; the
+    faster of the two is the roofline (the stricter one). A case's roofline time is its FLOPs over it."""
+
+    def __init__(self, runner: IsolatedRunner, device: str, dtype: str, threads: int):
+        self.runner, self.payload = runner, {"device": device, "dtype": dtype, "threads": threads}
+        self.measured: list[float] = []
+        self.failure: str | None = None
+
+    def measure(self) -> None:
+        outcome = self.runner.run(gemm_throughput, dict(self.payload), timeout_s=600)
+        if outcome.result is None:
+            self.failure = outcome.failure
+        else:
+            self.measured.append(outcome.result["flop_per_s"])
+
+    @property
+    def flop_per_s(self) -> float | None:
+        return max(self.measured) if self.measured else None
+
+    def seconds(self, flop: float) -> float | None:
+        return flop / self.flop_per_s if self.flop_per_s else None
+
+    def describe(self) -> str:
+        p = self.payload
+        if not self.measured:
+            return f"roofline: not measured ({self.failure})"
+        readings = ", ".join(f"{f / 1e9:.0f}" for f in self.measured)
+        return (f"roofline: torch.mm {p['dtype']} {GEMM_ROOFLINE_SIZE}^3 on {p['device']}, {p['threads']} thread(s), "
+                f"median of 7 in a fresh process, before and after the sweep: {readings} GFLOP/s; the faster is "
+                "used; roofline time = the case's FLOPs / that; 'of roof' = roofline time / median time")
+
+
 def machine_load_note() -> str | None:
     """A warning when other processes keep the cores busy: times are then noisy (memory is not)."""
     try:

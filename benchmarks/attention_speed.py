@@ -42,6 +42,11 @@ like with like (one multiply-add = 2 FLOPs; softmax and exponentials not counted
   that is not counted, so their TFLOP/s are what the same time would mean for the reference.
 
 "vs ref" is time / the reference's time for the same size and mode, in the same run.
+"roofline" is the time the case's useful FLOPs would take at the GEMM throughput of its dtype,
+measured in the same run (``_common.GemmRoofline``: torch.mm of 2048 x 2048 matrices, same threads
+and device, before and after the sweep, the faster taken); "of roof" = roofline / median time.
+
+    python benchmarks/attention_speed.py --device cpu --dtype bfloat16 --sizes 96x96 --impls native
 
 Usage (from the repository root):
 
@@ -64,10 +69,11 @@ import torch
 import torch.nn.functional as F
 
 from _common import (
+    GemmRoofline,
     IsolatedRunner,
-    attnseg_used_line,
     PeakMemoryMeter,
     PlotPanel,
+    attnseg_used_line,
     available_memory_bytes,
     format_mib,
     format_ratio,
@@ -306,18 +312,20 @@ def reference_time(results: list[CaseResult], case: Case) -> float | None:
     return None
 
 
-def table_rows(results: list[CaseResult]) -> list[list[str]]:
+def table_rows(results: list[CaseResult], roofline: GemmRoofline) -> list[list[str]]:
     rows = []
     for r in results:
         c = r.case
+        roof_s = roofline.seconds(c.useful_flop)
         measured = [format_seconds(r.median_s), f"{r.tflops:.3g}", format_mib(r.peak_mib),
-                    format_ratio(r.median_s, reference_time(results, c))] if r.status == "ok" else \
-                   [f"failed: {r.reason}", "", "", ""]
+                    format_ratio(r.median_s, reference_time(results, c)),
+                    format_seconds(roof_s) if roof_s else "-", format_ratio(roof_s, r.median_s)] \
+            if r.status == "ok" else [f"failed: {r.reason}", "", "", "", "", ""]
         rows.append([f"{c.n:,}", f"{c.height}x{c.width}", c.mode, c.impl, *measured])
     return rows
 
 
-def csv_rows(results: list[CaseResult]) -> list[dict]:
+def csv_rows(results: list[CaseResult], roofline: GemmRoofline) -> list[dict]:
     return [{
         "n": r.case.n, "height": r.case.height, "width": r.case.width, "mode": r.case.mode, "impl": r.case.impl,
         "device": r.case.device, "dtype": r.case.dtype, "batch": r.case.batch, "e": r.case.e, "ev": r.case.ev,
@@ -327,6 +335,7 @@ def csv_rows(results: list[CaseResult]) -> list[dict]:
         "useful_flop": r.case.useful_flop, "tflops": "" if r.tflops is None else f"{r.tflops:.6g}",
         "peak_mib": "" if r.peak_mib is None else f"{r.peak_mib:.3f}",
         "time_vs_reference": format_ratio(r.median_s, reference_time(results, r.case)),
+        "roofline_s": "" if roofline.seconds(r.case.useful_flop) is None else f"{roofline.seconds(r.case.useful_flop):.6g}",
         "sdpa_kernel": r.sdpa_kernel or "", "times_s": " ".join(f"{t:.6g}" for t in r.times_s),
     } for r in results]
 
@@ -379,10 +388,14 @@ def main(argv=None) -> int:
         print(load)
     print(flush=True)
 
+    roofline = GemmRoofline(runner, args.device, args.dtype, args.threads)
+    roofline.measure()
     run_all(results, args, runner)
-    print(format_table(["N", "H x W", "mode", "impl", "median", "TFLOP/s", "peak MiB", "vs ref"],
-                       table_rows(results), align="><<<>>>>"))
+    roofline.measure()
+    print(format_table(["N", "H x W", "mode", "impl", "median", "TFLOP/s", "peak MiB", "vs ref", "roofline", "of roof"],
+                       table_rows(results, roofline), align="><<<>>>>>>"))
     print("vs ref: time / reference time, same size and mode (below 1 is faster)")
+    print(roofline.describe())
     notes = sorted({f"sdpa picked its {r.sdpa_kernel} kernel ({r.case.mode})" for r in results if r.sdpa_kernel})
     notes += [f"{r.case.label} failed: {r.detail or r.reason}" for r in results if r.status == "failed"]
     notes += [f"{r.case.label}: {len(r.times_s)} timed call(s), --time-budget reached"
@@ -390,7 +403,7 @@ def main(argv=None) -> int:
     if notes:
         print("\nNotes:\n" + "\n".join(f"  - {note}" for note in notes))
     if args.csv:
-        write_csv(args.csv, csv_rows(results))
+        write_csv(args.csv, csv_rows(results, roofline))
         print(f"\nCSV written to {args.csv}")
     if args.plot:
         problem = write_plot(args.plot, results, args)

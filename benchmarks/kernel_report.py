@@ -201,6 +201,18 @@ def old_attention_fwd(s: Shape, k: dict, nbytes: int) -> Work:
                 "ceil(Ev/c)·2NqNk·E + 2NqNk·Ev (S recomputed for every c-wide Ev slice), c = chunk")
 
 
+def flash_attention_fwd(s: Shape, k: dict, nbytes: int) -> Work:
+    # grid (B·ceil(Nq/BM), ceil(Ev/EvTile)); each block streams all keys once: S over the padded
+    # head dim for its Ev tile, then P V over the tile (flash_attention.cuh).
+    rows, cols, head, ev_tile = k["rows"], k["cols"], k["head_dim"], k["ev_tile"]
+    nq, nk = _up(s.nq, rows), _up(s.nk, cols)
+    slices = max(1, _chunks(s.ev, ev_tile))
+    flops = s.batch * 2 * nq * nk * slices * (head + ev_tile)
+    dram = nbytes * s.batch * (s.nq * s.e + slices * s.nk * (s.e + s.ev) + s.nq * s.ev) + 4 * s.batch * s.nq
+    return Work(s.batch * _chunks(s.nq, rows) * slices, flops, dram,
+                "ceil(Ev/t)·2NqNk·(E+t): S once per t-wide Ev tile (t = 256: twice at Ev = 512)")
+
+
 def old_attention_delta(s: Shape, k: dict, nbytes: int) -> Work:
     return Work(_chunks(s.batch * s.nq, k["threads"] // 32), 0.0,
                 nbytes * 2 * s.batch * s.nq * s.ev + 8 * s.batch * s.nq, "memory only: rowsum(dO∘O)")
@@ -310,6 +322,19 @@ _ALL = ("fp16", "bf16", "fp32", "fp64")
 KERNELS = (
     CudaKernel("attention_fwd", "attention.cuh", "attention_fwd_kernel<{T}>", _ALL,
                _ATTN_TILES, old_attention_fwd, "attention_fwd", products=True),
+    # The flash-attention-2 forward (fp16/bf16, E <= 128) at the DANet instantiation: E = 64, Ev
+    # tiles of 256, both shared-memory layouts (channel-first views, contiguous inputs).
+    *(CudaKernel(f"flash_attention_fwd[{layout}]", "flash_attention.cuh",
+                 f"flash_attention_fwd_kernel<{{T}}, 64, 256, {major}>", ("fp16", "bf16"),
+                 {"threads": f"FlashFwdTiles<64, 256, {major}>::kThreads",
+                  "smem": f"FlashFwdTiles<64, 256, {major}>::kSmemBytes",
+                  "rows": f"FlashFwdTiles<64, 256, {major}>::kBlockM",
+                  "cols": f"FlashFwdTiles<64, 256, {major}>::kBlockN",
+                  "head_dim": f"FlashFwdTiles<64, 256, {major}>::kHeadDim",
+                  "ev_tile": f"FlashFwdTiles<64, 256, {major}>::kEvTile"},
+                 flash_attention_fwd, "attention_fwd", products=True, enforced=True,
+                 impl="fa2" if major == "true" else "fa2 contiguous")
+      for layout, major in (("channel-first", "true"), ("contiguous", "false"))),
     CudaKernel("attention_bwd_delta", "attention.cuh", "attention_bwd_delta_kernel<{T}>", _ALL,
                {**_ATTN_TILES, "smem": "0"}, old_attention_delta, "attention_bwd", products=False),
     CudaKernel("attention_bwd_dq", "attention.cuh", "attention_bwd_dq_kernel<{T}>", _ALL,
@@ -1247,7 +1272,7 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
         if models:
             say(f"- `{op}` useful FLOPs = {formula}; kernels: " + "; ".join(models))
     say("\nTime model (per kernel launch, summed per op): " + " ".join(modelled_time.__doc__.split()) + "\n")
-    for gpu in GPUS:
+    for gpu in (g for g in GPUS if g.arch in archs):
         say(f"- {gpu.describe()}")
     say("- reference: useful FLOPs / (efficiency x peak): " + ", ".join(
         f"{op} {REFERENCE_NAME[op]} at {eff:.0%}" for op, eff in REFERENCE_EFFICIENCY.items())
@@ -1262,7 +1287,9 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
         entries = [e for e in _entries(rows, op) if e.impl == impl]
         op_enforced = any(e.enforced for e in entries)
         op_label = op + (f" ({impl})" if impl else "") + (" [enforced]" if op_enforced else "")
-        for dtype in [d for d in dtypes if d != "fp64"]:
+        # only the dtypes this implementation has kernels for (the flash forward: fp16/bf16)
+        impl_dtypes = {d for e in entries for d in e.dtypes}
+        for dtype in [d for d in dtypes if d != "fp64" and d in impl_dtypes]:
             for shape in shapes:
                 nbytes = DTYPES[dtype][2]
                 by_arch = {}
@@ -1316,7 +1343,9 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
     say(table(header, body))
     say("\n`~`: rough: the main loop holds inner loops (load loops, k loops, unrolled remainders) that run "
         "several times per iteration, so its static mix (inner loops counted once) is not the dynamic mix the "
-        "issue bound assumes; the error can go either way. Barrier, dependency and memory latency are not "
+        "issue bound assumes; the error can go either way (e.g. nvcc leaves the CAM GEMM's k loop rolled on "
+        "sm_90 but unrolls it on sm_80: a main-loop FFMA share of 6 % against 31 %, which inflates the H100 "
+        "estimate). Barrier, dependency and memory latency are not "
         "modelled at all: the old kernels, with 6 barriers and shared-memory round trips a tile, are slower "
         "than these numbers. A main loop without inner loops (the new kernels' design) has no `~`.\n")
     say("Per kernel launch (ms; the largest bound is the modelled time):\n")
@@ -1359,17 +1388,16 @@ def _triton_section(say, triton_rows, failures, detail: bool) -> None:
                             ", ".join(_config_label(c) for c in bad) or "none",
                             _config_label(best) if best else "-", verdict])
             for c in configs:
-                if detail:
+                if detail or c["kept"]:
                     detail_rows.append([kernel, mode, dtype, f"sm_{arch}", _config_label(c, resources=False),
                                         "kept" if c["kept"] else "dropped",
                                         c.get("registers", "-"), c.get("stack", "-"), c.get("shared", "-"),
                                         "spills" if spills(c) else "clean"])
     say(table(["kernel (mode)", "dtype", "arch", "kept", "clean dropped", "kept that spill", "largest kept",
                "no kept spill (enforced: " + ", ".join(TRITON_NO_SPILL_ENFORCED) + ")"], summary))
-    if detail:
-        say("\nEvery config compiled:\n")
-        say(table(["kernel", "mode", "dtype", "arch", "config", "prune", "regs", "stack B", "shared B", ""],
-                  detail_rows))
+    say(f"\n{'Every config compiled' if detail else 'Kept configs (`--triton-detail`: every compiled one)'}; "
+        "config = block sizes in the kernel's order (e.g. BLOCK_M x BLOCK_N x BLOCK_EV), warps, stages:\n")
+    say(table(["kernel", "mode", "dtype", "arch", "config", "prune", "regs", "stack B", "shared B", ""], detail_rows))
 
 
 def _config_label(c: dict, resources: bool = True) -> str:

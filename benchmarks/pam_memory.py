@@ -57,6 +57,11 @@ Usage (from the repository root):
     python benchmarks/pam_memory.py --sizes 96x96,128x128 --scopes op --modes fwd+bwd
     python benchmarks/pam_memory.py --csv benchmarks/results/pam.csv --plot benchmarks/results/pam.png
     python benchmarks/pam_memory.py --quick --backend reference   # plumbing test without _C
+    python benchmarks/pam_memory.py --dtype bfloat16 --sizes 96x96 --scopes op   # bf16 against its roofline
+
+The "roofline" column is the time the fused case's FLOPs (``Case.useful_flop``) would take at
+the GEMM throughput of the sweep's dtype measured in the same run (``_common.GemmRoofline``:
+torch.mm of 2048 x 2048 matrices, same threads, before and after the sweep, the faster taken).
 """
 
 from __future__ import annotations
@@ -75,6 +80,7 @@ from typing import Callable
 import torch
 
 from _common import (
+    GemmRoofline,
     IsolatedRunner,
     attnseg_used_line,
     PeakMemoryMeter,
@@ -131,6 +137,15 @@ class Case:
     @property
     def pixels(self) -> int:
         return self.height * self.width
+
+    @property
+    def useful_flop(self) -> int:
+        """The matmul FLOPs of the case (1 multiply-add = 2): attention 2·B·N²·(E + Ev) forward, and
+        the module's 1×1 convolutions 2·B·N·C·(2E + C); three times that for forward + backward."""
+        b, n, c = self.batch, self.pixels, self.channels
+        e = c // self.reduction
+        forward = 2 * b * n * n * (e + c) + (2 * b * n * c * (2 * e + c) if self.scope == "module" else 0)
+        return forward if self.mode == "fwd" else 3 * forward
 
     @property
     def name(self) -> str:
@@ -358,24 +373,26 @@ def run_sweep(planned: list[CaseResult], runner: IsolatedRunner, args) -> None:
         progress(f" {outcome.wall_s:.2f} s ({summary})")
 
 
-def results_table(planned: list[CaseResult], fused: str) -> str:
+def results_table(planned: list[CaseResult], fused: str, roofline: GemmRoofline) -> str:
     by_key = {(r.case.pixels, r.case.height, r.case.width, r.case.scope, r.case.mode, r.case.baseline): r
               for r in planned}
     header = ["N", "H x W", "scope", "mode", "ref MiB", f"{fused} MiB", "mem ratio",
-              "ref time", f"{fused} time", "time ratio"]
+              "ref time", f"{fused} time", "time ratio", "roofline", f"{fused} of roof"]
     rows = []
     for (n, h, w, scope, mode, baseline), ref in by_key.items():
         if not baseline:
             continue
         new = by_key[(n, h, w, scope, mode, False)]
+        roof_s = roofline.seconds(new.case.useful_flop)
         rows.append([
             f"{n:,}", f"{h}x{w}", scope, mode,
             ref.cell(format_mib(ref.peak_mib or 0)), new.cell(format_mib(new.peak_mib or 0)),
             format_ratio(new.peak_mib, ref.peak_mib),
             ref.cell(format_seconds(ref.median_s or 0)), new.cell(format_seconds(new.median_s or 0)),
             format_ratio(new.median_s, ref.median_s),
+            format_seconds(roof_s) if roof_s else "-", format_ratio(roof_s, new.median_s),
         ])
-    return format_table(header, rows, align="><<<>>>>>>")
+    return format_table(header, rows, align="><<<>>>>>>>>")
 
 
 def growth_table(planned: list[CaseResult]) -> str | None:
@@ -486,10 +503,11 @@ def print_header(args, runner: IsolatedRunner) -> None:
     print(flush=True)
 
 
-def print_report(planned: list[CaseResult], args) -> None:
+def print_report(planned: list[CaseResult], args, roofline: GemmRoofline) -> None:
     """The results table, the growth table and the notes (skips, failures, short cases)."""
-    print(results_table(planned, args.backend))
+    print(results_table(planned, args.backend, roofline))
     print("mem ratio and time ratio: fused / reference (below 1 is better)")
+    print(f"{roofline.describe()}; FLOPs: {' '.join(Case.useful_flop.__doc__.split(':', 1)[1].split())}")
     growth = growth_table(planned)
     if growth:
         print()
@@ -521,8 +539,11 @@ def main(argv=None) -> int:
     planned = plan_cases(args)
     runner = IsolatedRunner(preload=("torch", "attnseg"))
     print_header(args, runner)
+    roofline = GemmRoofline(runner, args.device, args.dtype, args.threads)
+    roofline.measure()
     run_sweep(planned, runner, args)
-    print_report(planned, args)
+    roofline.measure()
+    print_report(planned, args, roofline)
     if args.csv:
         write_csv(args.csv, csv_rows(planned))
         print(f"\nCSV written to {args.csv}")

@@ -88,8 +88,14 @@ def _compare_native_to_reference(leaves, make_qkv, scale, *, names=("q", "k", "v
 # ---------------------------------------------------------------------------------------------
 
 
+# bf16 on the CPU runs through bf16 GEMMs (fp32 accumulation, P and dS rounded to bf16) where the
+# CPU has bf16 dot products, else in fp32: either way it meets the flash-attention criterion.
+DTYPES = [torch.float64, torch.float32, torch.bfloat16]
+DTYPE_IDS = ["fp64", "fp32", "bf16"]
+
+
 @requires_native
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("shape", SHAPES, ids=_shape_id)
 def test_matches_reference(shape, dtype):
     b, nq, nk, e, ev, scale = shape
@@ -124,7 +130,7 @@ STRIDED_LAYOUTS = {
 
 
 @requires_native
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("layout", list(STRIDED_LAYOUTS))
 def test_non_contiguous_inputs(layout, dtype):
     make_leaves, make_qkv = STRIDED_LAYOUTS[layout]
@@ -137,7 +143,7 @@ def test_non_contiguous_inputs(layout, dtype):
 
 
 @requires_native
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_large_logits(dtype):
     """|S| in the thousands (DANet's unscaled q·k on large features): finite, and correct."""
     b, nq, nk, e, ev = 2, 97, 130, 64, 64
@@ -406,3 +412,23 @@ def test_bitwise_deterministic_across_thread_counts():
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+def _cpu_has_bf16_dot() -> bool:
+    capabilities = torch._C._cpu._get_cpu_capability()
+    return bool(capabilities.get("avx512_bf16")) and bool(capabilities.get("avx512_bw"))
+
+
+@requires_native
+def test_bf16_takes_bf16_gemms_where_the_cpu_has_bf16_dot_products():
+    """With AVX512-BF16, bf16 inputs go through bf16 GEMMs (P and dS rounded to bf16 before the
+    GEMMs that consume them, so results differ from the fp32 computation of the same bf16
+    inputs); without it they are computed in fp32 as before (bitwise the fp32 kernel rounded)."""
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 300, 64), torch.randn(1, 290, 64), torch.randn(1, 290, 96)
+    q, k, v = (t.bfloat16() for t in (q, k, v))
+    out, lse = torch.ops.attnseg.attention_fwd(q, k, v, 0.125)
+    out32, lse32 = torch.ops.attnseg.attention_fwd(q.float(), k.float(), v.float(), 0.125)
+    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
+    same = torch.equal(out, out32.bfloat16())
+    assert same != _cpu_has_bf16_dot(), "bf16 took the wrong path for this CPU"

@@ -15,6 +15,9 @@ recomputes P from the stored lse as flash-attention does (see test_triton.py).
 from __future__ import annotations
 
 import math
+import os
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -124,12 +127,109 @@ def test_attention_no_keys_and_empty_widths(emu):
     torch.testing.assert_close(lse, torch.full((1, 7), math.log(9)))
 
 
-def test_attention_grid_limit_is_a_clear_error(emu):
-    """Ev so wide that its slices exceed gridDim.y's 65535 is refused before any launch."""
-    q, k, v = _attention_inputs(1, 1, 1, 1, 1, torch.float16)
-    v = torch.zeros(1, 1, 64 * 65536 + 1, dtype=torch.float16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_empty_batch_launches_nothing_and_returns_empty_results(emu, dtype):
+    q, k, v = (torch.randn(0, n, w, dtype=dtype) for n, w in ((5, 8), (6, 8), (6, 4)))
+    out, lse = emu.attention_fwd(q, k, v, 1.0)
+    assert out.shape == (0, 5, 4) and lse.shape == (0, 5)
+    grads = emu.attention_bwd(out, None, q, k, v, out, lse, 1.0)
+    assert [g.shape for g in grads] == [q.shape, k.shape, v.shape]
+    x = torch.randn(0, 8, 15, dtype=dtype)
+    y, attn = emu.channel_attention_fwd(x, True)
+    assert y.shape == x.shape and attn.shape == (0, 8, 8)
+    assert emu.channel_attention_bwd(y, x, attn, True).shape == x.shape
+
+
+@pytest.mark.parametrize("dtype, slice_width", [(torch.float32, 64), (torch.float16, 256)], ids=["fp32", "fp16"])
+def test_attention_grid_limit_is_a_clear_error(emu, dtype, slice_width):
+    """Ev so wide that its slices (64 wide in the old kernel, 256 in the flash forward) exceed
+    gridDim.y's 65535 is refused before any launch."""
+    q, k, v = _attention_inputs(1, 1, 1, 1, 1, dtype)
+    v = torch.zeros(1, 1, slice_width * 65536 + 1, dtype=dtype)
     with pytest.raises(RuntimeError, match="Ev needs 65537 thread blocks along one grid axis"):
         emu.attention_fwd(q, k, v, 1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Flash forward (fp16/bf16, flash_attention.cuh): kernel choice and load paths
+# ---------------------------------------------------------------------------------------------
+
+
+def _layout(t, channel_first):
+    """t [B, N, W] as a contiguous tensor or as a channel-first view (strides W·N, 1, N)."""
+    return t.transpose(1, 2).contiguous().transpose(1, 2) if channel_first else t.contiguous()
+
+
+def _flash_launch(emu, q, k, v, scale):
+    """out, lse and the one launch line of the forward."""
+    emu.launches()
+    out, lse = emu.attention_fwd(q, k, v, scale)
+    (line,) = emu.launches()
+    return out, lse, line
+
+
+# (id, dtype, nq, nk, e, ev, channel-first q/k/v, kernel template arguments, load paths)
+FLASH_PATHS = [
+    ("contiguous", torch.float16, 37, 45, 16, 40, (0, 0, 0), "16, 64, false", "q_keys_major=0 q_async=1 k_async=1 v_async=1"),
+    # N multiple of 8: the channel-first views are copied by cp.async, keys-major smem tiles
+    ("channel-first-aligned", torch.float16, 40, 48, 16, 40, (1, 1, 1), "16, 64, true", "q_keys_major=1 q_async=1 k_async=1 v_async=1"),
+    # odd N (as mmsegmentation's 769 crop, N = 9409): element-wise loads, the same tiles
+    ("channel-first-odd-n", torch.float16, 37, 45, 16, 40, (1, 1, 1), "16, 64, true", "q_keys_major=1 q_async=0 k_async=0 v_async=0"),
+    # K channel-first decides the K/V tile layout; V contiguous then takes element-wise loads
+    ("mixed", torch.float16, 37, 48, 32, 72, (0, 1, 0), "32, 128, true", "q_keys_major=0 q_async=1 k_async=1 v_async=0"),
+    # E = 100 pads to 128 (rows of 100 elements: not 16-byte multiples), Ev = 136 in one 256 slice
+    ("e100-ev136", torch.float16, 37, 45, 100, 136, (0, 0, 0), "128, 256, false", "q_keys_major=0 q_async=0 k_async=0 v_async=1"),
+    ("bf16-channel-first-ev512", torch.bfloat16, 40, 40, 64, 512, (1, 1, 1), "64, 256, true", "q_keys_major=1 q_async=1 k_async=1 v_async=1"),
+]
+
+
+@pytest.mark.parametrize("dtype, nq, nk, e, ev, channel_first, template, paths", [p[1:] for p in FLASH_PATHS],
+                         ids=[p[0] for p in FLASH_PATHS])
+def test_flash_forward_load_paths(emu, dtype, nq, nk, e, ev, channel_first, template, paths):
+    """fp16/bf16 with E <= 128 take flash_attention_fwd_kernel, on the load path the strides allow;
+    every path matches the reference and is bitwise equal to the contiguous inputs' result (the
+    same fragments reach the same MMAs whatever the smem layout)."""
+    q, k, v = (_layout(t, cf) for t, cf in zip(_attention_inputs(1, nq, nk, e, ev, dtype), channel_first))
+    out, lse, line = _flash_launch(emu, q, k, v, 0.3)
+    type_name = "__half" if dtype == torch.float16 else "__nv_bfloat16"
+    assert f"flash_attention_fwd_kernel<{type_name}, {template}>" in line and line.endswith(paths), line
+    helpers.check_attention_backend(helpers.emulated_attention(emu), q, k, v, 0.3)
+    out_c, lse_c, _ = _flash_launch(emu, q.contiguous(), k.contiguous(), v.contiguous(), 0.3)
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+
+
+@pytest.mark.parametrize("dtype, e", [(torch.float32, 16), (torch.float16, 129), (torch.float16, 0)],
+                         ids=["fp32", "fp16-e129", "fp16-e0"])
+def test_old_forward_kernel_takes_the_rest(emu, dtype, e):
+    """fp32 (and fp64), E > 128 and E = 0 stay on attention_fwd_kernel (host.h's dispatch rule)."""
+    q, k, v = _attention_inputs(1, 5, 7, e, 8, dtype)
+    emu.launches()
+    emu.attention_fwd(q, k, v, 0.1)
+    (line,) = emu.launches()
+    assert "attention_fwd_kernel<" in line and "flash" not in line, line
+
+
+FLASH_SCHEDULES = [  # (id, dtype, channel-first, nk, ev): 3-5 key tiles, so both ring stages are reused
+    ("fp16-channel-first-async", torch.float16, True, 136, 80),
+    ("fp16-channel-first-elementwise", torch.float16, True, 134, 80),
+    ("bf16-contiguous", torch.bfloat16, False, 200, 80),
+    ("fp16-ev-tile-256", torch.float16, False, 130, 264),  # 32-key tiles
+]
+
+
+@pytest.mark.parametrize("dtype, channel_first, nk, ev", [c[1:] for c in FLASH_SCHEDULES],
+                         ids=[c[0] for c in FLASH_SCHEDULES])
+def test_flash_forward_is_schedule_independent(emu, dtype, channel_first, nk, ev):
+    """The cp.async ring gives bitwise-identical results under every schedule, over several key
+    tiles and query blocks. Planted by hand: without the loop's cp_async_wait every cp.async case
+    here fails (and the reference comparisons do); without its __syncthreads only the
+    channel-first cp.async case fails (the emulator's warps run in near lockstep between
+    collectives, so only the copies' visibility order exposes it)."""
+    q, k, v = (_layout(t, channel_first) for t in _attention_inputs(2, 70, nk, 20, ev, dtype))
+    results = _under_each_schedule(emu, lambda: emu.attention_fwd(q, k, v, 0.4))
+    for (name, seed), result in zip(SCHEDULES[1:], results[1:]):
+        for a, b in zip(results[0], result):
+            assert torch.equal(a, b), f"differs between the forward and the {name}({seed}) schedule"
 
 
 def test_host_launchers_check_arguments(emu):
@@ -230,3 +330,28 @@ def test_schedules_expose_a_missing_barrier(emu):
     fixed = _under_each_schedule(emu, lambda: emu.racy_neighbour(x, True))
     for r in fixed:
         assert torch.equal(r, torch.roll(x, -1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fragment-level primitives (csrc/cuda/warp.cuh): a planted layout bug fails the self-tests
+# ---------------------------------------------------------------------------------------------
+
+
+def test_planted_fragment_layout_bug_fails_the_selftests(tmp_path):
+    """tests/emu/selftest.cpp builds mma fragments from explicit matrices by the layout written
+    in csrc/cuda/warp.cuh. Built with -DSIMT_PLANT_FRAGMENT_BUG=1 (the emulator's mma swaps the
+    roles of A's registers a[1] and a[2]) its mma checks fail, and only those: the layout, not
+    the build, is what they detect. ctest runs the build without the bug, which passes."""
+    cxx = os.environ.get("CXX", "g++")
+    if shutil.which(cxx) is None:
+        pytest.skip(f"no C++ compiler ({cxx})")
+    exe = tmp_path / "selftest_planted_fragment_bug"
+    source = os.path.join(emulator.EMU_DIR, "selftest.cpp")
+    build = [cxx, "-std=c++20", "-O1", "-DSIMT_PLANT_FRAGMENT_BUG=1", "-I", emulator.EMU_DIR, source, "-o", str(exe)]
+    compiled = subprocess.run(build, capture_output=True, text=True, timeout=600)
+    assert compiled.returncode == 0, compiled.stderr
+    run = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600)
+    failures = [line for line in run.stdout.splitlines() if line.startswith("FAIL")]
+    assert run.returncode != 0, run.stdout
+    assert any("fp16 mma:" in line for line in failures) and any("bf16 mma:" in line for line in failures), run.stdout
+    assert all("mma" in line for line in failures), run.stdout

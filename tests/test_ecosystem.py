@@ -230,6 +230,81 @@ def test_autocast_bf16_position_attention_on_fp32_input(backend):
     assert all(p.grad.dtype == torch.float32 for p in module.parameters())
 
 
+class _RecordAttnsegOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records every attnseg op that runs (below autocast and autograd) with its tensors' dtypes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        result = func(*args, **(kwargs or {}))
+        name = func._schema.name
+        if name.startswith("attnseg::"):
+            outs = result if isinstance(result, tuple) else (result,)
+            self.calls.append((name.split("::")[1], [a.dtype for a in args if isinstance(a, torch.Tensor)],
+                               [o.dtype for o in outs if isinstance(o, torch.Tensor)]))
+        return result
+
+
+def _autocast_modules():
+    from attnseg import NonLocal2d, ObjectContextAttention
+
+    def ocr(backend):
+        m = ObjectContextAttention(C, 16, C, backend=backend).eval()
+        return m, (torch.randn(2, C, H, W), torch.randn(2, 5, H, W))
+
+    def nonlocal_block(backend):
+        m = NonLocal2d(C, backend=backend)
+        with torch.no_grad():
+            m.W[1].weight.fill_(0.5)  # the block starts as the identity: make W(y) count
+        return m.eval(), (torch.randn(2, C, H, W),)
+
+    return {
+        "PositionAttention": (lambda b: (_Stem(_make_pam(b)), (torch.randn(2, C, H, W),)), {"attention"}),
+        "ChannelAttention": (lambda b: (_Stem(_make_cam("official")(b)), (torch.randn(2, C, H, W),)),
+                             {"channel_attention"}),
+        "DANetHead": (lambda b: (_make_head(b), (torch.randn(2, C, H, W),)), {"attention", "channel_attention"}),
+        "ObjectContextAttention": (ocr, {"attention"}),
+        "NonLocal2d": (nonlocal_block, {"attention"}),
+    }
+
+
+@requires_native
+@pytest.mark.parametrize("name", list(_autocast_modules()))
+def test_autocast_bf16_runs_the_bf16_kernels(name):
+    """Under CPU autocast to bf16 every attention module hands the native ops bf16 tensors (so
+    attention runs its bf16-GEMM kernels, fp32 lse; CAM forms its Gram matrix in fp32: attn is
+    fp32), forward and backward, and its output has the dtype the official code (the reference
+    backend under the same autocast) gives."""
+    make, ops = _autocast_modules()[name]
+    torch.manual_seed(0)
+    module, inputs = make("native")
+    reference_module, _ = make("reference")
+    reference_module.load_state_dict(module.state_dict())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = _outputs(reference_module(*inputs))
+        with _RecordAttnsegOps() as recorder:
+            got = _outputs(module(*inputs))
+            loss = _loss(got)
+    with _RecordAttnsegOps() as backward_recorder:
+        loss.backward()
+    calls = recorder.calls + backward_recorder.calls
+    for op in ops:
+        fwd = [c for c in calls if c[0] == f"{op}_fwd"]
+        bwd = [c for c in calls if c[0] == f"{op}_bwd"]
+        assert fwd and bwd, f"{name}: {op}_fwd / {op}_bwd did not run under autocast: {calls}"
+        for _, in_dtypes, out_dtypes in fwd:
+            assert set(in_dtypes) == {torch.bfloat16}, f"{name}: {op}_fwd got {in_dtypes}"
+            assert out_dtypes == [torch.bfloat16, torch.float32], f"{name}: {op}_fwd returned {out_dtypes}"
+        for _, in_dtypes, out_dtypes in bwd:
+            assert set(out_dtypes) == {torch.bfloat16}, f"{name}: {op}_bwd returned {out_dtypes}"
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert g.dtype == e.dtype, f"{name} output {i}: {g.dtype}, the official code under autocast gives {e.dtype}"
+        assert torch.isfinite(g).all()
+    assert all(p.grad is None or p.grad.dtype == torch.float32 for p in module.parameters())
+
+
 # ---------------------------------------------------------------------------------------------
 # DistributedDataParallel (gloo, 2 CPU processes on loopback)
 #

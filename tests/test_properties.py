@@ -34,7 +34,7 @@ _native_cam = helpers.autograd_cam(lambda *a: torch.ops.attnseg.channel_attentio
 @pytest.mark.requires_native
 @settings(max_examples=examples(100))
 @given(case=attention_cases())
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["fp64", "fp32"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["fp64", "fp32", "bf16"])
 def test_native_attention_matches_reference(case, dtype):
     result = helpers.check_attention_backend(_native_attention, *helpers.attention_case_inputs(case, dtype),
                                              case["scale"])

@@ -5,6 +5,7 @@
 //
 // A Launch policy provides:
 //   void check_device(const at::Tensor& t, const char* op, const char* name);
+//   template <class Kernel> void set_max_dynamic_smem(Kernel, size_t bytes);  // opt in above 48 KiB
 //   template <class Kernel, class... Args> void operator()(Kernel, dim3 grid, dim3 block, size_t smem, Args...);
 //   at::Tensor gemm(const at::Tensor& a, const at::Tensor& b);  // batched a·b in the accumulation type (CAM)
 #pragma once
@@ -12,13 +13,17 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 
+#include <algorithm>
+#include <cstdint>
 #include <limits>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 
 #include "../common/checks.h"
 #include "attention.cuh"
 #include "channel_attention.cuh"
+#include "flash_attention.cuh"
 
 namespace attnseg::cuda {
 
@@ -66,6 +71,107 @@ void set_inputs(AttnInputs<T>& p, const at::Tensor& q, const at::Tensor& k, cons
   strides3(v, p.v_sb, p.v_sn, p.v_se);
 }
 
+// ---- forward kernel choice -----------------------------------------------------------------------
+//
+// fp16/bf16 with 1 <= E <= 128 and Ev >= 1 run flash_attention_fwd_kernel (tensor cores,
+// flash_attention.cuh), for every stride pattern: 16-byte cp.async per operand where its layout
+// allows (unit stride along the smem row, the other strides multiples of 8 elements, 16-byte
+// aligned base), element-wise loads otherwise. Only sizes whose offsets inside one tile overflow
+// 32 bits go back to the old kernel. fp32, fp64, E > 128, E = 0 and Ev = 0 run
+// attention_fwd_kernel (attention.cuh).
+
+// The largest offset inside a rows x cols tile with these strides fits a 32-bit int.
+inline bool tile_offsets_fit_int32(int64_t rows, int64_t row_stride, int64_t cols, int64_t col_stride) {
+  const int64_t limit = std::numeric_limits<int32_t>::max();
+  const int64_t rs = row_stride < 0 ? -row_stride : row_stride, cs = col_stride < 0 ? -col_stride : col_stride;
+  return rs <= limit && cs <= limit && (rows - 1) * rs + (cols - 1) * cs <= limit;
+}
+
+// An operand whose smem tile rows run along `col_stride` can be copied in 16-byte chunks.
+inline bool cp_async_ok(const void* base, int64_t batch_stride, int64_t row_stride, int64_t col_stride) {
+  return reinterpret_cast<uintptr_t>(base) % 16 == 0 && col_stride == 1 && row_stride % 8 == 0 && batch_stride % 8 == 0;
+}
+
+// An [N, W] operand is stored keys-major (smem [W][N]) when its N axis is the unit-stride one.
+inline bool keys_major(int64_t n_stride, int64_t w_stride) { return n_stride == 1 && w_stride != 1; }
+
+template <typename T, int kHeadDim, int kEvTile, bool kKeysMajor, class Launch>
+void launch_flash_fwd(Launch& launch, FlashFwdParams<T> p, int64_t batch, const char* op) {
+  using Tiles = FlashFwdTiles<kHeadDim, kEvTile, kKeysMajor>;
+  p.q_blocks = ceil_div(p.nq, Tiles::kBlockM);
+  // operand strides as (row, col) of its smem tile; col is the contiguous smem axis
+  const int64_t q_row = p.q_keys_major ? p.q_se : p.q_sn, q_col = p.q_keys_major ? p.q_sn : p.q_se;
+  const int64_t k_row = kKeysMajor ? p.k_se : p.k_sn, k_col = kKeysMajor ? p.k_sn : p.k_se;
+  const int64_t v_row = kKeysMajor ? p.v_se : p.v_sn, v_col = kKeysMajor ? p.v_sn : p.v_se;
+  p.q_async = cp_async_ok(p.q, p.q_sb, q_row, q_col);
+  p.k_async = cp_async_ok(p.k, p.k_sb, k_row, k_col);
+  p.v_async = cp_async_ok(p.v, p.v_sb, v_row, v_col);
+  const auto kernel = flash_attention_fwd_kernel<T, kHeadDim, kEvTile, kKeysMajor>;
+  const dim3 grid(grid_dim_checked(batch * p.q_blocks, kGridX, op, "B x ceil(Nq / 64)"),
+                  grid_dim_checked(ceil_div(p.ev, kEvTile), kGridYZ, op, "Ev"));
+  launch.set_max_dynamic_smem(kernel, Tiles::kSmemBytes);
+  launch(kernel, grid, dim3(Tiles::kThreads), Tiles::kSmemBytes, p);
+}
+
+// The rule above, for a tensor-core type: E and Ev in range, 32-bit offsets inside a tile (the
+// largest tiles any instantiation loads) and row indices that fit an int.
+template <typename T>
+bool flash_fwd_applies(const AttnFwdParams<T>& p) {
+  const int64_t int_limit = std::numeric_limits<int32_t>::max() - 256;
+  return p.e >= 1 && p.e <= 128 && p.ev >= 1 && p.nq <= int_limit && p.nk <= int_limit && p.ev <= int_limit &&
+         tile_offsets_fit_int32(64, p.q_sn, 128, p.q_se) && tile_offsets_fit_int32(64, p.k_sn, 128, p.k_se) &&
+         tile_offsets_fit_int32(64, p.v_sn, 256, p.v_se) && tile_offsets_fit_int32(1, 0, 256, p.o_se);
+}
+
+// E padded to 16 / 32 / 64 / 128; Ev in the narrowest slice that holds it, else 256-wide slices
+// (Ev = 512: two, S computed twice); the K/V tile layout from K's strides.
+template <typename T, class Launch>
+void dispatch_flash_fwd(Launch& launch, const AttnFwdParams<T>& base, int64_t batch, const char* op) {
+  FlashFwdParams<T> p{};
+  static_cast<AttnFwdParams<T>&>(p) = base;
+  p.q_keys_major = keys_major(p.q_sn, p.q_se);
+  const bool kv_keys_major = keys_major(p.k_sn, p.k_se);
+  auto with_head_dim = [&](auto head_dim) {
+    constexpr int kHeadDim = decltype(head_dim)::value;
+    auto with_ev_tile = [&](auto ev_tile) {
+      constexpr int kEvTile = decltype(ev_tile)::value;
+      if (kv_keys_major) {
+        launch_flash_fwd<T, kHeadDim, kEvTile, true>(launch, p, batch, op);
+      } else {
+        launch_flash_fwd<T, kHeadDim, kEvTile, false>(launch, p, batch, op);
+      }
+    };
+    if (p.ev <= 64) {
+      with_ev_tile(std::integral_constant<int, 64>{});
+    } else if (p.ev <= 128) {
+      with_ev_tile(std::integral_constant<int, 128>{});
+    } else {
+      with_ev_tile(std::integral_constant<int, 256>{});
+    }
+  };
+  if (p.e <= 16) {
+    with_head_dim(std::integral_constant<int, 16>{});
+  } else if (p.e <= 32) {
+    with_head_dim(std::integral_constant<int, 32>{});
+  } else if (p.e <= 64) {
+    with_head_dim(std::integral_constant<int, 64>{});
+  } else {
+    with_head_dim(std::integral_constant<int, 128>{});
+  }
+}
+
+// Runs the flash forward if the rule above takes it; false: the caller runs the old kernel.
+template <typename T, class Launch>
+bool try_flash_fwd(Launch& launch, const AttnFwdParams<T>& p, int64_t batch, const char* op) {
+  if constexpr (Num<T>::kTensorCores) {
+    if (flash_fwd_applies(p)) {
+      dispatch_flash_fwd(launch, p, batch, op);
+      return true;
+    }
+  }
+  return false;
+}
+
 template <class Launch>
 std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(Launch& launch, const at::Tensor& q, const at::Tensor& k,
                                                       const at::Tensor& v, double scale) {
@@ -92,6 +198,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(Launch& launch, const at::
     strides3(out, p.o_sb, p.o_sn, p.o_se);
     p.q_blocks = ceil_div(nq, Tiles::kRows);
     p.scale = static_cast<acc_t>(scale);
+    if (try_flash_fwd(launch, p, batch, op)) return;
     // Ev = 0 still launches one slice: its blocks write lse.
     const dim3 grid(grid_dim_checked(batch * p.q_blocks, kGridX, op, "B x ceil(Nq / 32)"),
                     grid_dim_checked(std::max<int64_t>(1, ceil_div(ev, Tiles::kChunk)), kGridYZ, op, "Ev"));

@@ -22,6 +22,13 @@ struct DeviceLaunch {
     stream = c10::cuda::getCurrentCUDAStream(t.device().index()).stream();
   }
 
+  // Dynamic shared memory above the default 48 KiB is an opt-in per kernel (and device).
+  template <class Kernel>
+  void set_max_dynamic_smem(Kernel kernel, size_t bytes) {
+    if (bytes <= 48 * 1024) return;
+    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
+  }
+
   template <class Kernel, class... Args>
   void operator()(Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
     kernel<<<grid, block, smem, stream>>>(args...);

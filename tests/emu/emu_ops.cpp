@@ -5,23 +5,86 @@
 
 #include "simt.h"  // before the kernel headers: defines the CUDA spellings they use
 
+#include <cxxabi.h>
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <map>
 #include <string>
+#include <type_traits>
+#include <vector>
 
 #include "../../csrc/cuda/host.h"
 
 namespace {
 
+// Every launch since the last launches() call, as "<kernel signature>" plus, for the flash
+// forward, the load paths the host chose: the tests check which kernel and path ran.
+std::vector<std::string>& launch_log() {
+  static std::vector<std::string> log;
+  return log;
+}
+
+template <class Kernel>
+std::string kernel_name(Kernel kernel) {
+  Dl_info info{};
+  if (!dladdr(reinterpret_cast<void*>(kernel), &info) || !info.dli_sname) return "?";
+  int status = 0;
+  char* demangled = abi::__cxa_demangle(info.dli_sname, nullptr, nullptr, &status);
+  std::string name = status == 0 && demangled ? demangled : info.dli_sname;
+  std::free(demangled);
+  return name;
+}
+
+template <typename P>
+std::string describe_params(const P&) {
+  return "";
+}
+template <typename T>
+std::string describe_params(const attnseg::cuda::FlashFwdParams<T>& p) {
+  return std::string(" q_keys_major=") + (p.q_keys_major ? "1" : "0") + " q_async=" + (p.q_async ? "1" : "0") +
+         " k_async=" + (p.k_async ? "1" : "0") + " v_async=" + (p.v_async ? "1" : "0");
+}
+
+std::vector<std::string> launches() {
+  std::vector<std::string> out;
+  out.swap(launch_log());
+  return out;
+}
+
+// As on the device, a launch may use more than simt::options().max_dynamic_smem (48 KiB) only
+// for a kernel that opted in with set_max_dynamic_smem, and no kernel more than the smallest
+// opt-in maximum of the targeted GPUs (sm_80: 163 KiB; sm_86: 99 KiB).
 struct EmulatorLaunch {
+  static constexpr size_t kMaxOptIn = 99 * 1024;
+  std::map<const void*, size_t> opted_in;
+
   void check_device(const at::Tensor& t, const char* op, const char* name) const {
     TORCH_CHECK(t.device().is_cpu(), op, ": the emulator runs kernels on CPU memory, got ", name, " on ", t.device());
   }
+  template <class Kernel>
+  void set_max_dynamic_smem(Kernel kernel, size_t bytes) {
+    TORCH_CHECK(bytes <= kMaxOptIn, "SIMT emulator: a kernel asks for ", bytes,
+                " bytes of dynamic shared memory, more than a GPU offers (", kMaxOptIn, ")");
+    opted_in[reinterpret_cast<const void*>(kernel)] = bytes;
+  }
   template <class Kernel, class... Args>
   void operator()(Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) const {
+    size_t& limit = simt::options().max_dynamic_smem;
+    const size_t default_limit = limit;
+    const auto it = opted_in.find(reinterpret_cast<const void*>(kernel));
+    if (it != opted_in.end()) limit = std::max(limit, it->second);
+    std::string entry = kernel_name(kernel);
+    if constexpr (sizeof...(Args) == 1) entry += describe_params(args...);
+    launch_log().push_back(entry);
     try {
       simt::launch(grid, block, smem, kernel, args...);
     } catch (const simt::Error& e) {
+      limit = default_limit;
       TORCH_CHECK(false, "SIMT emulator: ", e.what());
     }
+    limit = default_limit;
   }
   // The device's gemm is a cuBLAS call (launch.cuh), not a kernel the emulator could run. Its CPU
   // stand-in: the same batched product, accumulated and returned in the accumulation type, from the
@@ -100,4 +163,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("channel_attention_fwd", &channel_attention_fwd);
   m.def("channel_attention_bwd", &channel_attention_bwd);
   m.def("racy_neighbour", &racy_neighbour);
+  m.def("launches", &launches, "the kernels launched since the last call (signature and, for the flash forward, load paths)");
 }

@@ -6,7 +6,7 @@
 //   * Blocks run one after another. Every CUDA thread of a block is a fiber (ucontext) on one OS
 //     thread; a fiber runs until it reaches a barrier, a warp collective or its end.
 //   * __syncthreads() is a barrier over the block's fibers. Warp collectives (shuffles, votes,
-//     __syncwarp, the WMMA *_sync calls) are barriers over the warp's 32 fibers; the last lane
+//     __syncwarp, the WMMA *_sync calls, mma and ldmatrix) are barriers over the warp's 32 fibers; the last lane
 //     to arrive performs the exchange for all of them.
 //   * Between barriers the fibers run in the order the schedule picks: forward, reverse, or a
 //     fresh random permutation at every scheduling round. A kernel that reads shared memory
@@ -22,9 +22,31 @@
 //     barriers (or at a warp collective with a lane that has exited) throws simt::Error.
 //   * WMMA: a fragment holds the whole tile in every lane (the real element layout is opaque
 //     to kernels, so the emulator chooses the simplest); products accumulate in fp32.
+//   * Fragment-level primitives (simt::warp, behind csrc/cuda/warp.cuh): mma.sync m16n8k16 and
+//     ldmatrix are warp collectives with the PTX ISA's per-lane register layout (written in
+//     warp.cuh). Each lane posts a pointer to its own operands (registers, row address); the
+//     last lane to arrive assembles the matrices from the 32 posts, computes, and writes every
+//     lane's result registers, so a wrong register or lane assignment gives a wrong product.
+//     Like .aligned on the device they need the full warp: a partial warp or an exited lane is
+//     an error. ldmatrix rows must be 16-byte aligned and inside the block's dynamic shared
+//     memory (static __shared__ arrays are function statics, indistinguishable from global
+//     memory here, so they are refused). mma: the exact products of the fp16/bf16 inputs are
+//     added to C in fp32 one k at a time (k = 0..15), each addition rounded to nearest even;
+//     tensor cores round differently inside one instruction, so compare with hardware by
+//     tolerance. -DSIMT_PLANT_FRAGMENT_BUG=1 swaps A's registers a[1] and a[2] (for the test that
+//     shows the self-tests catch a layout bug).
+//   * cp.async is per thread: cp_async_16 queues a copy (16-byte aligned dynamic shared
+//     destination, src-size 0..16, the rest zero-filled), commit closes the queued copies into a
+//     group, wait(n) performs all but the n most recent groups. The copy is done at that wait,
+//     not before: until then the destination keeps its old (for a fresh block, NaN) contents,
+//     for the issuing thread too, so a missing or too-weak wait reads wrong data under every
+//     schedule. Copies still pending when a thread exits are dropped (the device allows exiting
+//     with copies whose data is never read).
 //
 // What this cannot verify: speed, occupancy, memory-model effects beyond barriers (fences,
-// ordering of global writes between blocks), bank conflicts, real tensor-core rounding.
+// ordering of global writes between blocks), bank conflicts, real tensor-core rounding, and
+// writes racing an in-flight cp.async: the emulator reads the source and writes the destination
+// at the wait, so a store to either between the issue and the wait goes unnoticed.
 #pragma once
 
 #define ATTNSEG_SIMT_EMULATOR 1
@@ -35,6 +57,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <exception>
 #include <functional>
@@ -70,7 +93,18 @@ struct Options {
 namespace detail {
 
 enum class State { Runnable, AtBlockBarrier, AtWarpCollective, Done };
-enum class Collective { None, Sync, Shuffle, Ballot };
+enum class Collective { None, Sync, Shuffle, Ballot, Fragment };
+
+// A fragment-level warp collective (mma, ldmatrix): each lane posts a pointer to its operands,
+// and the lane that completes the warp runs the operation once over all 32 posts.
+using FragmentOp = void (*)(void* const (&posts)[kWarpSize]);
+
+// One cp.async copy, performed when the wait that retires its group runs.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  int src_bytes;
+};
 
 struct Fiber {
   ucontext_t ctx;
@@ -82,6 +116,12 @@ struct Fiber {
   uint64_t in = 0, out = 0;
   int src_lane = 0;
   unsigned mask = 0;
+  FragmentOp fragment_op = nullptr;
+  void* post = nullptr;
+  // cp.async: copies issued since the last commit, and the committed groups not yet waited for
+  // (oldest first). Whatever is left when the thread exits is dropped.
+  std::vector<AsyncCopy> open_copies;
+  std::vector<std::vector<AsyncCopy>> copy_groups;
 };
 
 struct Runtime {
@@ -92,6 +132,7 @@ struct Runtime {
   std::vector<std::vector<int>> warp_waiting;  // per warp: lanes waiting at a collective
   std::vector<unsigned char*> stacks;
   std::vector<unsigned char> dynamic_smem;
+  size_t dynamic_smem_bytes = 0;  // the launch's request (the buffer has 128 bytes of slack)
   ucontext_t scheduler;
   Fiber* current = nullptr;
   const std::function<void()>* body = nullptr;
@@ -154,6 +195,14 @@ inline void complete_collective(Runtime& rt, int warp) {
     uint64_t bits = 0;
     for (int l = 0; l < lanes; ++l) bits |= (lane0[l].in ? 1ull : 0ull) << l;
     for (int l = 0; l < lanes; ++l) lane0[l].out = bits;
+  } else if (op == Collective::Fragment) {
+    void* posts[kWarpSize];
+    for (int l = 0; l < kWarpSize; ++l) {
+      if (lane0[l].fragment_op != lane0[0].fragment_op)
+        throw Error("simt: lanes of one warp met at different fragment instructions (mma / ldmatrix)");
+      posts[l] = lane0[l].post;
+    }
+    lane0[0].fragment_op(posts);
   }
   for (int l = 0; l < lanes; ++l) {
     lane0[l].state = State::Runnable;
@@ -162,12 +211,24 @@ inline void complete_collective(Runtime& rt, int warp) {
   waiting.clear();
 }
 
+// The calling fiber arrives at the collective its fields describe and waits until the whole
+// warp has; the last lane to arrive completes it for all.
+inline void arrive_at_collective(Runtime& rt, Fiber& f) {
+  const int warp = f.linear / kWarpSize;
+  f.state = State::AtWarpCollective;
+  rt.warp_waiting[warp].push_back(f.linear);
+  if (static_cast<int>(rt.warp_waiting[warp].size()) == warp_size_of(rt, warp)) {
+    complete_collective(rt, warp);
+  } else {
+    yield_to_scheduler();
+  }
+}
+
 // Called by a fiber: arrive at a warp collective and wait until the whole warp has.
 inline uint64_t warp_collective(Collective op, unsigned mask, uint64_t in, int src_lane) {
   Runtime& rt = runtime();
   Fiber& f = this_fiber();
-  const int warp = f.linear / kWarpSize;
-  const int lanes = warp_size_of(rt, warp);
+  const int lanes = warp_size_of(rt, f.linear / kWarpSize);
   const unsigned full = lanes == 32 ? 0xffffffffu : ((1u << lanes) - 1u);
   if ((mask & full) != full) {
     throw Error("simt: warp collectives with a partial lane mask are not supported (mask " + std::to_string(mask) +
@@ -176,14 +237,29 @@ inline uint64_t warp_collective(Collective op, unsigned mask, uint64_t in, int s
   f.op = op;
   f.in = in;
   f.src_lane = src_lane;
-  f.state = State::AtWarpCollective;
-  rt.warp_waiting[warp].push_back(f.linear);
-  if (static_cast<int>(rt.warp_waiting[warp].size()) == lanes) {
-    complete_collective(rt, warp);
-  } else {
-    yield_to_scheduler();
-  }
+  arrive_at_collective(rt, f);
   return f.out;
+}
+
+// A fragment-level collective (mma.sync.aligned, ldmatrix.sync.aligned): as on the device, all
+// 32 lanes of a full warp must execute it together; `post` points to this lane's operands.
+inline void fragment_collective(FragmentOp op, void* post, const char* what) {
+  Runtime& rt = runtime();
+  Fiber& f = this_fiber();
+  const int warp = f.linear / kWarpSize;
+  if (warp_size_of(rt, warp) != kWarpSize)
+    throw Error(std::string("simt: ") + what + " needs a full warp of 32 threads (.aligned); block size " +
+                std::to_string(rt.fibers.size()) + " leaves a partial warp");
+  for (int l = 0; l < kWarpSize; ++l)
+    if (rt.fibers[warp * kWarpSize + l].state == State::Done)
+      throw Error(std::string("simt: ") + what + " with an exited lane (" + std::to_string(l) +
+                  "): every lane of the warp must execute it (.aligned)");
+  f.op = Collective::Fragment;
+  f.fragment_op = op;
+  f.post = post;
+  arrive_at_collective(rt, f);
+  f.fragment_op = nullptr;
+  f.post = nullptr;
 }
 
 inline std::vector<int> order_for_round(Runtime& rt, std::vector<int> runnable) {
@@ -287,6 +363,7 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, Kernel kernel, Args... a
     rt.stacks.push_back(static_cast<unsigned char*>(p));
   }
   rt.dynamic_smem.assign(dynamic_smem + 128, 0);
+  rt.dynamic_smem_bytes = dynamic_smem;
   const std::function<void()> body = [&] { kernel(args...); };
   rt.body = &body;
   rt.error = nullptr;
@@ -361,7 +438,7 @@ using simt::dim3;
 #define __forceinline__ inline
 #define __launch_bounds__(...)
 #define __shared__ static
-#define __align__(n) alignas(n)
+#define __align__(n) __attribute__((aligned(n)))  // alignas may not follow `static`
 #define threadIdx (::simt::thread_idx())
 #define blockIdx (::simt::block_idx())
 #define blockDim (::simt::block_dim())
@@ -569,3 +646,192 @@ void mma_sync(fragment<accumulator, M, N, K, float>& d, const fragment<matrix_a,
 }
 
 }  // namespace nvcuda::wmma
+
+// ---- fragment-level warp primitives (csrc/cuda/warp.cuh: mma.sync, ldmatrix, cp.async) --------
+//
+// These follow the per-lane layouts written in csrc/cuda/warp.cuh (from the PTX ISA): mma and
+// ldmatrix are collectives over a full warp in which every lane posts its own registers or row
+// address and the last lane to arrive assembles the matrices from the 32 posts, computes, and
+// gives each lane its own result registers. cp.async is per thread, with its group semantics.
+
+namespace simt::warp {
+
+namespace detail {
+
+inline float unpack16(uint32_t reg, int high, bool bf16) {
+  const auto bits = static_cast<uint16_t>(high ? reg >> 16 : reg & 0xffffu);
+  return bf16 ? bf16_bits_to_float(bits) : half_bits_to_float(bits);
+}
+
+// True when [p, p + bytes) lies inside this block's dynamic shared memory. Static __shared__
+// variables are function statics the emulator cannot tell from global memory, so the
+// fragment-level primitives accept dynamic shared memory only.
+inline bool in_dynamic_smem(const void* p, size_t bytes) {
+  const auto* begin = dynamic_smem();
+  const auto* q = static_cast<const unsigned char*>(p);
+  return q >= begin && q + bytes <= begin + simt::detail::runtime().dynamic_smem_bytes;
+}
+
+inline std::string address(const void* p) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%p", p);
+  return buf;
+}
+
+struct MmaPost {
+  bool bf16;
+  const uint32_t* a;
+  const uint32_t* b;
+  const float* c;
+  float* d;
+};
+
+// m16n8k16, row.col, fp32 accumulators. The A registers a[0..3] hold, for g = lane / 4 and
+// t = lane % 4: A[g][2t..], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..]; B b[0], b[1] hold
+// B[2t.., g], B[2t+8.., g]; C and D hold [g][2t..] (regs 0, 1) and [g+8][2t..] (regs 2, 3).
+//
+// Arithmetic: each product of two fp16 (or bf16) inputs is exact in fp32, and the products are
+// added to C in fp32 one k at a time, k = 0..15, each addition rounded to nearest even. Tensor
+// cores add the products of one instruction with their own internal order and precision (not
+// IEEE-sequential), so results agree with hardware to a few fp32 ulps, not bitwise.
+inline void mma_complete(void* const (&posts)[kWarpSize]) {
+  const bool bf16 = static_cast<const MmaPost*>(posts[0])->bf16;
+  float A[16][16], B[16][8], C[16][8];
+#if SIMT_PLANT_FRAGMENT_BUG
+  constexpr int a1 = 2, a2 = 1;  // planted: a[1] and a[2] swap roles (tests/emu/selftest.cpp must fail)
+#else
+  constexpr int a1 = 1, a2 = 2;
+#endif
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    const auto& p = *static_cast<const MmaPost*>(posts[lane]);
+    if (p.bf16 != bf16) throw Error("simt: lanes of one warp ran mma with different element types");
+    const int g = lane / 4, t = lane % 4;
+    for (int h = 0; h < 2; ++h) {
+      A[g][2 * t + h] = unpack16(p.a[0], h, bf16);
+      A[g + 8][2 * t + h] = unpack16(p.a[a1], h, bf16);
+      A[g][2 * t + 8 + h] = unpack16(p.a[a2], h, bf16);
+      A[g + 8][2 * t + 8 + h] = unpack16(p.a[3], h, bf16);
+      B[2 * t + h][g] = unpack16(p.b[0], h, bf16);
+      B[2 * t + 8 + h][g] = unpack16(p.b[1], h, bf16);
+      C[g][2 * t + h] = p.c[h];
+      C[g + 8][2 * t + h] = p.c[2 + h];
+    }
+  }
+  float D[16][8];
+  for (int i = 0; i < 16; ++i)
+    for (int j = 0; j < 8; ++j) {
+      float acc = C[i][j];
+      for (int k = 0; k < 16; ++k) acc += A[i][k] * B[k][j];  // exact product: a fused add rounds the same
+      D[i][j] = acc;
+    }
+  for (int lane = 0; lane < kWarpSize; ++lane) {  // every lane's inputs were read above: d may alias c
+    float* d = static_cast<const MmaPost*>(posts[lane])->d;
+    const int g = lane / 4, t = lane % 4;
+    for (int h = 0; h < 2; ++h) {
+      d[h] = D[g][2 * t + h];
+      d[2 + h] = D[g + 8][2 * t + h];
+    }
+  }
+}
+
+struct LdmatrixPost {
+  int count;
+  bool trans;
+  const void* row;
+  uint32_t* r;
+};
+
+// ldmatrix.m8n8.x{count}[.trans].b16: lanes 8i..8i+7 give the 16-byte rows 0..7 of matrix i.
+// Lane (g, t) receives r[i] = M_i[g][2t, 2t+1] (plain) or M_i[2t][g], M_i[2t+1][g] (.trans).
+inline void ldmatrix_complete(void* const (&posts)[kWarpSize]) {
+  const auto& p0 = *static_cast<const LdmatrixPost*>(posts[0]);
+  const int count = p0.count;
+  const bool trans = p0.trans;
+  if (count != 1 && count != 2 && count != 4) throw Error("simt: ldmatrix loads 1, 2 or 4 matrices");
+  uint16_t M[4][8][8];
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    const auto& p = *static_cast<const LdmatrixPost*>(posts[lane]);
+    if (p.count != count || p.trans != trans)
+      throw Error("simt: lanes of one warp ran different ldmatrix shapes (.x1/.x2/.x4, .trans)");
+    if (lane >= 8 * count) continue;  // its address is not used
+    if (reinterpret_cast<uintptr_t>(p.row) % 16 != 0)
+      throw Error("simt: ldmatrix row address " + address(p.row) + " of lane " + std::to_string(lane) +
+                  " is not 16-byte aligned");
+    if (!in_dynamic_smem(p.row, 16))
+      throw Error("simt: ldmatrix row address " + address(p.row) + " of lane " + std::to_string(lane) +
+                  " is not inside the block's dynamic shared memory");
+    std::memcpy(M[lane / 8][lane % 8], p.row, 16);
+  }
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    uint32_t* r = static_cast<const LdmatrixPost*>(posts[lane])->r;
+    const int g = lane / 4, t = lane % 4;
+    for (int i = 0; i < count; ++i) {
+      const uint16_t lo = trans ? M[i][2 * t][g] : M[i][g][2 * t];
+      const uint16_t hi = trans ? M[i][2 * t + 1][g] : M[i][g][2 * t + 1];
+      r[i] = uint32_t(lo) | (uint32_t(hi) << 16);
+    }
+  }
+}
+
+inline simt::detail::Fiber& async_thread(const char* what) {
+  if (!simt::detail::runtime().current) throw Error(std::string("simt: ") + what + " outside a kernel");
+  return simt::detail::this_fiber();
+}
+
+inline void perform(const simt::detail::AsyncCopy& c) {
+  std::memcpy(c.dst, c.src, static_cast<size_t>(c.src_bytes));
+  std::memset(static_cast<unsigned char*>(c.dst) + c.src_bytes, 0, static_cast<size_t>(16 - c.src_bytes));
+}
+
+}  // namespace detail
+
+inline void mma_m16n8k16(bool bf16, float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                         const float (&c)[4]) {
+  detail::MmaPost post{bf16, a, b, c, d};
+  simt::detail::fragment_collective(detail::mma_complete, &post, "mma.sync");
+}
+
+// r has `count` registers; row_ptr is this lane's row address (used for lanes < 8 * count).
+inline void ldmatrix(uint32_t* r, int count, bool trans, const void* row_ptr) {
+  detail::LdmatrixPost post{count, trans, row_ptr, r};
+  simt::detail::fragment_collective(detail::ldmatrix_complete, &post, "ldmatrix");
+}
+
+// cp.async.cg.shared.global 16 bytes with src-size src_bytes. The copy happens when a
+// cp_async_wait retires its group: until then the destination keeps its old contents (for the
+// issuing thread too), so a missing or too-weak wait reads stale data, as it may on the device.
+inline void cp_async_16(void* dst, const void* src, int src_bytes) {
+  auto& f = detail::async_thread("cp.async");
+  if (src_bytes < 0 || src_bytes > 16)
+    throw Error("simt: cp.async src-size " + std::to_string(src_bytes) + " outside 0..16");
+  if (reinterpret_cast<uintptr_t>(dst) % 16 != 0)
+    throw Error("simt: cp.async destination " + detail::address(dst) + " is not 16-byte aligned");
+  if (!detail::in_dynamic_smem(dst, 16))
+    throw Error("simt: cp.async destination " + detail::address(dst) +
+                " is not inside the block's dynamic shared memory");
+  if (src_bytes > 0 && reinterpret_cast<uintptr_t>(src) % 16 != 0)
+    throw Error("simt: cp.async source " + detail::address(src) + " is not 16-byte aligned");
+  f.open_copies.push_back({dst, src, src_bytes});
+}
+
+// cp.async.commit_group: this thread's copies since the last commit become one group (possibly
+// empty, as on the device).
+inline void cp_async_commit() {
+  auto& f = detail::async_thread("cp.async.commit_group");
+  f.copy_groups.push_back(std::move(f.open_copies));
+  f.open_copies.clear();
+}
+
+// cp.async.wait_group n: completes this thread's committed groups except the n most recent.
+// Copies not yet committed are not waited for.
+inline void cp_async_wait(int n) {
+  auto& f = detail::async_thread("cp.async.wait_group");
+  if (n < 0) throw Error("simt: cp.async.wait_group needs n >= 0");
+  const int retire = static_cast<int>(f.copy_groups.size()) - n;
+  if (retire <= 0) return;
+  for (int g = 0; g < retire; ++g)
+    for (const auto& c : f.copy_groups[g]) detail::perform(c);
+  f.copy_groups.erase(f.copy_groups.begin(), f.copy_groups.begin() + retire);
+}
+
+}  // namespace simt::warp

@@ -1,0 +1,153 @@
+// Warp-level primitives of the flash-attention-2 class kernels: tensor-core MMA, ldmatrix and
+// cp.async. Each is one device function with the inline PTX under nvcc and, under the SIMT
+// emulator (tests/emu/simt.h), an implementation that follows the PTX ISA's per-lane fragment
+// layout and completion semantics exactly, so a layout or ordering bug fails in the emulator as
+// it would on hardware. The layouts below are the contract both sides implement.
+//
+// Notation: lane = threadIdx.x % 32, g = lane / 4 ("groupID"), t = lane % 4 ("threadID_in_group").
+// A 32-bit register holding two 16-bit values holds the lower column (or k) index in its low half.
+//
+// mma_m16n8k16<T>(d, a, b, c): D[16x8] = A[16x16] · B[16x8] + C, T = __half or __nv_bfloat16,
+// fp32 accumulation (PTX: mma.sync.aligned.m16n8k16.row.col.f32.{f16,bf16}.{f16,bf16}.f32).
+//   A (row-major, 4 regs of 2 x T):  a[0] = A[g][2t, 2t+1]     a[1] = A[g+8][2t, 2t+1]
+//                                    a[2] = A[g][2t+8, 2t+9]   a[3] = A[g+8][2t+8, 2t+9]
+//   B ("col": K x N, 2 regs):        b[0] = B[2t, 2t+1][g]     b[1] = B[2t+8, 2t+9][g]
+//   C, D (fp32, 4 regs):             c[0], c[1] = C[g][2t, 2t+1]   c[2], c[3] = C[g+8][2t, 2t+1]
+//
+// ldmatrix_x{1,2,4}[_trans](r, row_ptr): loads 1, 2 or 4 8x8 matrices of 16-bit elements from
+// shared memory (PTX: ldmatrix.sync.aligned.m8n8.x{1,2,4}[.trans].shared.b16). Lanes 8i..8i+7
+// give the addresses of rows 0..7 of matrix i (each row 16 contiguous bytes, 16-byte aligned);
+// for x1 / x2 only lanes 0-7 / 0-15 addresses are used (the others must still be valid values).
+//   plain:  r[i] = M_i[g][2t, 2t+1]          (lane holds row g, two consecutive columns)
+//   .trans: r[i] = M_i[2t][g], M_i[2t+1][g]  (the same fragment of M_iᵀ)
+// So an x4 on the four 8x8 quadrants of a 16x16 row-major A tile (matrix order: rows 0-7 cols
+// 0-7, rows 8-15 cols 0-7, rows 0-7 cols 8-15, rows 8-15 cols 8-15) yields exactly a[0..3] above.
+//
+// cp_async_16(smem_dst, gmem_src, src_bytes): an asynchronous copy of 16 bytes, global to shared
+// (PTX: cp.async.cg.shared.global, 16-byte aligned addresses); only the first src_bytes (0..16)
+// are read, the rest of the 16 destination bytes are zero-filled (src_bytes = 0: zeros, nothing
+// read, so a masked-out tile edge needs no valid source). The copy is guaranteed complete only
+// after this thread's cp_async_wait<N>() that retires its group, and visible to other threads
+// only after a barrier following that wait.
+// cp_async_commit(): closes this thread's pending copies into a group (cp.async.commit_group).
+// cp_async_wait<N>(): waits until at most N of this thread's most recent groups are pending
+// (cp.async.wait_group N); N = 0 waits for all.
+#pragma once
+
+#include "compat.cuh"
+
+namespace attnseg::cuda::warp {
+
+// Two values packed in one 32-bit register, low half = first: the A/B operand element pairs.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+
+#if defined(__CUDACC__)
+
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 h = __floats2half2_rn(lo, hi);  // .x = lo (low 16 bits), .y = hi
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&h);
+}
+
+template <typename T>
+__device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2],
+                                             const float (&c)[4]) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "m16n8k16 takes fp16 or bf16");
+  if constexpr (std::is_same_v<T, __half>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%10,%11,%12,%13};\n"
+        : "=f"(d[0]), "=f"(d[1]), "=f"(d[2]), "=f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]), "f"(c[0]), "f"(c[1]), "f"(c[2]),
+          "f"(c[3]));
+  }
+}
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row_ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row_ptr)));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row_ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(smem_addr(row_ptr)));
+}
+__device__ __forceinline__ void ldmatrix_x2(uint32_t (&r)[2], const void* row_ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(row_ptr)));
+}
+__device__ __forceinline__ void ldmatrix_x2_trans(uint32_t (&r)[2], const void* row_ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(smem_addr(row_ptr)));
+}
+__device__ __forceinline__ void ldmatrix_x1(uint32_t (&r)[1], const void* row_ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%0}, [%1];\n" : "=r"(r[0]) : "r"(smem_addr(row_ptr)));
+}
+__device__ __forceinline__ void ldmatrix_x1_trans(uint32_t (&r)[1], const void* row_ptr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x1.trans.shared.b16 {%0}, [%1];\n"
+               : "=r"(r[0])
+               : "r"(smem_addr(row_ptr)));
+}
+
+__device__ __forceinline__ void cp_async_16(void* smem_dst, const void* gmem_src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem_dst)), "l"(gmem_src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+#else  // ATTNSEG_SIMT_EMULATOR: tests/emu/simt.h provides simt::warp::* with the same contract
+
+template <>
+inline uint32_t pack2<__half>(float lo, float hi) {
+  return uint32_t(simt::float_to_half_bits(lo)) | (uint32_t(simt::float_to_half_bits(hi)) << 16);
+}
+template <>
+inline uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  return uint32_t(simt::float_to_bf16_bits(lo)) | (uint32_t(simt::float_to_bf16_bits(hi)) << 16);
+}
+
+template <typename T>
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], const float (&c)[4]) {
+  static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>, "m16n8k16 takes fp16 or bf16");
+  simt::warp::mma_m16n8k16(std::is_same_v<T, __nv_bfloat16>, d, a, b, c);
+}
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* p) { simt::warp::ldmatrix(r, 4, false, p); }
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* p) { simt::warp::ldmatrix(r, 4, true, p); }
+inline void ldmatrix_x2(uint32_t (&r)[2], const void* p) { simt::warp::ldmatrix(r, 2, false, p); }
+inline void ldmatrix_x2_trans(uint32_t (&r)[2], const void* p) { simt::warp::ldmatrix(r, 2, true, p); }
+inline void ldmatrix_x1(uint32_t (&r)[1], const void* p) { simt::warp::ldmatrix(r, 1, false, p); }
+inline void ldmatrix_x1_trans(uint32_t (&r)[1], const void* p) { simt::warp::ldmatrix(r, 1, true, p); }
+inline void cp_async_16(void* dst, const void* src, int src_bytes) { simt::warp::cp_async_16(dst, src, src_bytes); }
+inline void cp_async_commit() { simt::warp::cp_async_commit(); }
+template <int N>
+inline void cp_async_wait() {
+  simt::warp::cp_async_wait(N);
+}
+
+#endif
+
+}  // namespace attnseg::cuda::warp
