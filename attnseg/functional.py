@@ -10,7 +10,9 @@ Backends (the ``backend=`` argument of every call):
   native if the extension loaded, else reference. :func:`available_backends` shows the choice.
   Why triton first on CUDA: its kernels autotune their tile sizes per GPU and shape, while the
   CUDA C++ kernels use fixed 32-row tiles within 48 KiB of shared memory (portable, verified
-  in the emulator). Neither has been timed on a GPU yet; the rule will follow measurements.
+  in the emulator). Neither has been timed on a GPU yet. The rule will follow the table of
+  ``python benchmarks/gpu_check.py`` (docs/gpu_check.md: native, triton, SDPA's memory-efficient
+  kernel and the official math, per dtype and size) once it has been run on a GPU.
 
 A backend named explicitly that cannot run raises :class:`BackendUnavailableError`; only
 ``"auto"`` ever chooses for you.

@@ -543,12 +543,57 @@ def test_prune_filters_fit_problem_and_device():
     kept = _kept_configs(kernel, args, kwargs, 80)
     assert kept and all(c.num_warps == 8 and c.num_stages == 2 for c in kept)
     saved = _SHARED_MEMORY[90]
-    try:
+    try:  # N = 9409: not the measured table's alignment, so the estimates decide
         _SHARED_MEMORY[90] = 20 * 1024
         kept = _kept_configs(kernel, (q, *args[1:]), kwargs, 90)
         assert all(ta._shared_fwd(c.kwargs, c.num_stages, {"Q": q, **kwargs}) <= 20 * 1024 for c in kept)
     finally:
         _SHARED_MEMORY[90] = saved
+
+
+@compiled_mode_only
+@pytest.mark.parametrize("arch", [80, 90])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_calibrated_prune_keeps_only_measured_clean_configs(arch, dtype):
+    """At DANet sizes in fp16 and bf16 the prune keeps configs of the measured table (attnseg/triton/
+    calibration.py) only: each one compiled there without spilling, its measured shared memory
+    within the device's, at most 16, and FA2's 128 x 64 forward tiles among them."""
+    from attnseg.triton import _MAX_CALIBRATED, config_signature
+    from attnseg.triton.calibration import CLEAN_CONFIGS
+
+    covered = 0
+    name = {torch.float16: "fp16", torch.bfloat16: "bf16"}[dtype]
+    for kernel, args, kwargs in _danet_launches(dtype, n=9216, batch=1):
+        if kernel.configs is None:
+            continue
+        kept = _kept_configs(kernel, args, kwargs, arch)
+        tables = [t for key, t in CLEAN_CONFIGS.items() if key[:3] == (arch, name, kernel.__name__)]
+        if not tables:
+            continue
+        covered += 1
+        clean = {sig: shared for t in tables for sig, shared in t.items()}
+        assert 1 <= len(kept) <= _MAX_CALIBRATED
+        for config in kept:
+            sig = config_signature(config)
+            assert sig in clean and clean[sig] <= _SHARED_MEMORY[arch], (kernel.__name__, sig)
+        if kernel.__name__ == "_attn_fwd":
+            assert any(c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] >= 64 for c in kept)
+    assert covered >= 6  # fwd, dK, dV, dQ and the three autotuned CAM kernels
+
+
+@compiled_mode_only
+def test_calibration_table_names_configs_of_the_kernels():
+    """Every signature in the table is a config of its kernel (the table follows the config lists)."""
+    import attnseg.triton.attention as ta
+    import attnseg.triton.channel_attention as tc
+    from attnseg.triton import config_signature
+    from attnseg.triton.calibration import CLEAN_CONFIGS
+
+    by_name = {lazy.fn.__name__: lazy for lazy in (
+        ta._fwd_kernel, ta._dkdv_kernel, ta._dq_kernel, tc._nt_partial_kernel, tc._apply_kernel, tc._grad_x_kernel)}
+    for key, table in CLEAN_CONFIGS.items():
+        signatures = {config_signature(c) for c in by_name[key[2]].configs}
+        assert set(table) <= signatures, key
 
 
 @compiled_mode_only

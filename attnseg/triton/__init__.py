@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
+import math
 import os
 
 import torch
@@ -243,14 +244,47 @@ _FMA_STAGES = 2
 # Before Hopper (no wgmma) mma.sync keeps both operands and the accumulator in registers: on
 # sm_80 the tensor-core budgets that fit sm_90 spilled, 0.6 of them did not.
 _PRE_HOPPER_BUDGET_SCALE = 0.6
+# At most this many measured-clean configs per launch (calibration.py), to bound autotuning time.
+_MAX_CALIBRATED = 16
 
 
 def _dot_uses_fma(dtype: torch.dtype, precision: str) -> bool:
     return dtype == torch.float64 or (dtype == torch.float32 and precision == "ieee")
 
 
-def make_prune(shared_bytes, live_elements, budget: int, caps, operand: str):
+def _calibrated_clean(calibration, args: dict, major: int, dtype: torch.dtype) -> dict | None:
+    """{config signature: shared bytes} of the configs that compiled without spilling for this
+    launch's kernel, mode and tile widths on this architecture class, or None where no table
+    covers the launch (see :mod:`attnseg.triton.calibration`)."""
+    from .calibration import CLEAN_CONFIGS, INT_CLASSES, dtype_name, int_class
+
+    name = dtype_name(dtype, args["DOT_PRECISION"])
+    arch = 90 if major >= 9 else 80 if major == 8 else None
+    if calibration is None or name is None or arch is None:
+        return None
+    key = calibration(args)
+    # Triton specialises integer arguments equal to 1 or divisible by 16; a launch whose classes
+    # differ from the swept one's (N = 9409 instead of 9216: strides of 9409) compiles to other
+    # code, which can spill where the table's did not: such launches use the estimates.
+    swept = INT_CLASSES.get(key[0], {})
+    if any(int_class(v) != swept.get(k) for k, v in args.items() if type(v) is int):
+        return None
+    return CLEAN_CONFIGS.get((arch, name, *key))
+
+
+def config_signature(config) -> tuple:
+    """A config as the calibration table names it: (sorted block sizes, warps, stages)."""
+    return (tuple(sorted(config.kwargs.items())), config.num_warps, config.num_stages)
+
+
+def make_prune(shared_bytes, live_elements, budget: int, caps, operand: str, calibration=None):
     """An ``early_config_prune`` for ``@triton.autotune``.
+
+    ``calibration(args) -> tuple`` names the launch in :data:`attnseg.triton.calibration.CLEAN_CONFIGS`
+    (kernel, mode flags, tile widths). Where the table covers the launch (sm_8x / sm_9x+, a swept
+    dtype, the calibrated kernel mode and widths) it replaces the estimates of (2) and (3): a config
+    is kept iff it compiled there without spilling and its measured shared memory fits the device.
+    Elsewhere the estimates below decide.
 
     Keeps the configs (1) whose block sizes do not exceed ``caps(args)`` (block name -> largest
     useful size for the problem, e.g. Ev rounded up to a power of two), (2) whose estimated
@@ -269,10 +303,16 @@ def make_prune(shared_bytes, live_elements, budget: int, caps, operand: str):
         largest = caps(args)
         fma = _dot_uses_fma(args[operand].dtype, args["DOT_PRECISION"])
         tile_budget = _FMA_BUDGET if fma else budget * (1.0 if major >= 9 else _PRE_HOPPER_BUDGET_SCALE)
+        clean = _calibrated_clean(calibration, args, major, args[operand].dtype)
         kept = []
         for config in configs:
             block = config.kwargs
             if any(block[name] > size for name, size in largest.items()):
+                continue
+            if clean is not None:  # measured: kept iff it compiled clean and its shared memory fits
+                shared = clean.get(config_signature(config))
+                if shared is not None and shared <= limit:
+                    kept.append(config)
                 continue
             if shared_bytes(block, config.num_stages, args) > limit:
                 continue
@@ -282,6 +322,11 @@ def make_prune(shared_bytes, live_elements, budget: int, caps, operand: str):
             if fma and (config.num_warps != _FMA_WARPS or config.num_stages != _FMA_STAGES):
                 continue
             kept.append(config)
+        if clean is not None and len(kept) > _MAX_CALIBRATED:
+            # every kept config is compiled and timed by the first autotuned call: the largest tiles
+            # (FA2's 128x64 and up; smaller problems are capped above), deepest pipelines first
+            kept = sorted(kept, key=lambda c: (-math.prod(c.kwargs.values()), -c.num_stages, c.num_warps))
+            kept = kept[:_MAX_CALIBRATED]
         if not kept:
             kept = [min(configs, key=lambda c: (live_elements(c.kwargs, args) / c.num_warps, c.num_stages))]
         return kept

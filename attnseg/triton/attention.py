@@ -369,29 +369,36 @@ _TUNE_KEY = ["TUNE_NQ", "TUNE_NK", "E", "EV"]
 _fwd_kernel = LazyKernel(
     _attn_fwd,
     configs=configs(BLOCK_M=[64, 128], BLOCK_N=[32, 64], BLOCK_EV=[64, 128, 256], num_warps=[4, 8], num_stages=[2, 3])
+    + configs(BLOCK_M=[64, 128], BLOCK_N=[64], BLOCK_EV=[64, 128, 256], num_warps=[4, 8], num_stages=[4])
+    + configs(BLOCK_M=[64, 128], BLOCK_N=[128], BLOCK_EV=[64, 128], num_warps=[4, 8], num_stages=[2, 3])
     + configs(BLOCK_M=[32, 64], BLOCK_N=[32], BLOCK_EV=[32, 64], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_EV": 64}),
     key=_TUNE_KEY,
-    prune=make_prune(_shared_fwd, _live_fwd, budget=144, caps=_caps_fwd, operand="Q"),
+    prune=make_prune(_shared_fwd, _live_fwd, budget=144, caps=_caps_fwd, operand="Q",
+                     calibration=lambda a: ("_attn_fwd", a["BLOCK_E"])),
 )
 _delta_kernel = LazyKernel(_attn_bwd_delta)
 _dkdv_kernel = LazyKernel(
     _attn_bwd_dkdv,
-    configs=configs(BLOCK_M=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3])
+    configs=configs(BLOCK_M=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3, 4])
     + configs(BLOCK_M=[16, 32], BLOCK_N=[32], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}),
     key=_TUNE_KEY + ["COMPUTE_DK", "COMPUTE_DV", "BLOCK_EV"],
     prune=make_prune(_shared_bwd("BLOCK_N", "BLOCK_M"), _live_bwd("BLOCK_N", "BLOCK_M"),
-                     budget=300, caps=_caps_bwd, operand="Q"),
+                     budget=300, caps=_caps_bwd, operand="Q",
+                     calibration=lambda a: ("_attn_bwd_dkdv", bool(a["COMPUTE_DK"]), bool(a["COMPUTE_DV"]),
+                                            a["BLOCK_E"], a["BLOCK_EV"])),
 )
 _dq_kernel = LazyKernel(
     _attn_bwd_dq,
     configs=configs(BLOCK_M=[64, 128], BLOCK_N=[32, 64], num_warps=[4, 8], num_stages=[2, 3])
+    + configs(BLOCK_M=[64, 128], BLOCK_N=[128], num_warps=[4, 8], num_stages=[2, 3])
     + configs(BLOCK_M=[32], BLOCK_N=[16, 32], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}),
     key=_TUNE_KEY + ["EV_SINGLE", "BLOCK_EV"],
     prune=make_prune(_shared_bwd("BLOCK_M", "BLOCK_N"), _live_bwd("BLOCK_M", "BLOCK_N"),
-                     budget=300, caps=_caps_bwd, operand="Q"),
+                     budget=300, caps=_caps_bwd, operand="Q",
+                     calibration=lambda a: ("_attn_bwd_dq", bool(a["EV_SINGLE"]), a["BLOCK_E"], a["BLOCK_EV"])),
 )
 
 

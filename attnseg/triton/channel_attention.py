@@ -316,7 +316,8 @@ _nt_partial_kernel = LazyKernel(
     + configs(BLOCK_C=[32, 64], BLOCK_K=[16], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_C": 32, "BLOCK_K": 32}),
     key=["C", "TUNE_N", "SPLIT_LEN", "SYMMETRIC"],
-    prune=make_prune(_shared_nt, _live_nt, budget=150, caps=_caps_nt, operand="A"),
+    prune=make_prune(_shared_nt, _live_nt, budget=150, caps=_caps_nt, operand="A",
+                     calibration=lambda a: ("_cam_nt_partial", bool(a["SYMMETRIC"]))),
 )
 _apply_kernel = LazyKernel(
     _cam_apply,
@@ -324,7 +325,8 @@ _apply_kernel = LazyKernel(
     + configs(BLOCK_I=[32, 64], BLOCK_N=[32, 64], BLOCK_J=[16], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_I": 32, "BLOCK_N": 64, "BLOCK_J": 32}),
     key=["C", "TUNE_N"],
-    prune=make_prune(_shared_apply, _live_apply, budget=150, caps=_caps_rows_by_cols, operand="X"),
+    prune=make_prune(_shared_apply, _live_apply, budget=150, caps=_caps_rows_by_cols, operand="X",
+                     calibration=lambda a: ("_cam_apply",)),
 )
 _grad_x_kernel = LazyKernel(
     _cam_grad_x,
@@ -332,7 +334,8 @@ _grad_x_kernel = LazyKernel(
     + configs(BLOCK_I=[32, 64], BLOCK_N=[32, 64], BLOCK_J=[16], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_I": 32, "BLOCK_N": 64, "BLOCK_J": 32}),
     key=["C", "TUNE_N"],
-    prune=make_prune(_shared_grad_x, _live_grad_x, budget=230, caps=_caps_rows_by_cols, operand="X"),
+    prune=make_prune(_shared_grad_x, _live_grad_x, budget=230, caps=_caps_rows_by_cols, operand="X",
+                     calibration=lambda a: ("_cam_grad_x",)),  # GRAD_E_PRECISION follows dtype, DOT_PRECISION
 )
 _softmax_fwd_kernel = LazyKernel(_cam_softmax_fwd)
 _softmax_bwd_kernel = LazyKernel(_cam_softmax_bwd)

@@ -1,94 +1,19 @@
 // Channel attention (DANet CAM) kernels, compiled by nvcc for the extension and by g++ for the
-// SIMT emulator (tests/emu). Launch logic: channel_attention_host.h.
+// SIMT emulator (tests/emu). Launch logic and the GEMMs: host.h (channel attention).
 //
 //   E = X Xᵀ (C x C per batch, fp32 accumulation: a post-ReLU Gram matrix overflows fp16),
 //   A = softmax(−E) ("official", = softmax(rowmax(E) − E)) or softmax(E) ("paper"), Y = A X.
 //   Backward: dA = dY Xᵀ, dE = ±A ∘ (dA − rowsum(dA ∘ A)), dX = Aᵀ dY + (dE + dEᵀ) X.
 //
-// Two passes, as the softmax needs whole rows of E: a batched GEMM with the reduction over N
-// split across blocks (fixed-order partial sums, so results are deterministic; no atomics), then
-// a row kernel that sums the partials and applies the softmax. The C x C map is small and is
-// kept for the backward. All products are one strided GEMM kernel, so transposes are strides.
+// Two passes, as the softmax needs whole rows of E: a batched GEMM (a library call, cuBLAS through
+// ATen on tensor cores: host.h), then a row kernel here that applies the softmax (it can also sum
+// fixed-order partial sums of E, `splits`, should a caller split the reduction over N). The C x C
+// map is small and is kept for the backward.
 #pragma once
 
 #include "compat.cuh"
 
 namespace attnseg::cuda {
-
-struct GemmTiles {
-  static constexpr int kThreads = 256;
-  static constexpr int kBlockM = 64, kBlockN = 64, kBlockK = 16;
-  static constexpr int kPerThread = 4;  // 4 x 4 outputs per thread, at stride 16
-};
-
-// C[z][m][n] = Σ_{k in split z} A[m][k] B[k][n] (+ bias[m][n]) for z = batch * splits + split,
-// accumulated in Acc. Every operand is strided; the split index offsets C by c_ss.
-template <typename TA, typename TB, typename TC, typename Acc>
-struct GemmParams {
-  const TA* a;
-  const TB* b;
-  TC* c;
-  const Acc* bias;  // may be null; indexed like C of split 0
-  int64_t m, n, k;
-  int64_t a_sb, a_sm, a_sk;
-  int64_t b_sb, b_sk, b_sn;
-  int64_t c_sb, c_sm, c_sn, c_ss;
-  int64_t bias_sb, bias_sm, bias_sn;
-  int64_t splits, split_len;  // split_len: a multiple of kBlockK
-};
-
-// grid: (ceil(n / 64), ceil(m / 64), batch * splits), block: 256.
-template <typename TA, typename TB, typename TC, typename Acc>
-__global__ void __launch_bounds__(GemmTiles::kThreads) gemm_kernel(const GemmParams<TA, TB, TC, Acc> p) {
-  constexpr int BM = GemmTiles::kBlockM, BN = GemmTiles::kBlockN, BK = GemmTiles::kBlockK;
-  constexpr int R = GemmTiles::kPerThread;
-  __shared__ Acc sa[BK][BM + 1];  // A tile, k-major
-  __shared__ Acc sb[BK][BN + 1];
-  const int64_t batch = blockIdx.z / p.splits, split = blockIdx.z % p.splits;
-  const int64_t m0 = int64_t(blockIdx.y) * BM, n0 = int64_t(blockIdx.x) * BN;
-  const int64_t k_begin = split * p.split_len;
-  const int64_t k_end = k_begin + p.split_len < p.k ? k_begin + p.split_len : p.k;
-  const TA* a = p.a + batch * p.a_sb;
-  const TB* b = p.b + batch * p.b_sb;
-  const int tx = threadIdx.x % 16, ty = threadIdx.x / 16;
-  Acc sum[R][R];
-  for (int i = 0; i < R; ++i)
-    for (int j = 0; j < R; ++j) sum[i][j] = 0;
-
-  for (int64_t k0 = k_begin; k0 < k_end; k0 += BK) {
-    for (int idx = threadIdx.x; idx < BM * BK; idx += GemmTiles::kThreads) {
-      const int r = idx % BM, kk = idx / BM;  // consecutive threads: consecutive rows of A
-      const int64_t gm = m0 + r, gk = k0 + kk;
-      sa[kk][r] = (gm < p.m && gk < k_end) ? convert<Acc>(a[gm * p.a_sm + gk * p.a_sk]) : Acc(0);
-    }
-    for (int idx = threadIdx.x; idx < BN * BK; idx += GemmTiles::kThreads) {
-      const int c = idx % BN, kk = idx / BN;
-      const int64_t gn = n0 + c, gk = k0 + kk;
-      sb[kk][c] = (gn < p.n && gk < k_end) ? convert<Acc>(b[gk * p.b_sk + gn * p.b_sn]) : Acc(0);
-    }
-    __syncthreads();
-    for (int kk = 0; kk < BK; ++kk) {
-      Acc av[R], bv[R];
-      for (int i = 0; i < R; ++i) av[i] = sa[kk][ty + 16 * i];
-      for (int j = 0; j < R; ++j) bv[j] = sb[kk][tx + 16 * j];
-      for (int i = 0; i < R; ++i)
-        for (int j = 0; j < R; ++j) sum[i][j] += av[i] * bv[j];
-    }
-    __syncthreads();
-  }
-  TC* c = p.c + batch * p.c_sb + split * p.c_ss;
-  for (int i = 0; i < R; ++i) {
-    const int64_t gm = m0 + ty + 16 * i;
-    for (int j = 0; j < R; ++j) {
-      const int64_t gn = n0 + tx + 16 * j;
-      if (gm < p.m && gn < p.n) {
-        Acc value = sum[i][j];
-        if (p.bias) value += p.bias[batch * p.bias_sb + gm * p.bias_sm + gn * p.bias_sn];
-        c[gm * p.c_sm + gn * p.c_sn] = convert<TC>(value);
-      }
-    }
-  }
-}
 
 // Block-wide reduction over kThreads threads (a multiple of 32); every thread gets the result.
 // `scratch` holds kThreads / 32 values. Starts and ends with a barrier, so it can be reused.

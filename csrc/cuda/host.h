@@ -7,6 +7,7 @@
 //   void check_device(const at::Tensor& t, const char* op, const char* name);
 //   template <class Kernel> void set_max_dynamic_smem(Kernel, size_t bytes);  // opt in above 48 KiB
 //   template <class Kernel, class... Args> void operator()(Kernel, dim3 grid, dim3 block, size_t smem, Args...);
+//   at::Tensor gemm(const at::Tensor& a, const at::Tensor& b);  // batched a·b in the accumulation type (CAM)
 #pragma once
 
 #include <ATen/ATen.h>
@@ -271,38 +272,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch
 }
 
 // ---- channel attention -------------------------------------------------------------------------
+//
+// The three products of CAM (X Xᵀ, A X and, in the backward, dY Xᵀ, Aᵀ dY, S X) are batched GEMMs
+// of a library: `launch.gemm(a, b)` returns a·b for [B, M, K] · [B, K, N], accumulated and written
+// in the accumulation type (fp32 for fp16/bf16/fp32 inputs, fp64 for fp64). On the device that is
+// cuBLAS through ATen (tensor cores for fp16/bf16, launch.cuh); under the emulator a CPU stand-in
+// computes the same products in fp32 from the exactly converted inputs (tests/emu/emu_ops.cpp).
+// The row kernels (softmax forward and backward, symmetrize) are this project's.
+//
+// Numerics. The Gram matrices E = X Xᵀ and dA = dY Xᵀ: products of the inputs, fp32 accumulation,
+// fp32 result, never rounded to fp16 (a post-ReLU Gram matrix overflows it). The products with a
+// C×C fp32 matrix on the left (A X, Aᵀ dY, S X) feed the tensor cores, so that matrix is rounded to
+// the input type first: A ∈ [0, 1] as it is; S = dE + dEᵀ, which can exceed fp16's range, scaled by
+// a power of two per batch so that max |S| ≤ 1 (exact, undone exactly in fp32 after the product).
+// Each such rounding adds at most u·Σ_j |M_ij| |x_jn| to an output (u = 2^-11 fp16, 2^-8 bf16),
+// the error PyTorch's own fp16/bf16 bmm of a rounded softmax makes. The outputs y and dX are
+// accumulated in fp32 (dX = Aᵀ dY + S X summed in fp32) and rounded to x's type once.
 
-// Batched C = A B (+ bias) through gemm_kernel; a, b, c given as 3-D tensors or raw strides.
-template <typename TA, typename TB, typename TC, typename Acc>
-GemmParams<TA, TB, TC, Acc> gemm_params(const TA* a, at::IntArrayRef a_strides, const TB* b, at::IntArrayRef b_strides,
-                                        TC* c, at::IntArrayRef c_strides, int64_t m, int64_t n, int64_t k) {
-  GemmParams<TA, TB, TC, Acc> p{};
-  p.a = a, p.b = b, p.c = c, p.bias = nullptr;
-  p.m = m, p.n = n, p.k = k;
-  p.a_sb = a_strides[0], p.a_sm = a_strides[1], p.a_sk = a_strides[2];
-  p.b_sb = b_strides[0], p.b_sk = b_strides[1], p.b_sn = b_strides[2];
-  p.c_sb = c_strides[0], p.c_sm = c_strides[1], p.c_sn = c_strides[2], p.c_ss = 0;
-  p.splits = 1;
-  p.split_len = round_up(std::max<int64_t>(k, 1), GemmTiles::kBlockK);
-  return p;
-}
-
-// Splits a reduction of length k so that a long one (the Gram matrix over N) spreads over more
-// blocks; each split is a multiple of the k tile. Returns the number of splits.
-template <typename P>
-int64_t split_reduction(P& p, int64_t target_len = 1024) {
-  const int64_t splits = std::min<int64_t>(64, std::max<int64_t>(1, ceil_div(p.k, target_len)));
-  p.split_len = round_up(ceil_div(std::max<int64_t>(p.k, 1), splits), GemmTiles::kBlockK);
-  p.splits = ceil_div(std::max<int64_t>(p.k, 1), p.split_len);
-  return p.splits;
-}
-
-template <class Launch, typename TA, typename TB, typename TC, typename Acc>
-void launch_gemm(Launch& launch, const GemmParams<TA, TB, TC, Acc>& p, int64_t batch, const char* op) {
-  const dim3 grid(grid_dim_checked(ceil_div(p.n, GemmTiles::kBlockN), kGridX, op, "the GEMM's columns"),
-                  grid_dim_checked(ceil_div(p.m, GemmTiles::kBlockM), kGridYZ, op, "C / 64"),
-                  grid_dim_checked(batch * p.splits, kGridYZ, op, "B x splits"));
-  launch(gemm_kernel<TA, TB, TC, Acc>, grid, dim3(GemmTiles::kThreads), 0, p);
+// m rounded to `dtype` for a tensor-core GEMM (a no-op for fp32 and fp64). With `scale_to_one`, m is
+// first multiplied per batch by a power of two 2^-k (k = ceil(log2 max |m|), 1 where m is zero or
+// not finite, so inf and NaN stay as they are) so that it fits fp16; returns (m', 2^k) [B, 1, 1].
+inline std::pair<at::Tensor, at::Tensor> round_for_gemm(const at::Tensor& m, at::ScalarType dtype, bool scale_to_one) {
+  if ((dtype != at::kHalf && dtype != at::kBFloat16) || !scale_to_one) return {m.to(dtype), at::Tensor()};
+  const at::Tensor peak = m.abs().amax({1, 2}, /*keepdim=*/true);
+  const at::Tensor usable = at::isfinite(peak).logical_and(peak > 0);
+  const at::Tensor unscale = at::where(usable, at::exp2(at::ceil(at::log2(peak))), at::ones_like(peak));
+  return {(m / unscale).to(dtype), unscale};
 }
 
 template <class Launch>
@@ -315,27 +310,16 @@ std::tuple<at::Tensor, at::Tensor> channel_attention_fwd_impl(Launch& launch, co
   at::Tensor y = at::empty({batch, c, n}, x.options());
   at::Tensor attn = at::empty({batch, c, c}, x.options().dtype(stats));
   if (batch == 0 || c == 0) return {y, attn};
+  // E = X Xᵀ [B, C, C] in the accumulation type (zeros when N = 0).
+  const at::Tensor energy = launch.gemm(x, x.transpose(1, 2)).contiguous();
+  TORCH_INTERNAL_ASSERT(energy.scalar_type() == stats, op, ": the GEMM returned ", energy.scalar_type());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_fwd_cuda", [&] {
-    using T = typename KernelType<scalar_t>::type;
-    using Acc = typename Num<T>::acc;
-    const T* xp = kptr<scalar_t>(x);
-    // E = X Xᵀ: split partial sums over N, then the row softmax sums them in a fixed order.
-    auto gram = gemm_params<T, T, Acc, Acc>(xp, x.strides(), xp, {x.stride(0), x.stride(2), x.stride(1)}, nullptr,
-                                            {c * c, c, 1}, c, c, n);
-    const int64_t splits = split_reduction(gram);
-    at::Tensor partial = at::empty({splits, batch, c, c}, attn.options());
-    gram.c = partial.data_ptr<Acc>();
-    gram.c_ss = batch * c * c;
-    launch_gemm(launch, gram, batch, op);
-    CamRowParams<Acc> rows{partial.data_ptr<Acc>(), nullptr, attn.data_ptr<Acc>(), batch, c, splits, official};
+    using Acc = typename Num<typename KernelType<scalar_t>::type>::acc;
+    CamRowParams<Acc> rows{energy.data_ptr<Acc>(), nullptr, attn.data_ptr<Acc>(), batch, c, /*splits=*/1, official};
     launch(cam_softmax_fwd_kernel<Acc>, dim3(grid_dim_checked(batch * c, kGridX, op, "B x C")), dim3(kRowThreads), 0,
            rows);
-    if (n > 0) {  // Y = A X
-      const auto prod = gemm_params<Acc, T, T, Acc>(attn.data_ptr<Acc>(), attn.strides(), xp, x.strides(),
-                                                    kptr<scalar_t>(y), y.strides(), c, n, c);
-      launch_gemm(launch, prod, batch, op);
-    }
   });
+  if (n > 0) y.copy_(launch.gemm(round_for_gemm(attn, x.scalar_type(), false).first, x));  // Y = A X, rounded once
   return {y, attn};
 }
 
@@ -350,43 +334,32 @@ at::Tensor channel_attention_bwd_impl(Launch& launch, const at::Tensor& grad_y, 
   if (grad_x.numel() == 0) return grad_x;
   const at::Tensor gy = grad_y.to(x.scalar_type());
   const at::Tensor a = attn.contiguous();
+  // dA = dY Xᵀ [B, C, C] in the accumulation type.
+  const at::Tensor grad_attn = launch.gemm(gy, x.transpose(1, 2)).contiguous();
+  const at::TensorOptions acc_options = a.options();
+  at::Tensor grad_energy = at::empty({batch, c, c}, acc_options);
+  at::Tensor sym = at::empty({batch, c, c}, acc_options);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "channel_attention_bwd_cuda", [&] {
-    using T = typename KernelType<scalar_t>::type;
-    using Acc = typename Num<T>::acc;
-    const T* xp = kptr<scalar_t>(x);
-    const T* gyp = kptr<scalar_t>(gy);
-    const at::TensorOptions acc_options = a.options();
-    // dA = dY Xᵀ, split over N like the Gram matrix.
-    auto grad_attn = gemm_params<T, T, Acc, Acc>(gyp, gy.strides(), xp, {x.stride(0), x.stride(2), x.stride(1)},
-                                                 nullptr, {c * c, c, 1}, c, c, n);
-    const int64_t splits = split_reduction(grad_attn);
-    at::Tensor partial = at::empty({splits, batch, c, c}, acc_options);
-    grad_attn.c = partial.data_ptr<Acc>();
-    grad_attn.c_ss = batch * c * c;
-    launch_gemm(launch, grad_attn, batch, op);
+    using Acc = typename Num<typename KernelType<scalar_t>::type>::acc;
     // dE (row softmax backward, sign of the variant), then S = dE + dEᵀ.
-    at::Tensor grad_energy = at::empty({batch, c, c}, acc_options);
-    CamRowParams<Acc> rows{partial.data_ptr<Acc>(), a.data_ptr<Acc>(), grad_energy.data_ptr<Acc>(), batch, c, splits,
-                           official};
+    CamRowParams<Acc> rows{grad_attn.data_ptr<Acc>(), a.data_ptr<Acc>(), grad_energy.data_ptr<Acc>(), batch, c,
+                           /*splits=*/1, official};
     launch(cam_softmax_bwd_kernel<Acc>, dim3(grid_dim_checked(batch * c, kGridX, op, "B x C")), dim3(kRowThreads), 0,
            rows);
-    at::Tensor sym = at::empty({batch, c, c}, acc_options);
     launch(cam_symmetrize_kernel<Acc>,
            dim3(grid_dim_checked(ceil_div(batch * c * c, kRowThreads), kGridX, op, "B x C x C")), dim3(kRowThreads), 0,
            static_cast<const Acc*>(grad_energy.data_ptr<Acc>()), sym.data_ptr<Acc>(), batch, c);
-    // dX = Aᵀ dY (in the accumulation type) + S X (with Aᵀ dY as bias, into dX's type). For fp32 and
-    // fp64, dX itself holds Aᵀ dY: each output is read as bias and written by the same thread.
-    // fp16/bf16 need a B x C x N fp32 workspace instead.
-    at::Tensor partial_x = std::is_same_v<T, Acc> ? grad_x : at::empty({batch, c, n}, acc_options);
-    const auto first = gemm_params<Acc, T, Acc, Acc>(a.data_ptr<Acc>(), {c * c, 1, c}, gyp, gy.strides(),
-                                                     partial_x.data_ptr<Acc>(), partial_x.strides(), c, n, c);
-    launch_gemm(launch, first, batch, op);
-    auto second = gemm_params<Acc, T, T, Acc>(sym.data_ptr<Acc>(), sym.strides(), xp, x.strides(), kptr<scalar_t>(grad_x),
-                                              grad_x.strides(), c, n, c);
-    second.bias = partial_x.data_ptr<Acc>();
-    second.bias_sb = c * n, second.bias_sm = n, second.bias_sn = 1;
-    launch_gemm(launch, second, batch, op);
   });
+  // dX = Aᵀ dY + S X, summed in the accumulation type and rounded to x's type once.
+  at::Tensor sum = launch.gemm(round_for_gemm(a.transpose(1, 2), x.scalar_type(), false).first, gy);
+  const auto [sym_rounded, unscale] = round_for_gemm(sym, x.scalar_type(), true);
+  const at::Tensor sym_x = launch.gemm(sym_rounded, x);
+  if (unscale.defined()) {
+    sum.addcmul_(sym_x, unscale);
+  } else {
+    sum.add_(sym_x);
+  }
+  grad_x.copy_(sum);
   return grad_x;
 }
 

@@ -1,5 +1,6 @@
 // The device Launch policy of host.h: <<<grid, block, smem>>> on the current CUDA stream, the
-// launch error checked right after, and the CUDA device of the inputs made current.
+// launch error checked right after, and the CUDA device of the inputs made current; the GEMMs of
+// channel attention go to cuBLAS through ATen.
 #pragma once
 
 // c10 CUDA headers only: ATen/cuda/CUDAContext.h would also want the cuBLAS/cuSPARSE headers.
@@ -32,6 +33,15 @@ struct DeviceLaunch {
   void operator()(Kernel kernel, dim3 grid, dim3 block, size_t smem, Args... args) {
     kernel<<<grid, block, smem, stream>>>(args...);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
+
+  // CAM's batched GEMMs (host.h), on cuBLAS through ATen, on the current stream: fp16/bf16 on tensor
+  // cores with fp32 accumulation and an fp32 result (aten::bmm.dtype); fp32 and fp64 in their own
+  // type (fp32 on TF32 tensor cores only where torch.backends.cuda.matmul.allow_tf32 allows it).
+  at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) const {
+    const at::ScalarType type = a.scalar_type();
+    if (type == at::kHalf || type == at::kBFloat16) return at::bmm(a, b, at::kFloat);
+    return at::bmm(a, b);
   }
 };
 

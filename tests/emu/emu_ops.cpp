@@ -86,6 +86,13 @@ struct EmulatorLaunch {
     }
     limit = default_limit;
   }
+  // The device's gemm is a cuBLAS call (launch.cuh), not a kernel the emulator could run. Its CPU
+  // stand-in: the same batched product, accumulated and returned in the accumulation type, from the
+  // inputs converted exactly to that type (fp16/bf16 -> fp32 is exact), as the tensor cores do.
+  at::Tensor gemm(const at::Tensor& a, const at::Tensor& b) const {
+    const at::ScalarType acc = attnseg::stats_dtype(a.scalar_type());
+    return at::bmm(a.to(acc), b.to(acc));
+  }
 };
 
 simt::Schedule parse_schedule(const std::string& s) {

@@ -1,0 +1,465 @@
+"""One command for the day a GPU is lent: the GPU tests, then a timing table, in under 8 minutes.
+
+    python benchmarks/gpu_check.py                 # on a CUDA machine; writes docs/gpu_check.md
+    python benchmarks/gpu_check.py --dry-run       # anywhere: print the plan and the predicted skips
+
+Without a CUDA device it stops at once with exit status 2 and says so (``--dry-run`` works anywhere).
+
+Steps, each bounded so that the table is always written:
+
+1. The GPU tests: ``pytest tests/test_cuda_native.py`` and the Triton GPU tests
+   (``pytest tests/test_triton.py -k test_gpu_``), with ``ATTNSEG_REQUIRE_NATIVE=1`` (a missing
+   compiled extension fails instead of skipping); passed/failed/skipped/error counts read from
+   pytest's JUnit XML. Their share of the time budget: ``--test-budget`` seconds.
+2. Timings, one fresh process per case (``_common.IsolatedRunner``, a per-case timeout), in
+   priority order (fp16, then bf16, then fp32; smaller sizes first) so that a spent
+   ``--budget`` cuts the least useful rows, which then read "not run: time budget spent".
+   PAM, the generic op out = softmax(q kᵀ) v: q, k [B, N, E], v [B, N, Ev], E = 64, Ev = 512,
+   N = 9,216 and 32,768, B = 1 and 8; as PAM passes them (views of channel-first [B, E, N]
+   tensors, the layout the Triton autotune table was measured on) except for SDPA, which gets
+   contiguous tensors (its fused kernels need stride(-1) == 1); impls native and triton (``attnseg.attention(backend=...)``), "sdpa"
+   (``scaled_dot_product_attention`` on [B, 1, N, E] views inside
+   ``sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)``: the memory-efficient kernel forced; a case it
+   refuses reads "unsupported" with PyTorch's reason) and "math", the official N² code
+   (``attnseg.reference.attention``: bmm, softmax, bmm). CAM (``attnseg.channel_attention``, official
+   variant, gamma = 1, x [B, C, N, 1]; math: ``attnseg.reference.channel_attention``) at C = 512:
+   native, triton and math.
+   Modes: "fwd" under ``torch.no_grad()``; "fwd+bwd", forward then ``backward(grad_out)``.
+3. Method: 2 warm-up calls (the first compiles and autotunes Triton: the first triton case of each
+   op, mode and dtype gets ``--compile-timeout``, the others find the kernels in Triton's cache),
+   then up to 10 timed calls
+   (fewer once they add up to 2 s), each timed by CUDA events; the median is shown. Peak memory:
+   ``torch.cuda.max_memory_allocated()`` above ``memory_allocated()`` at the start of the call,
+   after ``reset_peak_memory_stats()`` (the largest over the timed calls).
+   The math rows whose N×N maps cannot fit are not run: the prediction (2 maps alive in the
+   forward, 3 in forward+backward: S and P, then P, dP and dS; map = B·N²·element size) is
+   compared with 90% of the free device memory, and the row says "skipped: would need X GiB".
+
+TFLOP/s count useful FLOPs, the same for every row of an op (1 multiply-add = 2 FLOPs; softmax
+not counted). PAM: fwd 2·B·N²·(E + Ev); fwd+bwd 3× that. CAM: fwd 4·B·C²·N (X Xᵀ and A X);
+fwd+bwd 3× that. "vs math" and "vs sdpa" are time ratios against those rows of the same case
+(below 1: faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+import xml.etree.ElementTree as ElementTree
+from pathlib import Path
+
+import torch
+
+from _common import (
+    REPO_ROOT,
+    IsolatedRunner,
+    PeakMemoryMeter,
+    format_ratio,
+    import_attnseg,
+    measure_call,
+    progress,
+)
+
+GIB = 1024**3
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
+PAM_IMPLS = ("native", "triton", "sdpa", "math")
+CAM_IMPLS = ("native", "triton", "math")
+MODES = ("fwd", "fwd+bwd")
+SIZES = (9216, 32768)
+BATCHES = (1, 8)
+E, EV, CAM_C = 64, 512, 512
+MEMORY_FRACTION = 0.9  # of the free device memory a math row may be predicted to use
+WARMUPS, REPEATS, CASE_TIMING_S = 2, 10, 2.0
+FLOP_CONVENTION = ("useful FLOPs, 1 multiply-add = 2 FLOPs, softmax not counted, the same count for every "
+                   "row of an op: PAM fwd 2·B·N²·(E + Ev), fwd+bwd 3× fwd; CAM fwd 4·B·C²·N, fwd+bwd 3× fwd "
+                   "(fused kernels' recomputed products not counted)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    op: str  # "pam" or "cam"
+    impl: str
+    mode: str
+    n: int
+    batch: int
+    dtype: str
+
+    @property
+    def key(self) -> tuple:
+        """The case without its impl: rows with the same key are compared with each other."""
+        return (self.op, self.mode, self.n, self.batch, self.dtype)
+
+    @property
+    def useful_flop(self) -> int:
+        if self.op == "pam":
+            forward = 2 * self.batch * self.n * self.n * (E + EV)
+        else:
+            forward = 4 * self.batch * CAM_C * CAM_C * self.n
+        return forward if self.mode == "fwd" else 3 * forward
+
+    @property
+    def label(self) -> str:
+        return f"{self.op} {self.impl} {self.mode} N={self.n} B={self.batch} {self.dtype}"
+
+
+@dataclasses.dataclass
+class CaseResult:
+    case: Case
+    status: str = "pending"  # "ok", "skipped", "unsupported", "failed", "not run"
+    reason: str = ""
+    times_s: list[float] = dataclasses.field(default_factory=list)
+    peak_mib: float | None = None
+
+    @property
+    def median_s(self) -> float | None:
+        return statistics.median(self.times_s) if self.status == "ok" and self.times_s else None
+
+    @property
+    def tflops(self) -> float | None:
+        median = self.median_s
+        return self.case.useful_flop / median / 1e12 if median else None
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan (runs anywhere)
+# ---------------------------------------------------------------------------------------------
+
+
+def plan_cases(dtypes=tuple(DTYPES), sizes=SIZES, batches=BATCHES, ops=("pam", "cam")) -> list[Case]:
+    """Every case, most useful first: by dtype, then op, size, batch, mode, impl."""
+    cases = []
+    for dtype in dtypes:
+        for op in ops:
+            for n in sizes:
+                for batch in batches:
+                    for mode in MODES:
+                        for impl in PAM_IMPLS if op == "pam" else CAM_IMPLS:
+                            cases.append(Case(op, impl, mode, n, batch, dtype))
+    return cases
+
+
+def math_bytes_needed(case: Case) -> int:
+    """What the official N² math holds at its peak: 2 N×N maps in the forward, 3 with the backward."""
+    if case.op != "pam" or case.impl != "math":
+        return 0
+    maps = 2 if case.mode == "fwd" else 3
+    return maps * case.batch * case.n * case.n * ELEMENT_BYTES[case.dtype]
+
+
+def predicted_skip(case: Case, free_bytes: int) -> str | None:
+    """"skipped: would need X GiB ..." for a math row that cannot fit, else None."""
+    need = math_bytes_needed(case)
+    if need and need > MEMORY_FRACTION * free_bytes:
+        maps = need // (case.batch * case.n * case.n * ELEMENT_BYTES[case.dtype])
+        return (f"would need {need / GIB:.0f} GiB ({maps} N×N maps of {need / maps / GIB:.1f} GiB) "
+                f"of {free_bytes / GIB:.0f} GiB free")
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# One case, in a child process (CUDA only)
+# ---------------------------------------------------------------------------------------------
+
+
+def _sdpa_efficient(q, k, v):
+    """SDPA with the memory-efficient kernel forced, on [B, 1, N, E] views."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        return torch.nn.functional.scaled_dot_product_attention(
+            q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0).squeeze(1)
+
+
+def run_case(payload: dict, device: str = "cuda") -> dict:
+    """Child entry point: one case's times (s) and peak (MiB), or ``{"unsupported": reason}``.
+
+    ``device`` is "cuda" in the real run; the tests run small cases on the CPU through it.
+    """
+    attnseg = import_attnseg()
+    case = Case(**payload)
+    dtype, device = DTYPES[case.dtype], torch.device(device)
+    grad = case.mode == "fwd+bwd"
+    torch.manual_seed(0)
+    if case.op == "pam":
+        if case.impl == "sdpa":  # its fused kernels need stride(-1) == 1: contiguous [B, N, E]
+            leaves = [torch.randn(case.batch, case.n, width, device=device, dtype=dtype, requires_grad=grad)
+                      for width in (E, E, EV)]
+            inputs = leaves
+        else:  # the [B, N, E] views of channel-first convolution outputs that PAM passes
+            leaves = [torch.randn(case.batch, width, case.n, device=device, dtype=dtype, requires_grad=grad)
+                      for width in (E, E, EV)]
+            inputs = [leaf.transpose(1, 2) for leaf in leaves]
+        attend = {"native": lambda q, k, v: attnseg.attention(q, k, v, 1.0, backend="native"),
+                  "triton": lambda q, k, v: attnseg.attention(q, k, v, 1.0, backend="triton"),
+                  "sdpa": _sdpa_efficient, "math": attnseg.reference.attention}[case.impl]
+        out_shape = (case.batch, case.n, EV)
+    else:
+        # post-ReLU-like (non-negative) features scaled by N^-1/2: Gram entries about 1/3 in every dtype
+        inputs = [(torch.rand(case.batch, CAM_C, case.n, 1, device=device) / math.sqrt(case.n))
+                  .to(dtype).requires_grad_(grad)]
+        leaves = inputs
+        gamma = torch.ones(1, device=device, dtype=dtype)  # gamma · A X + x, with A X in the timed work
+        attend = {"native": lambda x: attnseg.channel_attention(x, gamma, backend="native"),
+                  "triton": lambda x: attnseg.channel_attention(x, gamma, backend="triton"),
+                  "math": lambda x: attnseg.reference.channel_attention(x, gamma)}[case.impl]
+        out_shape = (case.batch, CAM_C, case.n, 1)
+    grad_out = torch.randn(out_shape, device=device, dtype=dtype)
+
+    def call():
+        if grad:
+            out = attend(*inputs)
+            out.backward(grad_out)
+        else:
+            with torch.no_grad():
+                attend(*inputs)
+
+    def drop_grads():
+        for tensor in leaves:
+            tensor.grad = None
+
+    if case.impl == "sdpa":
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                call()
+            except RuntimeError as exc:
+                why = "; ".join(str(w.message).splitlines()[0] for w in caught)
+                return {"unsupported": f"{str(exc).splitlines()[0]}" + (f" ({why})" if why else "")}
+    measured = measure_call(call, PeakMemoryMeter(device), repeats=REPEATS, warmups=WARMUPS,
+                            before_each=drop_grads, time_budget_s=CASE_TIMING_S, cuda_events=device.type == "cuda")
+    return {"times_s": measured.times_s, "peak_mib": measured.peak_mib}
+
+
+# ---------------------------------------------------------------------------------------------
+# The report (runs anywhere)
+# ---------------------------------------------------------------------------------------------
+
+
+def baseline_time(results: list[CaseResult], case: Case, impl: str) -> float | None:
+    for other in results:
+        if other.case.impl == impl and other.case.key == case.key:
+            return other.median_s
+    return None
+
+
+def table_rows(results: list[CaseResult]) -> list[list[str]]:
+    rows = []
+    for r in results:
+        c = r.case
+        head = [c.op.upper(), f"{c.n:,}", str(c.batch), c.dtype, c.mode, c.impl]
+        if r.status == "ok":
+            rows.append(head + [f"{r.median_s * 1e3:.3g}", f"{r.tflops:.3g}", f"{r.peak_mib:,.0f}",
+                                format_ratio(r.median_s, baseline_time(results, c, "math")),
+                                format_ratio(r.median_s, baseline_time(results, c, "sdpa"))])
+        else:
+            rows.append(head + [f"{r.status}: {r.reason}", "", "", "", ""])
+    return rows
+
+
+def markdown_table(header, rows) -> str:
+    def line(cells):
+        return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
+    return "\n".join([line(header), line(["---"] * len(header)), *map(line, rows)])
+
+
+TABLE_HEADER = ["op", "N", "B", "dtype", "mode", "impl", "median ms", "TFLOP/s", "peak MiB", "vs math", "vs sdpa"]
+
+
+def parse_junit(path: str | Path) -> dict:
+    """passed/failed/errors/skipped counts (and the failed test ids) from a pytest JUnit XML file."""
+    root = ElementTree.parse(path).getroot()
+    suites = [root] if root.tag == "testsuite" else list(root.iter("testsuite"))
+    counts = {"passed": 0, "failed": 0, "errors": 0, "skipped": 0, "failed_ids": []}
+    for suite in suites:
+        for testcase in suite.iter("testcase"):
+            outcome = next((child.tag for child in testcase if child.tag in ("failure", "error", "skipped")), None)
+            name = f"{testcase.get('classname', '')}::{testcase.get('name', '')}"
+            if outcome == "failure":
+                counts["failed"] += 1
+                counts["failed_ids"].append(name)
+            elif outcome == "error":
+                counts["errors"] += 1
+                counts["failed_ids"].append(name)
+            elif outcome == "skipped":
+                counts["skipped"] += 1
+            else:
+                counts["passed"] += 1
+    return counts
+
+
+def test_summary_line(name: str, outcome: dict) -> str:
+    if "problem" in outcome:
+        return f"- `{name}`: {outcome['problem']}"
+    line = (f"- `{name}`: {outcome['passed']} passed, {outcome['failed']} failed, {outcome['errors']} errors, "
+            f"{outcome['skipped']} skipped ({outcome['wall_s']:.0f} s)")
+    return line + "".join(f"\n  - failed: `{test_id}`" for test_id in outcome["failed_ids"])
+
+
+def write_report(path: Path, environment: list[str], tests: dict, results: list[CaseResult], took_s: float) -> None:
+    text = ["# GPU check", "", "Written by `python benchmarks/gpu_check.py` (method in its docstring).", "",
+            "## Environment", "", *[f"- {line}" for line in environment], "",
+            "## Tests", "", *[test_summary_line(name, outcome) for name, outcome in tests.items()], "",
+            "## Timings", "", f"TFLOP/s: {FLOP_CONVENTION}. PAM: E = {E}, Ev = {EV}, channel-first views (SDPA: contiguous); "
+            f"CAM: C = {CAM_C}, official variant. vs math / vs sdpa: time ratio against that row of the "
+            "same case (below 1 is faster).", "", markdown_table(TABLE_HEADER, table_rows(results)), "",
+            f"took {took_s:.0f} s", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver
+# ---------------------------------------------------------------------------------------------
+
+
+def run_tests(budget_s: float) -> dict:
+    """The two GPU test runs, each bounded by what is left of ``budget_s``."""
+    runs = {"tests/test_cuda_native.py": ["tests/test_cuda_native.py"],
+            "tests/test_triton.py -k test_gpu_": ["tests/test_triton.py", "-k", "test_gpu_"]}
+    pytest_exe = Path(sys.executable).with_name("pytest")
+    command = [str(pytest_exe)] if pytest_exe.exists() else [sys.executable, "-m", "pytest"]
+    deadline, outcomes = time.monotonic() + budget_s, {}
+    for name, arguments in runs.items():
+        left = deadline - time.monotonic()
+        if left < 10:
+            outcomes[name] = {"problem": f"not run: test budget ({budget_s:.0f} s) spent"}
+            continue
+        progress(f"pytest {name} (at most {left:.0f} s) ...", end="")
+        with tempfile.TemporaryDirectory() as folder:
+            xml = Path(folder) / "junit.xml"
+            started = time.monotonic()
+            try:
+                proc = subprocess.run([*command, *arguments, "-q", "-p", "no:cacheprovider", f"--junitxml={xml}"],
+                                      cwd=REPO_ROOT, env={**os.environ, "ATTNSEG_REQUIRE_NATIVE": "1"},
+                                      capture_output=True, text=True, timeout=left)
+            except subprocess.TimeoutExpired:
+                outcomes[name] = {"problem": f"timed out after {left:.0f} s"}
+                progress(" timed out")
+                continue
+            if not xml.exists():
+                tail = (proc.stdout + proc.stderr).strip().splitlines()[-3:]
+                outcomes[name] = {"problem": f"pytest exited with {proc.returncode}, no report: {' / '.join(tail)}"}
+            else:
+                outcomes[name] = {**parse_junit(xml), "wall_s": time.monotonic() - started}
+        progress(f" {test_summary_line(name, outcomes[name])}")
+    return outcomes
+
+
+def environment_lines(attnseg) -> list[str]:
+    props = torch.cuda.get_device_properties(0)
+    try:
+        import triton
+        triton_version = triton.__version__
+    except Exception as exc:
+        triton_version = f"not importable ({type(exc).__name__})"
+    native = "loaded" if attnseg.native_available() else f"NOT loaded: {attnseg.native_unavailable_reason()}"
+    return [f"GPU: {props.name}, sm_{props.major}{props.minor}, {props.total_memory / GIB:.0f} GiB, "
+            f"{props.multi_processor_count} SMs",
+            f"torch {torch.__version__}, CUDA {torch.version.cuda}, triton {triton_version}",
+            f"attnseg {attnseg.__version__} from {Path(attnseg.__file__).parent} (native extension {native})",
+            f"auto backend on CUDA: {attnseg.available_backends('cuda')['auto']}"]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="GPU tests and a timing table for a lent GPU (< 8 minutes).",
+                                     epilog="See the module docstring for the method and the FLOP convention.")
+    parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "gpu_check.md",
+                        help="the Markdown report (default docs/gpu_check.md)")
+    parser.add_argument("--budget", type=float, default=450.0,
+                        help="seconds for everything, tests included (default 450); cases left read 'not run'")
+    parser.add_argument("--test-budget", type=float, default=150.0, help="seconds for the tests (default 150)")
+    parser.add_argument("--case-timeout", type=float, default=60.0, help="seconds per timed case (default 60)")
+    parser.add_argument("--compile-timeout", type=float, default=180.0,
+                        help="seconds for the first triton case of each op, mode and dtype (default 180)")
+    parser.add_argument("--skip-tests", action="store_true", help="timings only")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the plan and the predicted skips (for --gpu-memory GiB free) and exit")
+    parser.add_argument("--gpu-memory", type=float, default=79.0,
+                        help="free GiB assumed by --dry-run (default 79, an 80 GB H100)")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="default float16,bfloat16,float32")
+    args = parser.parse_args(argv)
+    args.dtypes = [d.strip() for d in args.dtypes.split(",") if d.strip()]
+    unknown = [d for d in args.dtypes if d not in DTYPES]
+    if unknown or not args.dtypes:
+        parser.error(f"--dtypes: unknown {unknown}; choose from {','.join(DTYPES)}")
+    return args
+
+
+def case_timeout(case: Case, args, compiled: set) -> float:
+    """``--case-timeout``, or ``--compile-timeout`` for the first triton case of each (op, mode,
+    dtype): it compiles and autotunes every kept config (later cases find them in Triton's cache)."""
+    if case.impl != "triton" or (case.op, case.mode, case.dtype) in compiled:
+        return args.case_timeout
+    compiled.add((case.op, case.mode, case.dtype))
+    return max(args.case_timeout, args.compile_timeout)
+
+
+def print_plan(cases: list[Case], free_bytes: int) -> None:
+    print(f"{len(cases)} cases, most useful first (free memory assumed: {free_bytes / GIB:.0f} GiB):")
+    for index, case in enumerate(cases, 1):
+        skip = predicted_skip(case, free_bytes)
+        print(f"  {index:3d}. {case.label}" + (f"  -> skipped: {skip}" if skip else ""))
+
+
+def main(argv=None) -> int:
+    """Exit status: 0 all ran, 1 a test or a case failed, 2 no CUDA device."""
+    args = parse_args(argv)
+    cases = plan_cases(args.dtypes)
+    if args.dry_run:
+        print_plan(cases, int(args.gpu_memory * GIB))
+        return 0
+    if not torch.cuda.is_available():
+        built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        print(f"gpu_check: no CUDA device visible to torch {torch.__version__} ({built}); this command needs a "
+              "GPU. `--dry-run` prints the plan.", file=sys.stderr)
+        return 2
+    started = time.monotonic()
+    deadline = started + args.budget
+    attnseg = import_attnseg()
+    environment = environment_lines(attnseg)
+    for line in environment:
+        progress(line)
+    tests = {} if args.skip_tests else run_tests(min(args.test_budget, args.budget / 2))
+    free_bytes, _ = torch.cuda.mem_get_info()  # this process holds a context but no tensors
+    runner = IsolatedRunner(preload=("torch", "attnseg"))
+    results = [CaseResult(case) for case in cases]
+    compiled: set = set()
+    for index, result in enumerate(results, 1):
+        left = deadline - time.monotonic()
+        skip = predicted_skip(result.case, free_bytes)
+        if skip:
+            result.status, result.reason = "skipped", skip
+            continue
+        if left < 5:
+            result.status, result.reason = "not run", f"time budget ({args.budget:.0f} s) spent"
+            continue
+        progress(f"[{index}/{len(results)}] {result.case.label} ...", end="")
+        timeout = case_timeout(result.case, args, compiled)
+        outcome = runner.run(run_case, dataclasses.asdict(result.case), timeout_s=min(timeout, left))
+        if outcome.result is None:
+            result.status, result.reason = "failed", outcome.detail or outcome.failure
+        elif "unsupported" in outcome.result:
+            result.status, result.reason = "unsupported", outcome.result["unsupported"]
+        else:
+            result.status = "ok"
+            result.times_s, result.peak_mib = outcome.result["times_s"], outcome.result["peak_mib"]
+        progress(f" {result.status}" + (f" {result.median_s * 1e3:.3g} ms" if result.median_s else
+                                        f": {result.reason}"))
+    write_report(args.output, environment, tests, results, time.monotonic() - started)
+    print(args.output.read_text())
+    print(f"written to {args.output}")
+    failed_tests = any(o.get("failed") or o.get("errors") or "problem" in o for o in tests.values())
+    return 1 if failed_tests or any(r.status == "failed" for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

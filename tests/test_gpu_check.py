@@ -1,0 +1,156 @@
+"""Tests of the parts of benchmarks/gpu_check.py that run without a GPU: the plan and its predicted
+skips, the FLOP counts, the ratios and the Markdown report, the JUnit parser, and the clear exit
+without CUDA."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+_BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+sys.path.insert(0, str(_BENCHMARKS))  # gpu_check imports _common beside it
+_spec = importlib.util.spec_from_file_location("gpu_check", _BENCHMARKS / "gpu_check.py")
+gc = importlib.util.module_from_spec(_spec)
+sys.modules["gpu_check"] = gc  # dataclasses look their module up while the file executes
+_spec.loader.exec_module(gc)
+
+GIB = 1024**3
+
+
+def test_plan_covers_the_issue_grid_in_priority_order():
+    cases = gc.plan_cases()
+    pam = [c for c in cases if c.op == "pam"]
+    cam = [c for c in cases if c.op == "cam"]
+    assert len(pam) == 2 * 2 * 3 * 2 * 4 and len(cam) == 2 * 2 * 3 * 2 * 3
+    assert {c.n for c in cases} == {9216, 32768} and {c.batch for c in cases} == {1, 8}
+    assert {c.impl for c in pam} == {"native", "triton", "sdpa", "math"}
+    assert len(set(cases)) == len(cases)
+    # fp16 first, fp32 last: a spent budget cuts fp32 rows first
+    order = [c.dtype for c in cases]
+    assert order.index("bfloat16") > max(i for i, d in enumerate(order) if d == "float16")
+    assert cases[0] == gc.Case("pam", "native", "fwd", 9216, 1, "float16")
+
+
+def test_useful_flop_counts():
+    fwd = gc.Case("pam", "native", "fwd", 9216, 8, "float16")
+    assert fwd.useful_flop == 2 * 8 * 9216 * 9216 * (64 + 512)
+    assert gc.Case("pam", "math", "fwd+bwd", 9216, 8, "float16").useful_flop == 3 * fwd.useful_flop
+    cam = gc.Case("cam", "native", "fwd", 32768, 1, "float32")
+    assert cam.useful_flop == 4 * 512 * 512 * 32768
+
+
+def test_math_rows_that_cannot_fit_are_predicted_skipped():
+    free = 79 * GIB
+    big = gc.Case("pam", "math", "fwd+bwd", 32768, 8, "float32")
+    assert gc.math_bytes_needed(big) == 3 * 8 * 32768**2 * 4  # 96 GiB
+    reason = gc.predicted_skip(big, free)
+    assert reason.startswith("would need 96 GiB (3 N×N maps of 32.0 GiB)")
+    assert gc.predicted_skip(gc.Case("pam", "math", "fwd", 32768, 8, "float16"), free) is None  # 32 GiB
+    assert gc.predicted_skip(gc.Case("pam", "native", "fwd+bwd", 32768, 8, "float32"), 1) is None
+    assert gc.predicted_skip(gc.Case("cam", "math", "fwd+bwd", 32768, 8, "float32"), 1) is None
+    skipped = [c for c in gc.plan_cases() if gc.predicted_skip(c, free)]
+    assert skipped == [big]
+
+
+def _result(impl, median_s, status="ok", reason="", **case):
+    fields = {"op": "pam", "mode": "fwd", "n": 9216, "batch": 1, "dtype": "float16", **case}
+    times = [median_s * 2, median_s, median_s * 0.5] if median_s else []
+    return gc.CaseResult(gc.Case(impl=impl, **fields), status, reason, times, 10.0 if median_s else None)
+
+
+def test_table_ratios_compare_rows_of_the_same_case_only():
+    results = [_result("native", 0.01), _result("sdpa", 0.02), _result("math", 0.04),
+               _result("math", 1.0, batch=8), _result("triton", None, "failed", "timed out after 60 s")]
+    rows = gc.table_rows(results)
+    native = rows[0]
+    assert native[:6] == ["PAM", "9,216", "1", "float16", "fwd", "native"]
+    assert native[6] == "10"  # ms
+    assert float(native[7]) == pytest.approx(results[0].case.useful_flop / 0.01 / 1e12, rel=1e-2)
+    assert native[9:] == ["0.25", "0.50"]  # vs math (0.04 s, B = 1, not the B = 8 row), vs sdpa
+    assert rows[2][9:] == ["1.00", "2.00"]
+    assert rows[4][6] == "failed: timed out after 60 s"
+    table = gc.markdown_table(gc.TABLE_HEADER, rows)
+    lines = table.splitlines()
+    assert lines[0].startswith("| op | N |") and lines[1].count("---") == len(gc.TABLE_HEADER)
+    assert all(line.count("|") == len(gc.TABLE_HEADER) + 1 for line in lines)
+
+
+def test_report_is_written_with_environment_tests_and_table(tmp_path):
+    results = [_result("native", 0.01), _result("math", None, "skipped", "would need 96 GiB")]
+    tests = {"tests/test_cuda_native.py": {"passed": 3, "failed": 1, "errors": 0, "skipped": 0,
+                                           "failed_ids": ["t::test_x"], "wall_s": 12.0},
+             "tests/test_triton.py -k test_gpu_": {"problem": "timed out after 90 s"}}
+    path = tmp_path / "sub" / "gpu_check.md"
+    gc.write_report(path, ["GPU: test"], tests, results, 42.0)
+    text = path.read_text()
+    assert "- GPU: test" in text and "3 passed, 1 failed" in text and "failed: `t::test_x`" in text
+    assert "timed out after 90 s" in text and "skipped: would need 96 GiB" in text and "took 42 s" in text
+
+
+def test_parse_junit_counts(tmp_path):
+    xml = tmp_path / "junit.xml"
+    xml.write_text("""<?xml version="1.0"?><testsuites><testsuite name="pytest" tests="4">
+      <testcase classname="tests.a" name="ok"/>
+      <testcase classname="tests.a" name="bad"><failure message="x"/></testcase>
+      <testcase classname="tests.a" name="err"><error message="y"/></testcase>
+      <testcase classname="tests.a" name="skip"><skipped message="needs a CUDA GPU"/></testcase>
+    </testsuite></testsuites>""")
+    counts = gc.parse_junit(xml)
+    assert counts == {"passed": 1, "failed": 1, "errors": 1, "skipped": 1,
+                      "failed_ids": ["tests.a::bad", "tests.a::err"]}
+
+
+def test_dry_run_prints_the_plan():
+    proc = subprocess.run([sys.executable, str(_BENCHMARKS / "gpu_check.py"), "--dry-run", "--dtypes", "float32"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "56 cases" in proc.stdout and "skipped: would need 96 GiB" in proc.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
+def test_without_cuda_it_fails_fast_and_says_why():
+    proc = subprocess.run([sys.executable, str(_BENCHMARKS / "gpu_check.py")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "no CUDA device" in proc.stderr and "--dry-run" in proc.stderr
+
+
+def test_bad_dtype_is_refused():
+    with pytest.raises(SystemExit):
+        gc.parse_args(["--dtypes", "float8"])
+
+
+@pytest.mark.parametrize("op, impl", [("pam", "native"), ("pam", "math"), ("cam", "native"), ("cam", "math")])
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_run_case_measures_small_cases_on_the_cpu(op, impl, mode):
+    pytest.importorskip("attnseg")
+    import attnseg
+
+    if impl == "native" and not attnseg.native_available():
+        pytest.skip("needs the compiled extension")
+    case = gc.Case(op, impl, mode, 40, 2, "float32")
+    measured = gc.run_case(gc.dataclasses.asdict(case), device="cpu")
+    assert 1 <= len(measured["times_s"]) <= gc.REPEATS and all(t > 0 for t in measured["times_s"])
+    assert measured["peak_mib"] >= 0
+
+
+def test_run_case_reports_an_sdpa_refusal_as_unsupported():
+    # the memory-efficient SDPA kernel is CUDA-only: on the CPU forcing it is refused
+    measured = gc.run_case(gc.dataclasses.asdict(gc.Case("pam", "sdpa", "fwd", 40, 1, "float32")), device="cpu")
+    assert set(measured) == {"unsupported"} and "kernel" in measured["unsupported"].lower()
+
+
+def test_first_triton_case_of_each_kind_gets_the_compile_timeout():
+    args = gc.parse_args([])
+    compiled = set()
+    first = gc.Case("pam", "triton", "fwd", 9216, 1, "float16")
+    assert gc.case_timeout(first, args, compiled) == args.compile_timeout
+    assert gc.case_timeout(gc.Case("pam", "triton", "fwd", 32768, 8, "float16"), args, compiled) == args.case_timeout
+    assert gc.case_timeout(gc.Case("pam", "triton", "fwd+bwd", 9216, 1, "float16"), args, compiled) \
+        == args.compile_timeout
+    assert gc.case_timeout(gc.Case("pam", "native", "fwd", 9216, 1, "bfloat16"), args, compiled) == args.case_timeout
