@@ -50,8 +50,10 @@ def main() -> int:
     from attnseg import _ops  # noqa: PLC0415
 
     archs = _ops.native_cuda_architectures()
-    if archs is None:
+    if not _ops.native_cuda_built():
         _line("attnseg CUDA kernels", "not built (CPU kernels only)")
+    elif archs is None:
+        _line("attnseg CUDA kernels", "built in (architectures unknown: no readable .nv_fatbin section)")
     else:
         _line("attnseg CUDA kernels", "built in")
         _line("attnseg CUDA SASS", ", ".join(archs["sass"]) or "none")

@@ -60,8 +60,9 @@ def _load_failure_message(exc: BaseException) -> str:
     if not built:
         return (f"{package_dir} has no compiled extension attnseg._C ({type(exc).__name__}: {exc}); "
                 "reinstall attnseg with `pip install .` from its source")
-    return (f"{type(exc).__name__}: {exc}. If attnseg was built against another torch than the one "
-            f"installed ({torch.__version__}), rebuild against it: `pip install --no-build-isolation .`")
+    rebuild = "pip install --no-build-isolation -e ." if source_tree else "pip install --no-build-isolation ."
+    return (f"{type(exc).__name__}: {exc}. If attnseg was built against another torch (or Python) than the one "
+            f"installed ({torch.__version__}), rebuild against it: `{rebuild}`")
 
 
 try:  # the compiled library registers torch.ops.attnseg.* as a side effect of loading
@@ -162,7 +163,8 @@ def register_attention_autograd(fwd_name: str, bwd_op) -> None:
         with torch.no_grad():  # the kernels are not differentiable: never record them
             grads = bwd_op(grad_out, grad_lse, q, k, v, out, lse, ctx.scale)
         with torch.set_grad_enabled(create_graph):
-            dq, dk, dv = _first_order_only(fwd_name, grads, (grad_out, q, k, v))
+            sources = (grad_out, q, k, v) + ((grad_lse,) if grad_lse is not None else ())
+            dq, dk, dv = _first_order_only(fwd_name, grads, sources)
         return dq, dk, dv, None
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
@@ -249,8 +251,9 @@ def _elf_section(data: bytes, wanted: str) -> tuple[int, int] | None:
     return None
 
 
-def fatbin_architectures(path: str) -> dict[str, list[str]]:
-    """{"sass": ["sm_80", ...], "ptx": ["compute_90", ...]} embedded in the shared library ``path``.
+def fatbin_architectures(path: str) -> dict[str, list[str]] | None:
+    """{"sass": ["sm_80", ...], "ptx": ["compute_90", ...]} embedded in the shared library ``path``
+    (None when it has no ``.nv_fatbin`` section to read, e.g. not an ELF library).
 
     Walks the ``.nv_fatbin`` section: fatbinary headers (magic 0xBA55ED50, header size, size)
     holding entries (kind 1 = PTX, 2 = ELF/SASS; the architecture at byte 28 of each entry
@@ -260,25 +263,57 @@ def fatbin_architectures(path: str) -> dict[str, list[str]]:
         data = f.read()
     sass, ptx = set(), set()
     section = _elf_section(data, ".nv_fatbin")
-    if section is not None:
-        pos, end = section[0], section[0] + section[1]
-        while pos + 16 <= end:
-            magic, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, pos)
-            if magic != _FATBIN_MAGIC:
-                pos += 8  # blobs are 8-byte aligned
-                continue
-            entry, blob_end = pos + header_size, pos + header_size + fat_size
-            while entry + 32 <= blob_end:
-                kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
-                arch = struct.unpack_from("<I", data, entry + 28)[0]
-                (ptx if kind == 1 else sass).add(arch)
-                entry += entry_header + payload
-            pos = blob_end
+    if section is None:
+        return None
+    pos, end = section[0], min(section[0] + section[1], len(data))
+    while pos + 16 <= end:
+        magic, _, header_size, fat_size = struct.unpack_from("<IHHQ", data, pos)
+        if magic != _FATBIN_MAGIC or header_size == 0:
+            pos += 8  # blobs are 8-byte aligned
+            continue
+        entry, blob_end = pos + header_size, min(pos + header_size + fat_size, end)
+        while entry + 32 <= blob_end:
+            kind, _, entry_header, payload = struct.unpack_from("<HHIQ", data, entry)
+            if kind == 0 or entry_header + payload == 0:  # padding or a damaged entry: stop here
+                break
+            arch = struct.unpack_from("<I", data, entry + 28)[0]
+            if kind == 1:
+                ptx.add(arch)
+            elif kind == 2:  # other kinds (LTO IR) are neither
+                sass.add(arch)
+            entry += entry_header + payload
+        pos = max(blob_end, pos + 8)
     return {"sass": [f"sm_{a}" for a in sorted(sass)], "ptx": [f"compute_{a}" for a in sorted(ptx)]}
 
 
 def native_cuda_architectures() -> dict[str, list[str]] | None:
-    """The GPU architectures compiled into attnseg._C (None without the extension's CUDA kernels)."""
+    """The GPU architectures compiled into attnseg._C (None without the extension's CUDA kernels,
+    or when the library's fatbinary cannot be read)."""
     if not native_cuda_built():
         return None
-    return fatbin_architectures(_C.__file__)
+    try:
+        return fatbin_architectures(_C.__file__)
+    except (OSError, struct.error, ValueError):
+        return None
+
+
+_arch_verdicts: dict[tuple[int, int], str | None] = {}
+
+
+def cuda_architecture_mismatch(capability: tuple[int, int]) -> str | None:
+    """None if attnseg's CUDA kernels run on a GPU of ``capability`` (SASS of the same major and a
+    minor at most the device's, or PTX of at most its version to JIT), else why not."""
+    if capability not in _arch_verdicts:
+        archs = native_cuda_architectures()
+        major, minor = capability
+        if archs is None:  # unreadable: let the launch decide (CUDA names a missing image)
+            verdict = None
+        else:
+            sass = [int(a[3:]) for a in archs["sass"]]
+            ptx = [int(a[8:]) for a in archs["ptx"]]
+            runs = any(a // 10 == major and a % 10 <= minor for a in sass) or any(a <= major * 10 + minor for a in ptx)
+            verdict = None if runs else (
+                f"attnseg's CUDA kernels were compiled for {', '.join(archs['sass'] + archs['ptx'])}, which cannot run "
+                f"on this sm_{major}{minor} GPU; rebuild with TORCH_CUDA_ARCH_LIST including {major}.{minor}")
+        _arch_verdicts[capability] = verdict
+    return _arch_verdicts[capability]

@@ -58,7 +58,10 @@ def _native_unavailable(device: torch.device) -> str | None:
             return "attnseg was built without its CUDA kernels (no nvcc or a CPU-only torch at build time)"
         if not torch.cuda.is_available():
             return "the CUDA kernels are built in, but no CUDA device is available (torch.cuda.is_available() is False)"
-        return None
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if not 0 <= index < torch.cuda.device_count():
+            return f"there is no CUDA device {index} ({torch.cuda.device_count()} visible)"
+        return _ops.cuda_architecture_mismatch(torch.cuda.get_device_capability(index))
     return f"no native kernels for device type {device.type!r}"
 
 

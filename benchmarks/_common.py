@@ -159,11 +159,13 @@ class IsolatedRunner:
         holds this process's attnseg, its first sys.path entry finds exactly that package.
         """
         module = sys.modules.get("attnseg") if "attnseg" in preload else None
-        if module is None:
-            multiprocessing.forkserver.ensure_running()
+        locations = list(getattr(getattr(module, "__spec__", None), "submodule_search_locations", None) or [])
+        package_dir = Path(locations[0]) if locations else None
+        if package_dir is None or not package_dir.is_dir():  # not imported, or from a zip: no trick
+            multiprocessing.forkserver.ensure_running()  # (the header's child-import line still checks)
             return
         here = os.getcwd()
-        os.chdir(Path(module.__file__).resolve().parent.parent)
+        os.chdir(package_dir.resolve().parent)
         try:
             multiprocessing.forkserver.ensure_running()
         finally:

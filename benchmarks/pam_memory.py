@@ -551,7 +551,15 @@ def main(argv=None) -> int:
         problem = write_plot(args.plot, planned, args)
         print(f"\nplot not written: {problem}" if problem else f"\nplot written to {args.plot}")
     print(f"\nsweep took {time.perf_counter() - started:.1f} s")
-    return 1 if any(r.status == "failed" for r in planned) else 0
+    if any(r.status == "failed" for r in planned):
+        return 1
+    # CI (ATTNSEG_REQUIRE_NATIVE=1) needs every fused row measured: a fused backend that is
+    # unavailable skips its rows, which must not pass there
+    fused_skipped = [r for r in planned if r.status == "skipped" and not r.case.baseline]
+    if os.environ.get("ATTNSEG_REQUIRE_NATIVE") == "1" and fused_skipped:
+        print(f"\nATTNSEG_REQUIRE_NATIVE=1: {len(fused_skipped)} {args.backend} row(s) were skipped, not measured")
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -245,3 +245,28 @@ def test_license_matches_pyproject():
     license_text = (REPO / "LICENSE").read_text()
     assert license_text.startswith("MIT License")
     assert 'license = { text = "MIT" }' in (REPO / "pyproject.toml").read_text()
+
+
+def test_architecture_rule_follows_sass_major_and_ptx(monkeypatch):
+    from attnseg import _ops
+
+    monkeypatch.setattr(_ops, "native_cuda_architectures",
+                        lambda: {"sass": ["sm_80", "sm_86", "sm_90"], "ptx": []})
+    monkeypatch.setattr(_ops, "_arch_verdicts", {})
+    assert _ops.cuda_architecture_mismatch((8, 0)) is None
+    assert _ops.cuda_architecture_mismatch((8, 9)) is None  # sm_86 SASS runs on sm_89
+    assert _ops.cuda_architecture_mismatch((9, 0)) is None
+    for capability in ((7, 5), (10, 0), (12, 0)):  # T4, B200, RTX 50xx: no image
+        assert "cannot run on this sm_" in _ops.cuda_architecture_mismatch(capability)
+    monkeypatch.setattr(_ops, "native_cuda_architectures",
+                        lambda: {"sass": ["sm_80"], "ptx": ["compute_90"]})
+    monkeypatch.setattr(_ops, "_arch_verdicts", {})
+    assert _ops.cuda_architecture_mismatch((12, 0)) is None  # PTX JIT-compiles for newer GPUs
+    assert _ops.cuda_architecture_mismatch((7, 5)) is not None
+
+
+def test_fatbin_reader_on_a_library_without_cuda_code(tmp_path):
+    not_elf = tmp_path / "lib.so"
+    not_elf.write_bytes(b"not an ELF library")
+    assert attnseg._ops.fatbin_architectures(str(not_elf)) is None
+    assert attnseg._ops.fatbin_architectures(torch._C.__file__) is None  # ELF, no .nv_fatbin section
