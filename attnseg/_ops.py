@@ -31,6 +31,10 @@ def _running_as_cli() -> bool:
     return any(a == "-m" and b in ("attnseg", "attnseg.__main__") for a, b in zip(argv, argv[1:]))
 
 
+def _has_extension(folder: str) -> bool:
+    return bool(glob.glob(os.path.join(folder, "_C*.so")) or glob.glob(os.path.join(folder, "_C*.pyd")))
+
+
 def _installed_copy_elsewhere(package_dir: str) -> str | None:
     """Another ``attnseg`` package on sys.path, with a compiled extension, than ``package_dir``."""
     source_parent = os.path.realpath(os.path.dirname(package_dir))
@@ -39,7 +43,7 @@ def _installed_copy_elsewhere(package_dir: str) -> str | None:
         if folder == source_parent:
             continue
         candidate = os.path.join(folder, "attnseg")
-        if glob.glob(os.path.join(candidate, "_C*.so")) or glob.glob(os.path.join(candidate, "_C*.pyd")):
+        if _has_extension(candidate):
             return candidate
     return None
 
@@ -47,7 +51,7 @@ def _installed_copy_elsewhere(package_dir: str) -> str | None:
 def _load_failure_message(exc: BaseException) -> str:
     """What went wrong and what to do, for the usual causes of a missing attnseg._C."""
     package_dir = os.path.dirname(os.path.abspath(__file__))
-    built = glob.glob(os.path.join(package_dir, "_C*.so")) + glob.glob(os.path.join(package_dir, "_C*.pyd"))
+    built = _has_extension(package_dir)
     source_tree = os.path.isfile(os.path.join(os.path.dirname(package_dir), "setup.py"))
     if not built and source_tree:
         installed = _installed_copy_elsewhere(package_dir)

@@ -589,16 +589,10 @@ NVCC_FLAGS = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo"]
 
 
 def tool(name: str) -> str | None:
-    found = shutil.which(name)
-    if found:
-        return found
-    try:
-        import triton
+    sys.path.insert(0, str(REPO_ROOT))  # the checkout's Python files, as for the Triton sweep
+    from attnseg.triton.offline import nvidia_tool
 
-        bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
-        return str(bundled) if bundled.exists() else None
-    except ImportError:
-        return None
+    return nvidia_tool(name)
 
 
 def _sources_hash() -> str:

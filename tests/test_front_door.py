@@ -212,23 +212,13 @@ def test_cli_in_a_source_tree_prints_the_reason_without_the_warning(tmp_path):
     assert "NOT loaded: attnseg was imported from the source folder" in result.stdout
 
 
-def _cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        import triton  # noqa: PLC0415
-    except Exception:
-        return None
-    candidate = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return str(candidate) if candidate.is_file() else None
-
-
 @pytest.mark.skipif(not attnseg._ops.native_cuda_built(), reason="attnseg was built without its CUDA kernels")
 def test_cli_prints_the_architectures_inside_the_cuda_kernels(tmp_path):
     archs = attnseg._ops.native_cuda_architectures()
     assert archs["sass"], archs
-    tool = _cuobjdump()
+    from attnseg.triton.offline import nvidia_tool  # noqa: PLC0415
+
+    tool = nvidia_tool("cuobjdump")
     if tool is not None:  # the fatbinary reader agrees with NVIDIA's tool
         library = attnseg._C.__file__
         listed = subprocess.run([tool, "--list-elf", "--list-ptx", library], capture_output=True, text=True,

@@ -11,6 +11,7 @@ nor the kernels; every function does, when called, in the mode (interpreter or n
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
@@ -25,6 +26,20 @@ __all__ = ["SHARED_MEMORY", "compile_config", "cuobjdump", "danet_launches", "ke
 SHARED_MEMORY = {80: 166912, 90: 232448}
 
 _PTR_TYPES = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float64: "*fp64"}
+
+
+def nvidia_tool(name: str) -> str | None:
+    """An NVIDIA binary tool (cuobjdump, nvdisasm, cu++filt, ...): the one on PATH, else the copy
+    that ships in Triton's NVIDIA backend, else None."""
+    found = shutil.which(name)
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    bundled = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+    return str(bundled) if bundled.exists() else None
 
 
 def cuobjdump() -> Path:
