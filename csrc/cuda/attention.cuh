@@ -108,7 +108,7 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const Mat<const T>& sr
 // dst (kRows x kCols, fp32/fp64) = X[x0 : x0+kRows, :] · Y[y0 : y0+kCols, :]ᵀ over the full
 // depth X.cols (== Y.cols), in kChunk-wide steps through shared memory. Ends with a barrier.
 template <typename T>
-__device__ void dot_nt(const AttnSmem<T>& sm, typename AttnTiles<T>::acc_t* dst, const Mat<const T>& X, int64_t x0,
+__device__ __forceinline__ void dot_nt(const AttnSmem<T>& sm, typename AttnTiles<T>::acc_t* dst, const Mat<const T>& X, int64_t x0,
                        const Mat<const T>& Y, int64_t y0) {
   using Tiles = AttnTiles<T>;
   using acc_t = typename Tiles::acc_t;
@@ -155,7 +155,7 @@ __device__ void dot_nt(const AttnSmem<T>& sm, typename AttnTiles<T>::acc_t* dst,
 // sm.acc (kRows x kChunk) += sm.op (kRows x kCols) · G[g0 : g0+kCols, gc0 : gc0+kChunk].
 // Starts by staging G in sm.b (so sm.b must be free) and ends with a barrier.
 template <typename T>
-__device__ void accumulate(const AttnSmem<T>& sm, const Mat<const T>& G, int64_t g0, int64_t gc0) {
+__device__ __forceinline__ void accumulate(const AttnSmem<T>& sm, const Mat<const T>& G, int64_t g0, int64_t gc0) {
   using Tiles = AttnTiles<T>;
   using acc_t = typename Tiles::acc_t;
   load_tile<T, Tiles::kThreads>(sm.b, Tiles::kLdIn, G, g0, Tiles::kCols, gc0, Tiles::kChunk);
@@ -196,18 +196,19 @@ __device__ __forceinline__ void zero_accumulator(const AttnSmem<T>& sm) {
   for (int idx = threadIdx.x; idx < Tiles::kRows * Tiles::kLdAcc; idx += Tiles::kThreads) sm.acc[idx] = 0;
 }
 
-// Stores scale · acc[r][d] to out[row0 + r][col0 + d] where that is inside out.
+// Stores scale · acc[r][d] (· row_factor[r] when given) to out[row0 + r][col0 + d] where that is
+// inside out.
 template <typename T>
 __device__ __forceinline__ void store_accumulator(const AttnSmem<T>& sm, const Mat<T>& out, int64_t row0,
                                                   int64_t col0, typename AttnTiles<T>::acc_t scale,
-                                                  const typename AttnTiles<T>::acc_t* row_divisor) {
+                                                  const typename AttnTiles<T>::acc_t* row_factor) {
   using Tiles = AttnTiles<T>;
   for (int idx = threadIdx.x; idx < Tiles::kRows * Tiles::kChunk; idx += Tiles::kThreads) {
     const int r = idx / Tiles::kChunk, d = idx % Tiles::kChunk;
     const int64_t gr = row0 + r, gc = col0 + d;
     if (gr < out.rows && gc < out.cols) {
       typename AttnTiles<T>::acc_t value = sm.acc[r * Tiles::kLdAcc + d] * scale;
-      if (row_divisor) value /= row_divisor[r];
+      if (row_factor) value *= row_factor[r];
       out.at(gr, gc) = Num<T>::from_acc(value);
     }
   }
@@ -246,8 +247,9 @@ __global__ void __launch_bounds__(AttnTiles<T>::kThreads) attention_fwd_kernel(c
   using op_t = typename Tiles::op_t;
   ATTNSEG_DYNAMIC_SMEM(smem_raw);
   const AttnSmem<T> sm(smem_raw);
-  const int64_t b = blockIdx.x / p.q_blocks;
-  const int64_t i0 = (blockIdx.x % p.q_blocks) * Tiles::kRows;
+  // 32-bit division: q_blocks <= gridDim.x (a 64-bit one is a subroutine call)
+  const int64_t b = blockIdx.x / unsigned(p.q_blocks);
+  const int64_t i0 = (blockIdx.x % unsigned(p.q_blocks)) * Tiles::kRows;
   const int64_t d0 = int64_t(blockIdx.y) * Tiles::kChunk;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const Mat<const T> Q = p.Q(b), K = p.K(b), V = p.V(b);
@@ -284,7 +286,11 @@ __global__ void __launch_bounds__(AttnTiles<T>::kThreads) attention_fwd_kernel(c
     accumulate(sm, V, j0, d0);  // O += P V[:, d0 : d0 + kChunk]
   }
   const Mat<T> out{p.out + b * p.o_sb, p.nq, p.ev, p.o_sn, p.o_se};
-  store_accumulator(sm, out, i0, d0, acc_t(1), sm.stat1);
+  // out = O / l as O · (1 / l): one division per row, not one per element (each IEEE division is a
+  // call whose saved registers made a stack frame); l = 0 gives 0 · inf = NaN, as 0 / 0 would.
+  for (int r = threadIdx.x; r < Tiles::kRows; r += Tiles::kThreads) sm.stat2[r] = acc_t(1) / sm.stat1[r];
+  __syncthreads();
+  store_accumulator(sm, out, i0, d0, acc_t(1), sm.stat2);
   if (blockIdx.y == 0) {
     for (int r = threadIdx.x; r < Tiles::kRows; r += Tiles::kThreads) {
       // logsumexp of a row holding +inf is +inf (as torch.logsumexp), not inf + log(NaN)
@@ -394,8 +400,9 @@ __global__ void __launch_bounds__(AttnTiles<T>::kThreads) attention_bwd_dkv_kern
   using op_t = typename Tiles::op_t;
   ATTNSEG_DYNAMIC_SMEM(smem_raw);
   const AttnSmem<T> sm(smem_raw);
-  const int64_t b = blockIdx.x / p.k_blocks;
-  const int64_t c0 = (blockIdx.x % p.k_blocks) * Tiles::kRows;
+  // 32-bit division: k_blocks <= gridDim.x (a 64-bit one is a subroutine call)
+  const int64_t b = blockIdx.x / unsigned(p.k_blocks);
+  const int64_t c0 = (blockIdx.x % unsigned(p.k_blocks)) * Tiles::kRows;
   const bool is_dk = blockIdx.y < p.e_chunks;
   const int64_t col0 = (is_dk ? int64_t(blockIdx.y) : int64_t(blockIdx.y) - p.e_chunks) * Tiles::kChunk;
   const Mat<const T> Q = p.Q(b), K = p.K(b), V = p.V(b), dO = p.dO(b);
@@ -412,7 +419,10 @@ __global__ void __launch_bounds__(AttnTiles<T>::kThreads) attention_bwd_dkv_kern
       const acc_t value = is_dk ? prob * (sm.s2[r * Tiles::kLdS + c] - sm.stat1[c]) : prob;
       sm.op[r * Tiles::kLdOp + c] = convert<op_t>(value);
     }
-    accumulate(sm, is_dk ? Q : dO, i0, col0);
+    // G = Q or dO, chosen field by field: a select of the whole Mat would live in a stack frame.
+    const Mat<const T> G{is_dk ? Q.ptr : dO.ptr, is_dk ? Q.rows : dO.rows, is_dk ? Q.cols : dO.cols,
+                         is_dk ? Q.s_row : dO.s_row, is_dk ? Q.s_col : dO.s_col};
+    accumulate(sm, G, i0, col0);
   }
   if (is_dk) {
     store_accumulator(sm, Mat<T>{p.dk + b * p.dk_sb, p.nk, p.e, p.dk_sn, p.dk_se}, c0, col0, p.scale,
