@@ -15,6 +15,7 @@ import torch
 
 import attnseg
 from attnseg import reference
+import helpers
 from helpers import FP64_TOL, assert_matches_reference, magnitude, max_abs_err
 
 requires_native = pytest.mark.requires_native
@@ -414,21 +415,79 @@ def test_bitwise_deterministic_across_thread_counts():
             assert torch.equal(a, b)
 
 
+def _cpu_capabilities() -> dict:
+    return torch._C._cpu._get_cpu_capability()
+
+
 def _cpu_has_bf16_dot() -> bool:
-    capabilities = torch._C._cpu._get_cpu_capability()
+    capabilities = _cpu_capabilities()
     return bool(capabilities.get("avx512_bf16")) and bool(capabilities.get("avx512_bw"))
 
 
+def _cpu_has_lowp_gemm(dtype) -> bool:
+    """Whether `auto` picks a low-precision GEMM engine for dtype (csrc/cpu/lowp_gemm.h): oneDNN's
+    AMX kernel through ATen's brgemm (AMX-BF16 / AMX-FP16), or the AVX512-BF16 micro-kernel."""
+    capabilities = _cpu_capabilities()
+    if dtype == torch.bfloat16:
+        return bool(capabilities.get("amx_bf16")) or _cpu_has_bf16_dot()
+    return bool(capabilities.get("amx_fp16"))
+
+
 @requires_native
-def test_bf16_takes_bf16_gemms_where_the_cpu_has_bf16_dot_products():
-    """With AVX512-BF16, bf16 inputs go through bf16 GEMMs (P and dS rounded to bf16 before the
-    GEMMs that consume them, so results differ from the fp32 computation of the same bf16
-    inputs); without it they are computed in fp32 as before (bitwise the fp32 kernel rounded)."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_low_precision_takes_low_precision_gemms_where_the_cpu_has_them(dtype):
+    """Where the CPU has bf16 (fp16) dot products with fp32 accumulation, bf16 (fp16) inputs go
+    through GEMMs of that type (P and dS rounded to it before the GEMMs that consume them, so
+    results differ from the fp32 computation of the same inputs); without them they are computed
+    in fp32 as before (bitwise the fp32 kernel rounded)."""
     torch.manual_seed(0)
     q, k, v = torch.randn(1, 300, 64), torch.randn(1, 290, 64), torch.randn(1, 290, 96)
-    q, k, v = (t.bfloat16() for t in (q, k, v))
+    q, k, v = (t.to(dtype) for t in (q, k, v))
     out, lse = torch.ops.attnseg.attention_fwd(q, k, v, 0.125)
     out32, lse32 = torch.ops.attnseg.attention_fwd(q.float(), k.float(), v.float(), 0.125)
-    assert out.dtype == torch.bfloat16 and lse.dtype == torch.float32
-    same = torch.equal(out, out32.bfloat16())
-    assert same != _cpu_has_bf16_dot(), "bf16 took the wrong path for this CPU"
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    same = torch.equal(out, out32.to(dtype))
+    assert same != _cpu_has_lowp_gemm(dtype), "took the wrong path for this CPU"
+
+
+# ATTNSEG_CPU_LOWP_GEMM's engines, each where this CPU runs it (the skip says why not).
+ENGINES = {
+    "brgemm": lambda: bool(_cpu_capabilities().get("amx_bf16")) or "needs AMX-BF16 (oneDNN's AMX GEMM)",
+    "avx512_bf16": lambda: _cpu_has_bf16_dot() or "needs AVX512-BF16",
+    "fp32": lambda: True,
+}
+
+
+@requires_native
+@pytest.mark.parametrize("engine", list(ENGINES))
+@pytest.mark.parametrize("shape", [(2, 37, 300, 64, 96), (1, 300, 513, 17, 512), (1, 1, 1, 1, 1)],
+                         ids=["ragged", "odd-k-ev512", "single"])
+def test_bf16_engines_match_reference(monkeypatch, engine, shape):
+    """Every engine the CPU has meets the flash-attention criterion against fp64, forward and all
+    gradients, on ragged tiles, an odd E (K padding) and a 512-wide Ev (two brgemm panels)."""
+    available = ENGINES[engine]()
+    if available is not True:
+        pytest.skip(available)
+    monkeypatch.setenv("ATTNSEG_CPU_LOWP_GEMM", engine)
+    b, nq, nk, e, ev = shape
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(b, n, w, generator=g).bfloat16() for n, w in ((nq, e), (nk, e), (nk, ev)))
+    run = helpers.autograd_attention(lambda *a: torch.ops.attnseg.attention_fwd(*a))
+    helpers.check_attention_backend(run, q, k, v, e ** -0.5)
+
+
+@requires_native
+@pytest.mark.parametrize("value, message", [("bogus", "must be auto, brgemm, avx512_bf16 or fp32"),
+                                            ("brgemm-fp16", "ATTNSEG_CPU_LOWP_GEMM=brgemm")])
+def test_engine_override_errors_are_clear(monkeypatch, value, message):
+    """An unknown ATTNSEG_CPU_LOWP_GEMM, or an engine this CPU lacks, is an error naming the
+    variable and the choices, not a silent fallback."""
+    dtype = torch.bfloat16
+    if value == "brgemm-fp16":
+        if _cpu_capabilities().get("amx_fp16"):
+            pytest.skip("this CPU has AMX-FP16: brgemm runs fp16")
+        value, dtype = "brgemm", torch.float16
+    monkeypatch.setenv("ATTNSEG_CPU_LOWP_GEMM", value)
+    q = torch.randn(1, 8, 4).to(dtype)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.attnseg.attention_fwd(q, q, q, 0.5)

@@ -232,6 +232,129 @@ def test_flash_forward_is_schedule_independent(emu, dtype, channel_first, nk, ev
             assert torch.equal(a, b), f"differs between the forward and the {name}({seed}) schedule"
 
 
+# ---------------------------------------------------------------------------------------------
+# Flash backward (fp16/bf16, flash_attention_bwd.cuh): dV kernel choice and load paths
+# ---------------------------------------------------------------------------------------------
+
+
+def _flash_bwd_run(emu, do_channel_first, lines):
+    """run(...) for check_attention_backend with grad_out laid out channel-first or contiguous
+    (the same values), appending the backward's launch lines to ``lines``."""
+
+    def run(q, k, v, scale, grad_out, grad_lse):
+        out, lse = emu.attention_fwd(q, k, v, scale)
+        emu.launches()
+        grads = emu.attention_bwd(_layout(grad_out, do_channel_first), grad_lse, q, k, v, out, lse, scale)
+        lines.extend(emu.launches())
+        return (out, lse, *grads)
+
+    return run
+
+
+# (id, dtype, nq, nk, e, ev, channel-first q/k/v/dO, dV kernel template arguments, load paths)
+FLASH_BWD_PATHS = [
+    ("contiguous", torch.float16, 37, 45, 16, 40, (0, 0, 0, 0), "64, 128, false",
+     "k_keys_major=0 k_async=1 q_async=1 do_async=1"),
+    # N multiple of 8: channel-first views copied by cp.async into queries-major smem tiles
+    ("channel-first-aligned", torch.float16, 40, 48, 16, 40, (1, 1, 1, 1), "64, 128, true",
+     "k_keys_major=1 k_async=1 q_async=1 do_async=1"),
+    # odd N: element-wise loads, the same tiles
+    ("channel-first-odd-n", torch.float16, 37, 45, 16, 40, (1, 1, 1, 1), "64, 128, true",
+     "k_keys_major=1 k_async=0 q_async=0 do_async=0"),
+    # q decides the Q/dO tile layout; a contiguous dO then takes element-wise loads
+    ("bf16-channel-first-contiguous-do-ev136", torch.bfloat16, 40, 48, 64, 136, (1, 1, 1, 0), "64, 256, true",
+     "k_keys_major=1 k_async=1 q_async=1 do_async=0"),
+    # DANet's widths, Ev = 512 in two 256 slices, odd Nk
+    ("bf16-contiguous-ev512", torch.bfloat16, 70, 67, 64, 512, (0, 0, 0, 0), "64, 256, false",
+     "k_keys_major=0 k_async=1 q_async=1 do_async=1"),
+    # Nq != Nk, E = 40 padded to 64 (cp.async zero-fills the columns past E)
+    ("nq-ne-nk-e40", torch.float16, 100, 33, 40, 136, (0, 1, 0, 0), "64, 256, false",
+     "k_keys_major=1 k_async=0 q_async=1 do_async=1"),
+]
+
+
+@pytest.mark.parametrize("dtype, nq, nk, e, ev, channel_first, template, paths", [p[1:] for p in FLASH_BWD_PATHS],
+                         ids=[p[0] for p in FLASH_BWD_PATHS])
+def test_flash_backward_dv_load_paths(emu, dtype, nq, nk, e, ev, channel_first, template, paths):
+    """fp16/bf16 with E <= 64 take dV from flash_attention_bwd_dv_kernel on the load path the
+    strides allow, and the old dK/dV kernel only for dK (its grid.y = e_chunks); every path
+    matches the fp64 reference, and dV is bitwise equal to the contiguous inputs' result."""
+    q, k, v = (_layout(t, cf) for t, cf in zip(_attention_inputs(1, nq, nk, e, ev, dtype), channel_first))
+    lines = []
+    result = helpers.check_attention_backend(_flash_bwd_run(emu, channel_first[3], lines), q, k, v, 0.3)
+    type_name = "__half" if dtype == torch.float16 else "__nv_bfloat16"
+    (dv_line,) = [line for line in lines if "flash_attention_bwd_dv_kernel" in line]
+    assert f"flash_attention_bwd_dv_kernel<{type_name}, {template}>" in dv_line and dv_line.endswith(paths), dv_line
+    assert sum("attention_bwd_dkv_kernel<" in line for line in lines) == 1, lines
+    assert result[4].stride() == v.stride()
+    contiguous = helpers.check_attention_backend(_flash_bwd_run(emu, False, []), q.contiguous(), k.contiguous(),
+                                                 v.contiguous(), 0.3)
+    assert torch.equal(result[4], contiguous[4])
+
+
+@pytest.mark.parametrize("dtype, e", [(torch.float32, 16), (torch.float16, 65), (torch.float16, 0)],
+                         ids=["fp32", "fp16-e65", "fp16-e0"])
+def test_old_backward_kernels_take_the_rest(emu, dtype, e):
+    """fp32 (and fp64), E > 64 and E = 0 compute dV in the old dK/dV kernel (host.h's rule)."""
+    q, k, v = _attention_inputs(1, 5, 7, e, 8, dtype)
+    lines = []
+    helpers.check_attention_backend(_flash_bwd_run(emu, False, lines), q, k, v, 0.1)
+    assert not any("flash_attention_bwd" in line for line in lines), lines
+
+
+FLASH_BWD_SCHEDULES = [  # (id, dtype, channel-first, nq, ev): 4 query tiles, so both ring stages are reused
+    ("fp16-channel-first-async", torch.float16, True, 104, 80),
+    ("fp16-channel-first-elementwise", torch.float16, True, 101, 80),
+    ("bf16-contiguous", torch.bfloat16, False, 100, 80),
+    ("fp16-ev-tile-256", torch.float16, False, 97, 264),
+]
+
+
+@pytest.mark.parametrize("dtype, channel_first, nq, ev", [c[1:] for c in FLASH_BWD_SCHEDULES],
+                         ids=[c[0] for c in FLASH_BWD_SCHEDULES])
+def test_flash_backward_is_schedule_independent(emu, dtype, channel_first, nq, ev):
+    """The dV kernel's cp.async ring gives bitwise-identical gradients under every schedule, over
+    several query tiles and key blocks (as test_flash_forward_is_schedule_independent). Planted
+    by hand: without the query loop's cp_async_wait the three cp.async cases here fail (and every
+    case of test_flash_backward_dv_load_paths does, through its contiguous comparison run); the
+    element-wise case passes, as it should."""
+    q, k, v = (_layout(t, channel_first) for t in _attention_inputs(2, nq, 72, 20, ev, dtype))
+    grad_out = _layout(torch.randn(2, nq, ev, generator=torch.Generator().manual_seed(4)).to(dtype), channel_first)
+    out, lse = emu.attention_fwd(q, k, v, 0.4)
+    emu.launches()
+    results = _under_each_schedule(emu, lambda: emu.attention_bwd(grad_out, None, q, k, v, out, lse, 0.4))
+    assert any("flash_attention_bwd_dv_kernel" in line for line in emu.launches())
+    for (name, seed), result in zip(SCHEDULES[1:], results[1:]):
+        for a, b in zip(results[0], result):
+            assert torch.equal(a, b), f"differs between the forward and the {name}({seed}) schedule"
+
+
+def test_ordered_counter_protocol_and_planted_off_by_one(emu):
+    """warp.cuh's acquire/release counter primitives, in the ordered-accumulation protocol of the
+    flash backward's dQ (block j waits for counter == j, adds, releases j + 1): the blocks add in
+    order. Planted off-by-one (block j waits for j + 1, or j - 1): the emulator, which runs blocks
+    in linear order, reports that the wait would deadlock instead of hanging or passing."""
+    assert emu.ordered_counter(7, 0) == 28
+    for skew in (1, -1):
+        with pytest.raises(RuntimeError, match="would deadlock"):
+            emu.ordered_counter(7, skew)
+
+
+def test_emulated_opt_in_shared_memory_limit_is_configurable(emu):
+    """The emulated device's opt-in limit defaults to 99 KiB (sm_86 / sm_89) and can emulate other
+    GPUs; a kernel that opts in beyond it is refused, as cudaFuncSetAttribute refuses it."""
+    assert emu.max_dynamic_smem_optin() == 99 * 1024
+    q, k, v = _attention_inputs(1, 5, 7, 64, 300, torch.float16)  # flash forward, Ev tile 256: 59 KiB
+    try:
+        emu.set_max_dynamic_smem_optin(48 * 1024)
+        assert emu.max_dynamic_smem_optin() == 48 * 1024
+        with pytest.raises(RuntimeError, match="more than the emulated GPU offers"):
+            emu.attention_fwd(q, k, v, 0.1)
+    finally:
+        emu.set_max_dynamic_smem_optin(99 * 1024)
+    emu.attention_fwd(q, k, v, 0.1)
+
+
 def test_host_launchers_check_arguments(emu):
     """The host launchers check what the device ops check (names, shapes, dtypes)."""
     q, k, v = _attention_inputs(1, 4, 5, 8, 6, torch.float32)

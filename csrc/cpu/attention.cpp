@@ -33,7 +33,7 @@
 #include <tuple>
 
 #include "../common/checks.h"
-#include "bf16_gemm.h"
+#include "lowp_gemm.h"
 #include "row_ops.h"
 
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
@@ -228,86 +228,89 @@ void attention_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& delta, c
   }
 }
 
-#if ATTNSEG_HAVE_BF16_GEMM
 // ---------------------------------------------------------------------------------------------
-// bf16 inputs on a CPU with bf16 dot products (AVX512-BF16): every product is a bf16 GEMM with
-// fp32 accumulation and an fp32 result (bf16_gemm.h), as flash-attention does on GPUs. Logits,
-// the softmax statistics, lse, dP and the accumulators of O, dQ, dK, dV are fp32; P and dS are
-// rounded to bf16 right before the GEMMs that consume them. The same tiles, tasks and dQ groups
-// as the fp32 kernels above. The operands are arranged once per call (O(N·(E + Ev)) bf16):
-// the A operands row-major with K even (zero-padded), the B operands pair-packed in panels.
+// bf16 (or fp16) inputs on a CPU with a low-precision GEMM engine (lowp_gemm.h: AMX through
+// ATen's brgemm, or our AVX512-BF16 micro-kernel): every product is a GEMM of T operands with
+// fp32 accumulation and an fp32 result, as flash-attention does on GPUs. Logits, the softmax
+// statistics, lse, dP and the accumulators of O, dQ, dK, dV are fp32; P and dS are rounded to T
+// right before the GEMMs that consume them. The same tiles, tasks and dQ groups as the fp32
+// kernels above. The operands are arranged once per call (O(N·(E + Ev)) elements of T): the A
+// operands row-major with K even (zero-padded), the B operands pair-packed in the engine's panels.
 // ---------------------------------------------------------------------------------------------
 
-// t [B, rows, cols] -> contiguous bf16 [B, rows, cols rounded up to even], zero-padded: an A operand.
-at::Tensor bf16_rows(const at::Tensor& t) {
-  return at::constant_pad_nd(t.to(at::kBFloat16), {0, t.size(2) & 1}).contiguous();
+// t [B, rows, cols] -> contiguous [B, rows, cols rounded up to even] of `dtype`, zero-padded: an A operand.
+at::Tensor lowp_rows(const at::Tensor& t, at::ScalarType dtype) {
+  return at::constant_pad_nd(t.to(dtype), {0, t.size(2) & 1}).contiguous();
 }
 
 // The B operand of a product whose K runs over the rows of t [B, rows, cols], pair-packed in
-// panels (bf16_gemm.h): [B, ceil(cols / 64), ceil(rows / 2), 64, 2], zero-padded.
+// panels of `width` columns (lowp_gemm.h): [B, ceil(cols / width), ceil(rows / 2), width, 2], zero-padded.
 struct PackedB {
   at::Tensor data;
-  int64_t panel_stride;  // words
-  explicit PackedB(const at::Tensor& t) {
+  int64_t panel_stride, width;  // words between panels; columns per panel
+  PackedB(const at::Tensor& t, at::ScalarType dtype, int64_t width_) : width(width_) {
     const int64_t rows = t.size(1), cols = t.size(2);
-    const int64_t pad_cols = ceil_div(cols, kPanel) * kPanel - cols;
-    const at::Tensor padded = at::constant_pad_nd(t.to(at::kBFloat16), {0, pad_cols, 0, rows & 1});
-    const int64_t pairs = padded.size(1) / 2, panels = padded.size(2) / kPanel;
-    data = padded.view({t.size(0), pairs, 2, panels, kPanel}).permute({0, 3, 1, 4, 2}).contiguous();
-    panel_stride = pairs * kPanel;
+    const int64_t pad_cols = ceil_div(cols, width) * width - cols;
+    const at::Tensor padded = at::constant_pad_nd(t.to(dtype), {0, pad_cols, 0, rows & 1});
+    const int64_t pairs = padded.size(1) / 2, panels = padded.size(2) / width;
+    data = padded.view({t.size(0), pairs, 2, panels, width}).permute({0, 3, 1, 4, 2}).contiguous();
+    panel_stride = pairs * width;
   }
-  // The operand from row k0 (even) of K and column n0 (a multiple of 64) on, in batch b.
-  const uint32_t* words(int64_t b, int64_t k0, int64_t n0) const {
-    return reinterpret_cast<const uint32_t*>(data.data_ptr<c10::BFloat16>()) + b * (data.stride(0) / 2) +
-           (n0 / kPanel) * panel_stride + (k0 / 2) * kPanel;
+  // The operand from row k0 (even) of K and column n0 (a multiple of width) on, in batch b.
+  PackedRef at(int64_t b, int64_t k0, int64_t n0) const {
+    const auto* base = reinterpret_cast<const uint32_t*>(data.data_ptr()) + b * (data.stride(0) / 2);
+    return {base + (n0 / width) * panel_stride + (k0 / 2) * width, panel_stride, width};
   }
 };
 
 // Batch b of a contiguous tensor (no per-tile Tensor views in the loops).
 template <typename T>
 T* batch_ptr(const at::Tensor& t, int64_t b) { return t.data_ptr<T>() + b * t.stride(0); }
-const c10::BFloat16* bf16_ptr(const at::Tensor& t, int64_t b) { return batch_ptr<c10::BFloat16>(t, b); }
+template <typename T>
+const T* lowp_ptr(const at::Tensor& t, int64_t b) { return reinterpret_cast<const T*>(t.data_ptr()) + b * t.stride(0); }
 uint32_t* words_ptr(at::Tensor& t) { return reinterpret_cast<uint32_t*>(t.data_ptr<int32_t>()); }
-uint16_t* bits_ptr(at::Tensor& t) { return reinterpret_cast<uint16_t*>(t.data_ptr<c10::BFloat16>()); }
 
-// out: bf16 [B, Nq, Ev] contiguous; lse: fp32 [B, Nq].
-void attention_fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale_d,
-                        at::Tensor& out, at::Tensor& lse) {
+// out: T [B, Nq, Ev] contiguous; lse: fp32 [B, Nq].
+template <typename T>
+void attention_fwd_lowp(const LowpGemm<T>& gemm, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                        double scale_d, at::Tensor& out, at::Tensor& lse) {
   const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1), ev = v.size(2);
   const int64_t q_blocks = ceil_div(nq, kBlockM);
   const float scale = static_cast<float>(scale_d);
-  const at::Tensor q_rows = bf16_rows(q);        // A of S = Q Kᵀ:  [B, Nq, E2]
-  const PackedB k_t(k.transpose(1, 2));         // B of S:         Kᵀ
-  const PackedB v_pairs(v);                      // B of O += P V:  V
+  const at::ScalarType dtype = q.scalar_type();
+  const at::Tensor q_rows = lowp_rows(q, dtype);                                  // A of S = Q Kᵀ:  [B, Nq, E2]
+  const PackedB k_t(k.transpose(1, 2), dtype, gemm.panel_width(std::min(nk, kBlockN)));  // B of S: Kᵀ
+  const PackedB v_pairs(v, dtype, gemm.panel_width(ev));                         // B of O += P V:  V
   const int64_t e2 = q_rows.size(2);
   const auto f32 = q.options().dtype(at::kFloat);
   float* lse_ptr = lse.data_ptr<float>();
 
   struct Scratch {
-    at::Tensor scores, probs, acc;  // fp32 S tile, bf16 P tile (K padded to even), fp32 O accumulator
+    at::Tensor scores, probs, acc;  // fp32 S tile, T P tile (K padded to even), fp32 O accumulator
     std::vector<float> row_max, row_sum;
   };
   const auto make_scratch = [&] {
-    return Scratch{at::empty({kBlockM * kBlockN}, f32), at::empty({kBlockM * (kBlockN + 1)}, q.options().dtype(at::kBFloat16)),
+    return Scratch{at::empty({kBlockM * kBlockN}, f32), at::empty({kBlockM * (kBlockN + 1)}, q.options()),
                    at::empty({kBlockM * ev}, f32), std::vector<float>(kBlockM), std::vector<float>(kBlockM)};
   };
   parallel_tasks(batch * q_blocks, make_scratch, [&](Scratch& scratch, int64_t task) {
     const int64_t b = task / q_blocks;
     const int64_t i0 = (task % q_blocks) * kBlockM, bm = std::min(kBlockM, nq - i0);
-    float* s = scratch.scores.data_ptr<float>();
-    float* acc = scratch.acc.data_ptr<float>();
+    float* s = scratch.scores.template data_ptr<float>();
+    float* acc = scratch.acc.template data_ptr<float>();
+    T* probs = reinterpret_cast<T*>(scratch.probs.data_ptr());
     std::fill(acc, acc + bm * ev, 0.0f);
     std::fill(scratch.row_max.begin(), scratch.row_max.end(), -std::numeric_limits<float>::infinity());
     std::fill(scratch.row_sum.begin(), scratch.row_sum.end(), 0.0f);
-    const c10::BFloat16* q_i = bf16_ptr(q_rows, b) + i0 * e2;
+    const T* q_i = lowp_ptr<T>(q_rows, b) + i0 * e2;
     for (int64_t j0 = 0; j0 < nk; j0 += kBlockN) {
       const int64_t bn = std::min(kBlockN, nk - j0), bn2 = bn + (bn & 1);
-      bf16_gemm(bm, bn, e2, q_i, e2, k_t.words(b, 0, j0), k_t.panel_stride, s, bn, 1.0f, false);
+      gemm(bm, bn, e2, q_i, e2, k_t.at(b, 0, j0), s, bn, false);
       online_softmax_rows(s, bm, bn, scale, scratch.row_max.data(), scratch.row_sum.data(), acc, ev);
-      round_rows_to_bf16(s, bm, bn, bn, bits_ptr(scratch.probs), bn2);
-      bf16_gemm(bm, ev, bn2, scratch.probs.data_ptr<c10::BFloat16>(), bn2, v_pairs.words(b, j0, 0),
-                v_pairs.panel_stride, acc, ev, 1.0f, true);
+      gemm.round_rows(s, bm, bn, bn, probs, bn2);
+      gemm(bm, ev, bn2, probs, bn2, v_pairs.at(b, j0, 0), acc, ev, true);
     }
+    gemm.release();
     normalize_rows(acc, bm, ev, scratch.row_max.data(), scratch.row_sum.data(), lse_ptr + b * nq + i0);
     out[b].narrow(0, i0, bm).copy_(scratch.acc.narrow(0, 0, bm * ev).view({bm, ev}));
   });
@@ -315,22 +318,26 @@ void attention_fwd_bf16(const at::Tensor& q, const at::Tensor& k, const at::Tens
 
 // delta, lse: fp32 [B, Nq] contiguous; dq: fp32 [B, Nq, E]; dk_t: fp32 [B, E, Nk]; dv_t: fp32 [B, Ev, Nk] (zeroed;
 // dK and dV are accumulated transposed, dKᵀ = Qᵀ dS and dVᵀ = dOᵀ P, so that their B operands are
-// P and dS pair-packed over the query rows, which the tile loop writes directly).
-void attention_bwd_bf16(const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& q,
-                        const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse, double scale_d,
-                        at::Tensor& dq, at::Tensor& dk_t, at::Tensor& dv_t) {
+// P and dS pair-packed over the query rows, which the tile loop writes directly). dq and dk_t come
+// back unscaled (Σ dS K, Σ Qᵀ dS): the caller multiplies them by the scale once.
+template <typename T>
+void attention_bwd_lowp(const LowpGemm<T>& gemm, const at::Tensor& grad_out, const at::Tensor& delta,
+                        const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
+                        double scale_d, at::Tensor& dq, at::Tensor& dk_t, at::Tensor& dv_t) {
   const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1), e = q.size(2), ev = v.size(2);
   const int64_t k_blocks = ceil_div(nk, kBlockN);
   const int64_t groups = std::min(k_blocks, std::max<int64_t>(1, ceil_div(kBackwardTasks, batch)));
   const int64_t chunk_rows = std::min(nq, kBackwardChunk);
   const float scale = static_cast<float>(scale_d);
-  const at::Tensor q_rows = bf16_rows(q);                       // A of S = Q Kᵀ:     [B, Nq, E2]
-  const PackedB k_t(k.transpose(1, 2));                         // B of S:            Kᵀ
-  const at::Tensor do_rows = bf16_rows(grad_out);               // A of dP = dO Vᵀ:   [B, Nq, Ev2]
-  const PackedB v_t(v.transpose(1, 2));                         // B of dP:           Vᵀ
-  const at::Tensor do_t = bf16_rows(grad_out.transpose(1, 2));  // A of dVᵀ = dOᵀ P:  [B, Ev, Nq2]
-  const at::Tensor q_t = bf16_rows(q.transpose(1, 2));          // A of dKᵀ = Qᵀ dS:  [B, E, Nq2]
-  const PackedB k_pairs(k);                                     // B of dQ = dS K:    K
+  const at::ScalarType dtype = q.scalar_type();
+  const int64_t key_width = gemm.panel_width(std::min(nk, kBlockN));
+  const at::Tensor q_rows = lowp_rows(q, dtype);                       // A of S = Q Kᵀ:     [B, Nq, E2]
+  const PackedB k_t(k.transpose(1, 2), dtype, key_width);              // B of S:            Kᵀ
+  const at::Tensor do_rows = lowp_rows(grad_out, dtype);               // A of dP = dO Vᵀ:   [B, Nq, Ev2]
+  const PackedB v_t(v.transpose(1, 2), dtype, key_width);              // B of dP:           Vᵀ
+  const at::Tensor do_t = lowp_rows(grad_out.transpose(1, 2), dtype);  // A of dVᵀ = dOᵀ P:  [B, Ev, Nq2]
+  const at::Tensor q_t = lowp_rows(q.transpose(1, 2), dtype);          // A of dKᵀ = Qᵀ dS:  [B, E, Nq2]
+  const PackedB k_pairs(k, dtype, gemm.panel_width(e));                // B of dQ = dS K:    K
   const int64_t e2 = q_rows.size(2), ev2 = do_rows.size(2), nq2 = do_t.size(2);
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor dq_partial = groups > 1 ? at::empty({groups - 1, batch, chunk_rows, e}, f32) : at::Tensor();
@@ -341,10 +348,9 @@ void attention_bwd_bf16(const at::Tensor& grad_out, const at::Tensor& delta, con
     at::Tensor p, dp, p_pairs, ds_pairs, ds_rows;
   };
   const auto make_scratch = [&] {
-    const int64_t tile = kBlockM * kBlockN, pair_words = pair_packed_words(kBlockM, kBlockN);
+    const int64_t tile = kBlockM * kBlockN, pair_words = pair_packed_words(kBlockM, kBlockN, key_width);
     return Scratch{at::empty({tile}, f32), at::empty({tile}, f32), at::empty({pair_words}, f32.dtype(at::kInt)),
-                   at::empty({pair_words}, f32.dtype(at::kInt)),
-                   at::empty({kBlockM * (kBlockN + 1)}, f32.dtype(at::kBFloat16))};
+                   at::empty({pair_words}, f32.dtype(at::kInt)), at::empty({kBlockM * (kBlockN + 1)}, q.options())};
   };
   for (int64_t c0 = 0; c0 < nq; c0 += chunk_rows) {
     const int64_t c_rows = std::min(chunk_rows, nq - c0);
@@ -354,41 +360,46 @@ void attention_bwd_bf16(const at::Tensor& grad_out, const at::Tensor& delta, con
       float* dq_chunk = g == 0 ? batch_ptr<float>(dq, b) + c0 * e : dq_partial[g - 1][b].data_ptr<float>();
       float* dk_t_b = batch_ptr<float>(dk_t, b);
       float* dv_t_b = batch_ptr<float>(dv_t, b);
-      float* p = t.p.data_ptr<float>();
-      float* dp = t.dp.data_ptr<float>();
+      float* p = t.p.template data_ptr<float>();
+      float* dp = t.dp.template data_ptr<float>();
+      T* ds_rows = reinterpret_cast<T*>(t.ds_rows.data_ptr());
       const int64_t kb_begin = g * k_blocks / groups, kb_end = (g + 1) * k_blocks / groups;
       for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
         const int64_t j0 = kb * kBlockN, bn = std::min(kBlockN, nk - j0), bn2 = bn + (bn & 1);
         for (int64_t i0 = c0; i0 < c0 + c_rows; i0 += kBlockM) {
           const int64_t bm = std::min(kBlockM, c0 + c_rows - i0), bm2 = bm + (bm & 1);
-          const int64_t tile_panel_stride = (bm2 / 2) * kPanel;  // of the P and dS pairs
-          bf16_gemm(bm, bn, e2, bf16_ptr(q_rows, b) + i0 * e2, e2, k_t.words(b, 0, j0), k_t.panel_stride, p, bn, 1.0f,
-                    false);
+          gemm(bm, bn, e2, lowp_ptr<T>(q_rows, b) + i0 * e2, e2, k_t.at(b, 0, j0), p, bn, false);
           for (int64_t r = 0; r < bm; ++r) recompute_probabilities(p + r * bn, bn, scale, lse_ptr[b * nq + i0 + r]);
-          pack_row_pairs_bf16(p, bm, bn, bn, words_ptr(t.p_pairs));
-          bf16_gemm(ev, bn, bm2, bf16_ptr(do_t, b) + i0, nq2, words_ptr(t.p_pairs), tile_panel_stride,
-                    dv_t_b + j0, nk, 1.0f, true);
-          bf16_gemm(bm, bn, ev2, bf16_ptr(do_rows, b) + i0 * ev2, ev2, v_t.words(b, 0, j0), v_t.panel_stride, dp, bn,
-                    1.0f, false);
+          const PackedRef p_pairs = gemm.pack_pairs(p, bm, bn, bn, words_ptr(t.p_pairs));
+          gemm(ev, bn, bm2, lowp_ptr<T>(do_t, b) + i0, nq2, p_pairs, dv_t_b + j0, nk, true);
+          gemm(bm, bn, ev2, lowp_ptr<T>(do_rows, b) + i0 * ev2, ev2, v_t.at(b, 0, j0), dp, bn, false);
           for (int64_t r = 0; r < bm; ++r) softmax_grad_row(p + r * bn, dp + r * bn, bn, delta_ptr[b * nq + i0 + r]);
-          pack_row_pairs_bf16(dp, bm, bn, bn, words_ptr(t.ds_pairs));
-          round_rows_to_bf16(dp, bm, bn, bn, bits_ptr(t.ds_rows), bn2);
-          bf16_gemm(e, bn, bm2, bf16_ptr(q_t, b) + i0, nq2, words_ptr(t.ds_pairs), tile_panel_stride,
-                    dk_t_b + j0, nk, scale, true);
-          bf16_gemm(bm, e, bn2, t.ds_rows.data_ptr<c10::BFloat16>(), bn2, k_pairs.words(b, j0, 0),
-                    k_pairs.panel_stride, dq_chunk + (i0 - c0) * e, e, scale, true);
+          const PackedRef ds_pairs = gemm.pack_pairs(dp, bm, bn, bn, words_ptr(t.ds_pairs));
+          gemm.round_rows(dp, bm, bn, bn, ds_rows, bn2);
+          gemm(e, bn, bm2, lowp_ptr<T>(q_t, b) + i0, nq2, ds_pairs, dk_t_b + j0, nk, true);
+          gemm(bm, e, bn2, ds_rows, bn2, k_pairs.at(b, j0, 0), dq_chunk + (i0 - c0) * e, e, true);
         }
       }
+      gemm.release();
     });
     for (int64_t g = 1; g < groups; ++g) {
       dq.narrow(1, c0, c_rows).add_(dq_partial[g - 1].narrow(1, 0, c_rows));
     }
   }
 }
-#endif  // ATTNSEG_HAVE_BF16_GEMM
 
-// bf16 inputs take the bf16-GEMM kernels where the CPU has bf16 dot products.
-bool use_bf16_gemm(const at::Tensor& q) { return q.scalar_type() == at::kBFloat16 && cpu_has_bf16_dot(); }
+// The engine for q's type, or kNone: bf16/fp16 inputs are then computed in fp32.
+LowpEngine engine_for(const at::Tensor& q) { return lowp_engine(q.scalar_type()); }
+
+// Runs fn(LowpGemm<T>{engine}) with T the C++ type of dtype (bf16 or fp16).
+template <typename Fn>
+void with_lowp_gemm(at::ScalarType dtype, LowpEngine engine, const Fn& fn) {
+  if (dtype == at::kBFloat16) {
+    fn(LowpGemm<c10::BFloat16>{engine});
+  } else {
+    fn(LowpGemm<c10::Half>{engine});
+  }
+}
 
 // fp16/bf16 inputs are computed in fp32 (the accumulation type); fp32/fp64 run as they are.
 at::Tensor compute_view(const at::Tensor& t) {
@@ -402,9 +413,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
   check_attention_inputs(q_in, k_in, v_in, "attnseg::attention_fwd");
   TORCH_CHECK(q_in.device().is_cpu(), "attnseg::attention_fwd: the CPU kernel got tensors on ", q_in.device());
-  const bool bf16_gemms = use_bf16_gemm(q_in);
-  const at::Tensor q = bf16_gemms ? q_in : compute_view(q_in), k = bf16_gemms ? k_in : compute_view(k_in),
-                   v = bf16_gemms ? v_in : compute_view(v_in);
+  const LowpEngine engine = engine_for(q_in);
+  const bool lowp = engine != LowpEngine::kNone;
+  const at::Tensor q = lowp ? q_in : compute_view(q_in), k = lowp ? k_in : compute_view(k_in),
+                   v = lowp ? v_in : compute_view(v_in);
   const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1), ev = v.size(2);
   at::Tensor out = at::empty({batch, nq, ev}, q.options());
   at::Tensor lse = at::empty({batch, nq}, q.options().dtype(stats_dtype(q.scalar_type())));
@@ -412,12 +424,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
     out.zero_();
     lse.fill_(-std::numeric_limits<double>::infinity());
   } else if (out.numel() > 0 || lse.numel() > 0) {
-#if ATTNSEG_HAVE_BF16_GEMM
-    if (bf16_gemms) {
-      attention_fwd_bf16(q, k, v, scale, out, lse);
+    if (lowp) {
+      with_lowp_gemm(q.scalar_type(), engine, [&](const auto& gemm) { attention_fwd_lowp(gemm, q, k, v, scale, out, lse); });
       return {out, lse};
     }
-#endif
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd_cpu",
                                [&] { attention_fwd_kernel<scalar_t>(q, k, v, scale, out, lse); });
   }
@@ -454,19 +464,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   const int64_t batch = q_in.size(0), nq = q_in.size(1), nk = k_in.size(1);
   const bool run = batch > 0 && nq > 0 && nk > 0;  // E = 0 still has uniform attention
   const auto dtype = q_in.scalar_type();
-#if ATTNSEG_HAVE_BF16_GEMM
-  if (use_bf16_gemm(q_in)) {
+  const LowpEngine engine = engine_for(q_in);
+  if (engine != LowpEngine::kNone) {
     const at::Tensor delta = softmax_delta(grad_out_in, out_in, grad_lse_in, at::kFloat);
     const auto f32 = q_in.options().dtype(at::kFloat);
     at::Tensor dq = at::zeros({batch, nq, q_in.size(2)}, f32);
     at::Tensor dk_t = at::zeros({batch, k_in.size(2), nk}, f32);
     at::Tensor dv_t = at::zeros({batch, v_in.size(2), nk}, f32);
-    if (run) attention_bwd_bf16(grad_out_in, delta, q_in, k_in, v_in, lse_in.contiguous(), scale, dq, dk_t, dv_t);
+    if (run) {
+      with_lowp_gemm(dtype, engine, [&](const auto& gemm) {
+        attention_bwd_lowp(gemm, grad_out_in, delta, q_in, k_in, v_in, lse_in.contiguous(), scale, dq, dk_t, dv_t);
+      });
+      dq.mul_(scale);
+      dk_t.mul_(scale);
+    }
     // Gradients in the inputs' layouts (empty_like rules, as the fake kernel).
     return {at::empty_like(q_in).copy_(dq), at::empty_like(k_in).copy_(dk_t.transpose(1, 2)),
             at::empty_like(v_in).copy_(dv_t.transpose(1, 2))};
   }
-#endif
   const at::Tensor q = compute_view(q_in), k = compute_view(k_in), v = compute_view(v_in);
   const auto compute_dtype = q.scalar_type();
   const at::Tensor grad_out = gemm_ready(grad_out_in.to(compute_dtype));

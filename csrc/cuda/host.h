@@ -6,6 +6,7 @@
 // A Launch policy provides:
 //   void check_device(const at::Tensor& t, const char* op, const char* name);
 //   template <class Kernel> void set_max_dynamic_smem(Kernel, size_t bytes);  // opt in above 48 KiB
+//   size_t max_dynamic_smem_optin();  // the most set_max_dynamic_smem may ask for on this device
 //   template <class Kernel, class... Args> void operator()(Kernel, dim3 grid, dim3 block, size_t smem, Args...);
 //   at::Tensor gemm(const at::Tensor& a, const at::Tensor& b);  // batched a·b in the accumulation type (CAM)
 #pragma once
@@ -24,6 +25,7 @@
 #include "attention.cuh"
 #include "channel_attention.cuh"
 #include "flash_attention.cuh"
+#include "flash_attention_bwd.cuh"
 
 namespace attnseg::cuda {
 
@@ -207,6 +209,68 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(Launch& launch, const at::
   return {out, lse};
 }
 
+// ---- backward kernel choice ---------------------------------------------------------------------
+//
+// fp16/bf16 with 1 <= E <= 64 (padded to 64) and Ev >= 1 take dV from flash_attention_bwd_dv_kernel
+// (tensor cores, flash_attention_bwd.cuh), for every stride pattern (cp.async per operand where its
+// layout allows, as the forward); dK and dQ still come from the old kernels, the dK/dV kernel then
+// launched for its dK slices only. Everything else (fp32, fp64, E > 64, offsets inside a tile past
+// 32 bits) runs the old kernels of attention.cuh for all three gradients.
+
+template <typename T>
+bool flash_bwd_dv_applies(const AttnBwdParams<T>& p) {
+  const int64_t int_limit = std::numeric_limits<int32_t>::max() - 256;
+  return p.e >= 1 && p.e <= 64 && p.ev >= 1 && p.nq <= int_limit && p.nk <= int_limit && p.ev <= int_limit &&
+         tile_offsets_fit_int32(64, p.k_sn, 64, p.k_se) && tile_offsets_fit_int32(32, p.q_sn, 64, p.q_se) &&
+         tile_offsets_fit_int32(32, p.do_sn, 256, p.do_se);
+}
+
+template <typename T, int kEvTile, bool kQueriesMajor, class Launch>
+void launch_flash_bwd_dv(Launch& launch, FlashBwdParams<T> p, int64_t batch, const char* op) {
+  using Tiles = FlashBwdDvTiles<64, kEvTile, kQueriesMajor>;
+  p.dv_k_blocks = ceil_div(p.nk, Tiles::kBlockN);
+  // operand strides as (row, col) of its smem tile; col is the contiguous smem axis
+  const int64_t k_row = p.k_keys_major ? p.k_se : p.k_sn, k_col = p.k_keys_major ? p.k_sn : p.k_se;
+  const int64_t q_row = kQueriesMajor ? p.q_se : p.q_sn, q_col = kQueriesMajor ? p.q_sn : p.q_se;
+  const int64_t do_row = kQueriesMajor ? p.do_se : p.do_sn, do_col = kQueriesMajor ? p.do_sn : p.do_se;
+  p.k_async = cp_async_ok(p.k, p.k_sb, k_row, k_col);
+  p.q_async = cp_async_ok(p.q, p.q_sb, q_row, q_col);
+  p.do_async = cp_async_ok(p.grad_out, p.do_sb, do_row, do_col);
+  const auto kernel = flash_attention_bwd_dv_kernel<T, 64, kEvTile, kQueriesMajor>;
+  const dim3 grid(grid_dim_checked(batch * p.dv_k_blocks, kGridX, op, "B x ceil(Nk / 64)"),
+                  grid_dim_checked(ceil_div(p.ev, kEvTile), kGridYZ, op, "Ev"));
+  launch.set_max_dynamic_smem(kernel, Tiles::kSmemBytes);
+  launch(kernel, grid, dim3(Tiles::kThreads), Tiles::kSmemBytes, p);
+}
+
+// Runs the flash dV kernel if the rule above takes it; false: the old dK/dV kernel computes dV.
+// Ev in one 128-wide slice when it fits, else 256-wide slices; the Q/dO tile layout from q's strides.
+template <typename T, class Launch>
+bool try_flash_bwd_dv(Launch& launch, const AttnBwdParams<T>& base, int64_t batch, const char* op) {
+  if constexpr (Num<T>::kTensorCores) {
+    if (!flash_bwd_dv_applies(base)) return false;
+    FlashBwdParams<T> p{};
+    static_cast<AttnBwdParams<T>&>(p) = base;
+    p.k_keys_major = keys_major(p.k_sn, p.k_se);
+    const bool q_keys_major = keys_major(p.q_sn, p.q_se);
+    auto with_ev_tile = [&](auto ev_tile) {
+      constexpr int kEvTile = decltype(ev_tile)::value;
+      if (q_keys_major) {
+        launch_flash_bwd_dv<T, kEvTile, true>(launch, p, batch, op);
+      } else {
+        launch_flash_bwd_dv<T, kEvTile, false>(launch, p, batch, op);
+      }
+    };
+    if (p.ev <= 128) {
+      with_ev_tile(std::integral_constant<int, 128>{});
+    } else {
+      with_ev_tile(std::integral_constant<int, 256>{});
+    }
+    return true;
+  }
+  return false;
+}
+
 template <class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch, const at::Tensor& grad_out,
                                                                   const std::optional<at::Tensor>& grad_lse,
@@ -260,7 +324,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch
                   grid_dim_checked(p.e_chunks, kGridYZ, op, "E")),
              block, Tiles::kSmemBytes, p);
     }
-    const int64_t kv_chunks = p.e_chunks + ceil_div(ev, Tiles::kChunk);
+    // dK: blockIdx.y < e_chunks of the old dK/dV kernel; dV: its other slices, or the flash kernel.
+    const bool flash_dv = try_flash_bwd_dv(launch, p, batch, op);
+    const int64_t kv_chunks = p.e_chunks + (flash_dv ? 0 : ceil_div(ev, Tiles::kChunk));
     if (kv_chunks > 0) {
       launch(attention_bwd_dkv_kernel<T>,
              dim3(grid_dim_checked(batch * p.k_blocks, kGridX, op, "B x ceil(Nk / 32)"),

@@ -32,6 +32,15 @@
 // cp_async_commit(): closes this thread's pending copies into a group (cp.async.commit_group).
 // cp_async_wait<N>(): waits until at most N of this thread's most recent groups are pending
 // (cp.async.wait_group N); N = 0 waits for all.
+//
+// Cross-block ordering (the flash backward's ordered dQ accumulation, docs/flash_backward_design.md):
+// ld_acquire_gpu(p) / st_release_gpu(p, v): a 32-bit global load with acquire / store with release
+// semantics at GPU scope (ld.acquire.gpu.global.b32, st.release.gpu.global.b32): writes made by a
+// block before its release store are visible to a block whose acquire load reads that value.
+// wait_until_equal(p, v): spins on ld_acquire_gpu until *p == v, backing off with __nanosleep.
+// Under the emulator blocks run one after another in linear order, so a wait can only succeed if
+// its condition already holds: otherwise it throws simt::Error ("would deadlock") instead of
+// hanging, and a protocol that waits on a later block fails the tests.
 #pragma once
 
 #include "compat.cuh"
@@ -119,6 +128,22 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 }
 
+__device__ __forceinline__ int ld_acquire_gpu(const int* p) {
+  int v;
+  asm volatile("ld.acquire.gpu.global.b32 %0, [%1];\n" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+__device__ __forceinline__ void st_release_gpu(int* p, int v) {
+  asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
+}
+__device__ __forceinline__ void wait_until_equal(const int* p, int v) {
+  unsigned sleep_ns = 32;
+  while (ld_acquire_gpu(p) != v) {
+    __nanosleep(sleep_ns);
+    if (sleep_ns < 1024) sleep_ns *= 2;
+  }
+}
+
 #else  // ATTNSEG_SIMT_EMULATOR: tests/emu/simt.h provides simt::warp::* with the same contract
 
 template <>
@@ -146,6 +171,14 @@ inline void cp_async_commit() { simt::warp::cp_async_commit(); }
 template <int N>
 inline void cp_async_wait() {
   simt::warp::cp_async_wait(N);
+}
+// Blocks run one after another, so loads and stores are already ordered across blocks.
+inline int ld_acquire_gpu(const int* p) { return *p; }
+inline void st_release_gpu(int* p, int v) { *p = v; }
+inline void wait_until_equal(const int* p, int v) {
+  if (*p != v)
+    throw simt::Error("simt: a wait for a counter value " + std::to_string(v) + " (now " + std::to_string(*p) +
+                      ") would deadlock: blocks run in linear order, so only an earlier block could have set it");
 }
 
 #endif

@@ -20,7 +20,7 @@
 namespace {
 
 // Every launch since the last launches() call, as "<kernel signature>" plus, for the flash
-// forward, the load paths the host chose: the tests check which kernel and path ran.
+// forward and backward, the load paths the host chose: the tests check which kernel and path ran.
 std::vector<std::string>& launch_log() {
   static std::vector<std::string> log;
   return log;
@@ -47,26 +47,47 @@ std::string describe_params(const attnseg::cuda::FlashFwdParams<T>& p) {
          " k_async=" + (p.k_async ? "1" : "0") + " v_async=" + (p.v_async ? "1" : "0");
 }
 
+template <typename T>
+std::string describe_params(const attnseg::cuda::FlashBwdParams<T>& p) {
+  return std::string(" k_keys_major=") + (p.k_keys_major ? "1" : "0") + " k_async=" + (p.k_async ? "1" : "0") +
+         " q_async=" + (p.q_async ? "1" : "0") + " do_async=" + (p.do_async ? "1" : "0");
+}
+
 std::vector<std::string> launches() {
   std::vector<std::string> out;
   out.swap(launch_log());
   return out;
 }
 
+// The opt-in maximum of the emulated device: by default the smallest of the targeted GPUs (sm_86 /
+// sm_89: 99 KiB; sm_80: 163 KiB; sm_90: 227 KiB); set_max_dynamic_smem_optin emulates the others, so
+// the tests cover kernels chosen by this limit and their fallbacks.
+constexpr size_t kDefaultMaxOptIn = 99 * 1024;
+size_t& max_optin() {
+  static size_t bytes = kDefaultMaxOptIn;
+  return bytes;
+}
+
+void set_max_dynamic_smem_optin(int64_t bytes) {
+  TORCH_CHECK(bytes >= 48 * 1024, "set_max_dynamic_smem_optin: at least 48 KiB (49152), got ", bytes);
+  max_optin() = static_cast<size_t>(bytes);
+}
+
 // As on the device, a launch may use more than simt::options().max_dynamic_smem (48 KiB) only
-// for a kernel that opted in with set_max_dynamic_smem, and no kernel more than the smallest
-// opt-in maximum of the targeted GPUs (sm_80: 163 KiB; sm_86: 99 KiB).
+// for a kernel that opted in with set_max_dynamic_smem, and no kernel more than the emulated
+// device's opt-in maximum (max_optin above).
 struct EmulatorLaunch {
-  static constexpr size_t kMaxOptIn = 99 * 1024;
   std::map<const void*, size_t> opted_in;
+
+  size_t max_dynamic_smem_optin() const { return max_optin(); }
 
   void check_device(const at::Tensor& t, const char* op, const char* name) const {
     TORCH_CHECK(t.device().is_cpu(), op, ": the emulator runs kernels on CPU memory, got ", name, " on ", t.device());
   }
   template <class Kernel>
   void set_max_dynamic_smem(Kernel kernel, size_t bytes) {
-    TORCH_CHECK(bytes <= kMaxOptIn, "SIMT emulator: a kernel asks for ", bytes,
-                " bytes of dynamic shared memory, more than a GPU offers (", kMaxOptIn, ")");
+    TORCH_CHECK(bytes <= max_optin(), "SIMT emulator: a kernel asks for ", bytes,
+                " bytes of dynamic shared memory, more than the emulated GPU offers (", max_optin(), ")");
     opted_in[reinterpret_cast<const void*>(kernel)] = bytes;
   }
   template <class Kernel, class... Args>
@@ -144,6 +165,27 @@ __global__ void racy_neighbour_kernel(const float* in, float* out, int n, bool w
   out[t] = slots[(t + 1) % blockDim.x];
 }
 
+// The ordered-accumulation protocol of the flash backward (docs/flash_backward_design.md) on one
+// counter: block j waits until the counter is j + skew, adds j + 1 to `sum`, then releases j + 1.
+// skew = 0 is the protocol (sum = 1 + ... + n); skew != 0 is the planted off-by-one, which waits
+// on a block that runs later and so must fail as "would deadlock", not hang or pass.
+__global__ void ordered_counter_kernel(int* counter, int* sum, int skew) {
+  const int j = int(blockIdx.x);
+  if (threadIdx.x == 0) attnseg::cuda::warp::wait_until_equal(counter, j + skew);
+  __syncthreads();
+  if (threadIdx.x == 0) *sum += j + 1;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) attnseg::cuda::warp::st_release_gpu(counter, attnseg::cuda::warp::ld_acquire_gpu(counter) + 1);
+}
+
+int64_t ordered_counter(int64_t blocks, int64_t skew) {
+  TORCH_CHECK(blocks >= 1 && blocks <= 1024, "ordered_counter: 1 to 1024 blocks");
+  int counter = 0, sum = 0;
+  EmulatorLaunch{}(ordered_counter_kernel, dim3(unsigned(blocks)), dim3(32), 0, &counter, &sum, int(skew));
+  return sum;
+}
+
 at::Tensor racy_neighbour(const at::Tensor& in, bool with_barrier) {
   TORCH_CHECK(in.dim() == 1 && in.scalar_type() == at::kFloat && in.is_contiguous() && in.numel() <= 1024,
               "racy_neighbour: a contiguous float32 vector of at most 1024 values");
@@ -163,5 +205,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("channel_attention_fwd", &channel_attention_fwd);
   m.def("channel_attention_bwd", &channel_attention_bwd);
   m.def("racy_neighbour", &racy_neighbour);
-  m.def("launches", &launches, "the kernels launched since the last call (signature and, for the flash forward, load paths)");
+  m.def("ordered_counter", &ordered_counter,
+        "the ordered-accumulation counter protocol over `blocks` blocks (skew != 0: the planted bug)");
+  m.def("set_max_dynamic_smem_optin", &set_max_dynamic_smem_optin,
+        "the emulated device's opt-in dynamic shared memory limit in bytes (default 99 KiB)");
+  m.def("max_dynamic_smem_optin", [] { return static_cast<int64_t>(max_optin()); });
+  m.def("launches", &launches, "the kernels launched since the last call (signature and, for the flash kernels, load paths)");
 }
