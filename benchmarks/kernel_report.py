@@ -242,6 +242,39 @@ def old_attention_dkv(s: Shape, k: dict, nbytes: int) -> Work:
                 "ceil(E/c)·2NqNk·(E+Ev+c) + ceil(Ev/c)·2NqNk·(E+c): Sᵀ per slice, dPᵀ per dK slice")
 
 
+def flash_attention_bwd_dv(s: Shape, k: dict, nbytes: int) -> Work:
+    # grid (B·ceil(Nk/BN), ceil(Ev/EvTile)); each block holds its K tile and streams all queries
+    # once: Sᵀ over the padded head dim, then dV += Pᵀ dO over its Ev tile (flash_attention_bwd.cuh).
+    rows, cols, head, ev_tile = k["rows"], k["cols"], k["head_dim"], k["ev_tile"]
+    nk, nq = _up(s.nk, rows), _up(s.nq, cols)
+    slices = max(1, _chunks(s.ev, ev_tile))
+    flops = s.batch * 2 * nq * nk * slices * (head + ev_tile)
+    dram = nbytes * s.batch * (slices * (s.nk + s.nq) * s.e + s.nq * s.ev + s.nk * s.ev) + 4 * s.batch * s.nq * slices
+    return Work(s.batch * _chunks(s.nk, rows) * slices, flops, dram,
+                "ceil(Ev/t)·2NqNk·(E+t): Sᵀ once per t-wide Ev tile of dV (t = 256: twice at Ev = 512)")
+
+
+def flash_attention_bwd_dkdq(s: Shape, k: dict, nbytes: int) -> Work:
+    # grid B·ceil(Nk/BN); each block holds K (registers) and V (smem) and streams all queries once:
+    # Sᵀ (E deep), dPᵀ (Ev deep), dK += dSᵀ Q (E wide), the dQ partial dS K (E wide). The fp32 dQ
+    # accumulator is zeroed and read back once (compulsory); its per-key-block read-modify-write
+    # touches one 8 KiB tile per query tile, hot in L2, and is not counted as DRAM traffic.
+    rows, cols, head, ev_tile = k["rows"], k["cols"], k["head_dim"], k["ev_tile"]
+    nk, nq = _up(s.nk, rows), _up(s.nq, cols)
+    flops = s.batch * 2 * nq * nk * (3 * head + ev_tile)
+    accum = 4 * s.batch * nq * head
+    dram = (nbytes * s.batch * (s.nk * (s.e + s.ev) + s.nq * (s.e + s.ev) + s.nk * s.e) + 8 * s.batch * s.nq
+            + 2 * accum)
+    return Work(s.batch * _chunks(s.nk, rows), flops, dram,
+                "2NqNk·(3E+Ev): Sᵀ, dPᵀ, dK and dQ once per (query tile, key block), all of Ev resident")
+
+
+def flash_attention_bwd_dq_convert(s: Shape, k: dict, nbytes: int) -> Work:
+    return Work(_chunks(s.batch * s.nq * s.e, k["threads"]), 0.0,
+                4 * s.batch * _up(s.nq, 32) * 64 + nbytes * s.batch * s.nq * s.e,
+                "memory only: dq = scale · fp32 accumulator")
+
+
 def cam_rows(s: Shape, k: dict, nbytes: int) -> Work:
     # reads the C x C Gram matrix (and A in the backward), writes one C x C result: ~3 planes
     return Work(s.batch * s.c, 0.0, 4 * s.batch * s.c * s.c * 3, "memory only: C x C rows")
@@ -341,6 +374,37 @@ KERNELS = (
                _ATTN_TILES, old_attention_dq, "attention_bwd", products=True),
     CudaKernel("attention_bwd_dkv", "attention.cuh", "attention_bwd_dkv_kernel<{T}>", _ALL,
                _ATTN_TILES, old_attention_dkv, "attention_bwd", products=True),
+    # The flash-attention-2 backward (fp16/bf16, E <= 64) at the DANet instantiation: E = 64, the dV
+    # kernel with Ev tiles of 256, the dK/dQ kernel with all of Ev = 512 resident, both layouts.
+    # The delta kernel above (memory only) also runs before them.
+    *(kernel
+      for layout, major in (("channel-first", "true"), ("contiguous", "false"))
+      for kernel in (
+          CudaKernel(f"flash_attention_bwd_dv[{layout}]", "flash_attention_bwd.cuh",
+                     f"flash_attention_bwd_dv_kernel<{{T}}, 64, 256, {major}>", ("fp16", "bf16"),
+                     {"threads": f"FlashBwdDvTiles<64, 256, {major}>::kThreads",
+                      "smem": f"FlashBwdDvTiles<64, 256, {major}>::kSmemBytes",
+                      "rows": f"FlashBwdDvTiles<64, 256, {major}>::kBlockN",
+                      "cols": f"FlashBwdDvTiles<64, 256, {major}>::kBlockQ",
+                      "head_dim": f"FlashBwdDvTiles<64, 256, {major}>::kHeadDim",
+                      "ev_tile": f"FlashBwdDvTiles<64, 256, {major}>::kEvTile"},
+                     flash_attention_bwd_dv, "attention_bwd", products=True, enforced=True,
+                     impl="fa2" if major == "true" else "fa2 contiguous"),
+          CudaKernel(f"flash_attention_bwd_dkdq[{layout}]", "flash_attention_bwd.cuh",
+                     f"flash_attention_bwd_dkdq_kernel<{{T}}, 64, 512, {major}>", ("fp16", "bf16"),
+                     {"threads": f"FlashBwdDkdqTiles<64, 512, {major}>::kThreads",
+                      "smem": f"FlashBwdDkdqTiles<64, 512, {major}>::kSmemBytes",
+                      "rows": f"FlashBwdDkdqTiles<64, 512, {major}>::kBlockN",
+                      "cols": f"FlashBwdDkdqTiles<64, 512, {major}>::kBlockQ",
+                      "head_dim": f"FlashBwdDkdqTiles<64, 512, {major}>::kHeadDim",
+                      "ev_tile": f"FlashBwdDkdqTiles<64, 512, {major}>::kEvTile"},
+                     flash_attention_bwd_dkdq, "attention_bwd", products=True, enforced=True,
+                     impl="fa2" if major == "true" else "fa2 contiguous"),
+          CudaKernel(f"flash_attention_bwd_dq_convert[{layout}]", "flash_attention_bwd.cuh",
+                     "flash_attention_bwd_dq_convert_kernel<{T}>", ("fp16", "bf16"),
+                     {"threads": "256", "smem": "0"}, flash_attention_bwd_dq_convert, "attention_bwd",
+                     products=False, enforced=True, impl="fa2" if major == "true" else "fa2 contiguous"),
+      )),
     CudaKernel("cam_softmax_fwd", "channel_attention.cuh", "cam_softmax_fwd_kernel<{A}>", _ALL,
                _ROWS, cam_rows, "cam_fwd", products=False),
     CudaKernel("cam_softmax_bwd", "channel_attention.cuh", "cam_softmax_bwd_kernel<{A}>", _ALL,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import contextlib
 import subprocess
 
 import pytest
@@ -251,55 +252,131 @@ def _flash_bwd_run(emu, do_channel_first, lines):
     return run
 
 
-# (id, dtype, nq, nk, e, ev, channel-first q/k/v/dO, dV kernel template arguments, load paths)
+SM80_OPTIN = 163 * 1024  # sm_80's opt-in shared memory per block; the emulator's default is sm_86's 99 KiB
+
+
+@contextlib.contextmanager
+def _optin(emu, limit):
+    """The emulated device's opt-in shared-memory limit set to ``limit`` (None: the default)."""
+    if limit is None:
+        yield
+        return
+    try:
+        emu.set_max_dynamic_smem_optin(limit)
+        yield
+    finally:
+        emu.set_max_dynamic_smem_optin(99 * 1024)
+
+
+# (id, dtype, nq, nk, e, ev, channel-first q/k/v/dO, opt-in limit, dV kernel template arguments and
+# load paths, dK/dQ kernel template arguments and load paths)
 FLASH_BWD_PATHS = [
-    ("contiguous", torch.float16, 37, 45, 16, 40, (0, 0, 0, 0), "64, 128, false",
-     "k_keys_major=0 k_async=1 q_async=1 do_async=1"),
-    # N multiple of 8: channel-first views copied by cp.async into queries-major smem tiles
-    ("channel-first-aligned", torch.float16, 40, 48, 16, 40, (1, 1, 1, 1), "64, 128, true",
-     "k_keys_major=1 k_async=1 q_async=1 do_async=1"),
+    ("contiguous", torch.float16, 37, 45, 16, 40, (0, 0, 0, 0), None,
+     "64, 128, false", "k_keys_major=0 k_async=1 q_async=1 do_async=1",
+     "64, 128, false", "v_async=1 k_keys_major=0 k_async=1 q_async=1 do_async=1"),
+    # N multiple of 8: channel-first views copied by cp.async into queries-major smem tiles; the
+    # dK/dQ kernel's resident K and V tiles are stored [keys][features], so they load element-wise
+    ("channel-first-aligned", torch.float16, 40, 48, 16, 40, (1, 1, 1, 1), None,
+     "64, 128, true", "k_keys_major=1 k_async=1 q_async=1 do_async=1",
+     "64, 128, true", "v_async=0 k_keys_major=0 k_async=0 q_async=1 do_async=1"),
     # odd N: element-wise loads, the same tiles
-    ("channel-first-odd-n", torch.float16, 37, 45, 16, 40, (1, 1, 1, 1), "64, 128, true",
-     "k_keys_major=1 k_async=0 q_async=0 do_async=0"),
+    ("channel-first-odd-n", torch.float16, 37, 45, 16, 40, (1, 1, 1, 1), None,
+     "64, 128, true", "k_keys_major=1 k_async=0 q_async=0 do_async=0",
+     "64, 128, true", "v_async=0 k_keys_major=0 k_async=0 q_async=0 do_async=0"),
     # q decides the Q/dO tile layout; a contiguous dO then takes element-wise loads
-    ("bf16-channel-first-contiguous-do-ev136", torch.bfloat16, 40, 48, 64, 136, (1, 1, 1, 0), "64, 256, true",
-     "k_keys_major=1 k_async=1 q_async=1 do_async=0"),
-    # DANet's widths, Ev = 512 in two 256 slices, odd Nk
-    ("bf16-contiguous-ev512", torch.bfloat16, 70, 67, 64, 512, (0, 0, 0, 0), "64, 256, false",
-     "k_keys_major=0 k_async=1 q_async=1 do_async=1"),
-    # Nq != Nk, E = 40 padded to 64 (cp.async zero-fills the columns past E)
-    ("nq-ne-nk-e40", torch.float16, 100, 33, 40, 136, (0, 1, 0, 0), "64, 256, false",
-     "k_keys_major=1 k_async=0 q_async=1 do_async=1"),
+    ("bf16-channel-first-contiguous-do-ev136", torch.bfloat16, 40, 48, 64, 136, (1, 1, 1, 0), None,
+     "64, 256, true", "k_keys_major=1 k_async=1 q_async=1 do_async=0",
+     "64, 256, true", "v_async=0 k_keys_major=0 k_async=0 q_async=1 do_async=0"),
+    # DANet's widths, Ev = 512 (dV in two 256 slices, V resident in 148 KiB), odd Nk
+    ("bf16-contiguous-ev512", torch.bfloat16, 70, 67, 64, 512, (0, 0, 0, 0), SM80_OPTIN,
+     "64, 256, false", "k_keys_major=0 k_async=1 q_async=1 do_async=1",
+     "64, 512, false", "v_async=1 k_keys_major=0 k_async=1 q_async=1 do_async=1"),
+    # DANet's layout and widths: the dK/dQ kernel's largest tiles (164 KiB)
+    ("fp16-channel-first-ev512", torch.float16, 72, 80, 64, 512, (1, 1, 1, 1), SM80_OPTIN,
+     "64, 256, true", "k_keys_major=1 k_async=1 q_async=1 do_async=1",
+     "64, 512, true", "v_async=0 k_keys_major=0 k_async=0 q_async=1 do_async=1"),
+    # Nq != Nk, E = 40 padded to 64 (cp.async zero-fills the columns past E), Ev = 136 padded to 256
+    ("nq-ne-nk-e40", torch.float16, 100, 33, 40, 136, (0, 1, 0, 0), None,
+     "64, 256, false", "k_keys_major=1 k_async=0 q_async=1 do_async=1",
+     "64, 256, false", "v_async=1 k_keys_major=0 k_async=0 q_async=1 do_async=1"),
 ]
 
 
-@pytest.mark.parametrize("dtype, nq, nk, e, ev, channel_first, template, paths", [p[1:] for p in FLASH_BWD_PATHS],
-                         ids=[p[0] for p in FLASH_BWD_PATHS])
-def test_flash_backward_dv_load_paths(emu, dtype, nq, nk, e, ev, channel_first, template, paths):
-    """fp16/bf16 with E <= 64 take dV from flash_attention_bwd_dv_kernel on the load path the
-    strides allow, and the old dK/dV kernel only for dK (its grid.y = e_chunks); every path
-    matches the fp64 reference, and dV is bitwise equal to the contiguous inputs' result."""
+def _kernel_line(lines, name, type_name, template):
+    (line,) = [line for line in lines if f"{name}<" in line]
+    assert f"{name}<{type_name}, {template}>" in line, line
+    return line
+
+
+@pytest.mark.parametrize("dtype, nq, nk, e, ev, channel_first, optin, dv_template, dv_paths, dkdq_template, dkdq_paths",
+                         [p[1:] for p in FLASH_BWD_PATHS], ids=[p[0] for p in FLASH_BWD_PATHS])
+def test_flash_backward_load_paths(emu, dtype, nq, nk, e, ev, channel_first, optin, dv_template, dv_paths,
+                                   dkdq_template, dkdq_paths):
+    """fp16/bf16 with E <= 64 and Ev <= 512 take all three gradients from the flash kernels (dV
+    kernel; dK/dQ kernel with the ordered dQ accumulation, then the dQ conversion) on the load
+    paths the strides allow, and none of the old kernels but the delta kernel; every path matches
+    the fp64 reference, and the gradients are bitwise equal to the contiguous inputs' results."""
     q, k, v = (_layout(t, cf) for t, cf in zip(_attention_inputs(1, nq, nk, e, ev, dtype), channel_first))
     lines = []
-    result = helpers.check_attention_backend(_flash_bwd_run(emu, channel_first[3], lines), q, k, v, 0.3)
     type_name = "__half" if dtype == torch.float16 else "__nv_bfloat16"
-    (dv_line,) = [line for line in lines if "flash_attention_bwd_dv_kernel" in line]
-    assert f"flash_attention_bwd_dv_kernel<{type_name}, {template}>" in dv_line and dv_line.endswith(paths), dv_line
-    assert sum("attention_bwd_dkv_kernel<" in line for line in lines) == 1, lines
-    assert result[4].stride() == v.stride()
-    contiguous = helpers.check_attention_backend(_flash_bwd_run(emu, False, []), q.contiguous(), k.contiguous(),
-                                                 v.contiguous(), 0.3)
-    assert torch.equal(result[4], contiguous[4])
+    with _optin(emu, optin):
+        result = helpers.check_attention_backend(_flash_bwd_run(emu, channel_first[3], lines), q, k, v, 0.3)
+        contiguous = helpers.check_attention_backend(_flash_bwd_run(emu, False, []), q.contiguous(), k.contiguous(),
+                                                     v.contiguous(), 0.3)
+    assert _kernel_line(lines, "flash_attention_bwd_dv_kernel", type_name, dv_template).endswith(dv_paths)
+    assert _kernel_line(lines, "flash_attention_bwd_dkdq_kernel", type_name, dkdq_template).endswith(dkdq_paths)
+    assert sum("flash_attention_bwd_dq_convert_kernel<" in line for line in lines) == 1, lines
+    assert not any("attention_bwd_dkv_kernel<" in line or "attention_bwd_dq_kernel<" in line for line in lines), lines
+    for grad, t, grad_contiguous in zip(result[2:], (q, k, v), contiguous[2:]):
+        assert grad.stride() == t.stride()
+        assert torch.equal(grad, grad_contiguous)
 
 
 @pytest.mark.parametrize("dtype, e", [(torch.float32, 16), (torch.float16, 65), (torch.float16, 0)],
                          ids=["fp32", "fp16-e65", "fp16-e0"])
 def test_old_backward_kernels_take_the_rest(emu, dtype, e):
-    """fp32 (and fp64), E > 64 and E = 0 compute dV in the old dK/dV kernel (host.h's rule)."""
+    """fp32 (and fp64), E > 64 and E = 0 compute all gradients in the old kernels (host.h's rule)."""
     q, k, v = _attention_inputs(1, 5, 7, e, 8, dtype)
     lines = []
     helpers.check_attention_backend(_flash_bwd_run(emu, False, lines), q, k, v, 0.1)
     assert not any("flash_attention_bwd" in line for line in lines), lines
+
+
+@pytest.mark.parametrize("ev, optin", [(512, None), (520, SM80_OPTIN)], ids=["ev512-99KiB", "ev520-sm80"])
+def test_dkdq_falls_back_where_v_does_not_fit(emu, ev, optin):
+    """Where the dK/dQ kernel's resident V tile does not fit the device's opt-in shared memory
+    (Ev = 512 on a 99 KiB sm_86 / sm_89) or Ev > 512, dK and dQ come from the old kernels (the
+    dK/dV kernel for its dK slices only) and dV still from the flash dV kernel; all match."""
+    q, k, v = _attention_inputs(1, 37, 41, 64, ev, torch.float16, channel_first=True)
+    lines = []
+    with _optin(emu, optin):
+        helpers.check_attention_backend(_flash_bwd_run(emu, True, lines), q, k, v, 0.2)
+    assert not any("flash_attention_bwd_dkdq_kernel" in line or "dq_convert" in line for line in lines), lines
+    assert sum("flash_attention_bwd_dv_kernel<" in line for line in lines) == 1, lines
+    assert sum("attention_bwd_dq_kernel<" in line for line in lines) == 1, lines
+    assert sum("attention_bwd_dkv_kernel<" in line for line in lines) == 1, lines
+
+
+def test_dkdq_counter_off_by_one_is_caught(emu):
+    """The dK/dQ kernel's ordered dQ accumulation (key block j adds after blocks 0 .. j - 1). A
+    planted off-by-one in its counter wait (block j waits for j + 1, or j - 1) is reported by the
+    emulator, which runs blocks in linear order, as a wait that would deadlock: not a hang, not a
+    silently different sum. Several key blocks and query tiles, two batches."""
+    q, k, v = _attention_inputs(2, 70, 150, 32, 48, torch.float16)
+    out, lse = emu.attention_fwd(q, k, v, 0.3)
+    grad_out = torch.randn(2, 70, 48, generator=torch.Generator().manual_seed(3)).to(torch.float16)
+    emu.launches()
+    expected = emu.attention_bwd(grad_out, None, q, k, v, out, lse, 0.3)
+    assert any("flash_attention_bwd_dkdq_kernel" in line for line in emu.launches())
+    try:
+        for skew in (1, -1):
+            emu.set_dq_counter_skew(skew)
+            with pytest.raises(RuntimeError, match="would deadlock"):
+                emu.attention_bwd(grad_out, None, q, k, v, out, lse, 0.3)
+    finally:
+        emu.set_dq_counter_skew(0)
+    for a, b in zip(expected, emu.attention_bwd(grad_out, None, q, k, v, out, lse, 0.3)):
+        assert torch.equal(a, b)
 
 
 FLASH_BWD_SCHEDULES = [  # (id, dtype, channel-first, nq, ev): 4 query tiles, so both ring stages are reused
@@ -307,23 +384,28 @@ FLASH_BWD_SCHEDULES = [  # (id, dtype, channel-first, nq, ev): 4 query tiles, so
     ("fp16-channel-first-elementwise", torch.float16, True, 101, 80),
     ("bf16-contiguous", torch.bfloat16, False, 100, 80),
     ("fp16-ev-tile-256", torch.float16, False, 97, 264),
+    ("bf16-channel-first-ev512", torch.bfloat16, True, 104, 512),
 ]
 
 
 @pytest.mark.parametrize("dtype, channel_first, nq, ev", [c[1:] for c in FLASH_BWD_SCHEDULES],
                          ids=[c[0] for c in FLASH_BWD_SCHEDULES])
 def test_flash_backward_is_schedule_independent(emu, dtype, channel_first, nq, ev):
-    """The dV kernel's cp.async ring gives bitwise-identical gradients under every schedule, over
-    several query tiles and key blocks (as test_flash_forward_is_schedule_independent). Planted
-    by hand: without the query loop's cp_async_wait the three cp.async cases here fail (and every
-    case of test_flash_backward_dv_load_paths does, through its contiguous comparison run); the
-    element-wise case passes, as it should."""
+    """The backward's flash kernels (dV; dK/dQ with its ordered dQ accumulation) give
+    bitwise-identical gradients under every schedule, over several query tiles and key blocks (as
+    test_flash_forward_is_schedule_independent). Planted by hand: without the dV kernel's
+    query-loop cp_async_wait the three cp.async cases here fail (and every case of
+    test_flash_backward_load_paths does, through its contiguous comparison run); the element-wise
+    case passes, as it should. The same holds for the dK/dQ kernel's wait."""
     q, k, v = (_layout(t, channel_first) for t in _attention_inputs(2, nq, 72, 20, ev, dtype))
     grad_out = _layout(torch.randn(2, nq, ev, generator=torch.Generator().manual_seed(4)).to(dtype), channel_first)
     out, lse = emu.attention_fwd(q, k, v, 0.4)
     emu.launches()
-    results = _under_each_schedule(emu, lambda: emu.attention_bwd(grad_out, None, q, k, v, out, lse, 0.4))
-    assert any("flash_attention_bwd_dv_kernel" in line for line in emu.launches())
+    with _optin(emu, SM80_OPTIN if ev > 256 else None):
+        results = _under_each_schedule(emu, lambda: emu.attention_bwd(grad_out, None, q, k, v, out, lse, 0.4))
+    lines = emu.launches()
+    assert any("flash_attention_bwd_dv_kernel" in line for line in lines)
+    assert any("flash_attention_bwd_dkdq_kernel" in line for line in lines)
     for (name, seed), result in zip(SCHEDULES[1:], results[1:]):
         for a, b in zip(results[0], result):
             assert torch.equal(a, b), f"differs between the forward and the {name}({seed}) schedule"

@@ -133,6 +133,53 @@ __device__ __forceinline__ void load_tile(T* smem, const TileSrc<T>& src, bool a
   }
 }
 
+// An [N, W] operand tile of kN tokens x kW features (n < rows, w < cols valid; zeros outside), token
+// stride sn and feature stride sw from origin, into smem stored [token][feature] (row stride
+// kLdTokens) or, with `w_major`, [feature][token] (row stride kLdFeatures).
+template <int kN, int kW, int kLdTokens, int kLdFeatures, int kThreads, typename T>
+__device__ __forceinline__ void load_operand_tile(T* smem, const T* origin, int sn, int sw, int rows, int cols,
+                                                  bool w_major, bool async) {
+  if (w_major) {
+    load_tile<kW, kN, kLdFeatures, kThreads>(smem, TileSrc<T>{origin, sw, sn, cols, rows}, async);
+  } else {
+    load_tile<kN, kW, kLdTokens, kThreads>(smem, TileSrc<T>{origin, sn, sw, rows, cols}, async);
+  }
+}
+
+// The per-lane element offset of an x4 ldmatrix that loads one k-step's A fragment (16 rows x 16
+// k) from a smem tile stored [m][k] (plain ldmatrix) or, with `transposed`, [k][m]
+// (ldmatrix.trans: the fragment is the transpose of the stored 8x8 blocks). Matrix i = lane / 8
+// covers the 8x8 block at (+8 · (i % 2), +8 · (i / 2)) in (m, k).
+__device__ __forceinline__ int a_lane_offset(bool transposed, int ld, int lane) {
+  const int mat_row = lane % 8, mat_a = 8 * ((lane / 8) % 2), mat_b = 8 * (lane / 16);
+  return transposed ? (mat_b + mat_row) * ld + mat_a : (mat_a + mat_row) * ld + mat_b;
+}
+
+// The A fragments of one warp's 16 rows m0 .. m0 + 15 over all kKSteps k-steps of 16, from a smem
+// tile stored [rows][k] (row stride kLdRowMajor) or, with `transposed`, [k][rows] (kLdTransposed).
+template <int kKSteps, int kLdRowMajor, int kLdTransposed, typename T>
+__device__ __forceinline__ void load_a_fragments(uint32_t (&frag)[kKSteps][4], const T* smem, bool transposed,
+                                                 int m0, int lane) {
+  if (transposed) {
+    const T* const base = smem + a_lane_offset(true, kLdTransposed, lane) + m0;
+    ATTNSEG_UNROLL
+    for (int ks = 0; ks < kKSteps; ++ks) warp::ldmatrix_x4_trans(frag[ks], base + 16 * ks * kLdTransposed);
+  } else {
+    const T* const base = smem + a_lane_offset(false, kLdRowMajor, lane) + m0 * kLdRowMajor;
+    ATTNSEG_UNROLL
+    for (int ks = 0; ks < kKSteps; ++ks) warp::ldmatrix_x4(frag[ks], base + 16 * ks);
+  }
+}
+
+// The per-lane element offset of an x4 ldmatrix that loads the B fragments of two adjacent n-tiles
+// (registers {0, 1}: n-tile 0, {2, 3}: n-tile 1) of a k-step, from a smem tile stored [k][n]
+// (`stored_kn`: ldmatrix.trans) or [n][k] (plain ldmatrix), row stride ld. Matrix i = lane / 8
+// covers the 8x8 block at (+8 · (i % 2), +8 · (i / 2)) in (k, n).
+__device__ __forceinline__ int b_lane_offset(bool stored_kn, int ld, int lane) {
+  const int mat_row = lane % 8, mat_a = 8 * ((lane / 8) % 2), mat_b = 8 * (lane / 16);
+  return stored_kn ? (mat_a + mat_row) * ld + mat_b : (mat_b + mat_row) * ld + mat_a;
+}
+
 // e^x as 2^(x · log2 e) on the MUFU unit, flushing subnormal results to zero (ex2.approx.ftz:
 // a probability below 2^-126 next to a row maximum's 1 changes nothing); the emulator flushes the
 // same way. x is a difference of logits, exact for the dominant terms, so the log2 e factor costs
@@ -212,38 +259,20 @@ __global__ void __launch_bounds__(FlashFwdTiles<kHeadDim, kEvTile, kKeysMajor>::
   {
     const T* const q_tile = p.q + b * p.q_sb + i0 * p.q_sn;
     const int rows = int(std::min<int64_t>(kBlockM, p.nq - i0));
-    if (p.q_keys_major) {
-      load_tile<kHeadDim, kBlockM, Tiles::kLdQKeysMajor, kThreads>(
-          q_smem, TileSrc<T>{q_tile, int(p.q_se), int(p.q_sn), e, rows}, p.q_async);
-    } else {
-      load_tile<kBlockM, kHeadDim, Tiles::kLdQRowMajor, kThreads>(
-          q_smem, TileSrc<T>{q_tile, int(p.q_sn), int(p.q_se), rows, e}, p.q_async);
-    }
+    load_operand_tile<kBlockM, kHeadDim, Tiles::kLdQRowMajor, Tiles::kLdQKeysMajor, kThreads>(
+        q_smem, q_tile, int(p.q_sn), int(p.q_se), rows, e, p.q_keys_major, p.q_async);
   }
   load_kv(0, 0, std::false_type{});
   warp::cp_async_wait<0>();
   __syncthreads();
 
-  // Per-lane ldmatrix row offsets (elements). Matrix i = lane / 8 of an x4 covers the 8x8 block at
-  // (+8 · (i % 2), +8 · (i / 2)) in (k, n) of a B operand, or in (m, k) of the A operand.
-  const int mat_row = lane % 8, mat_a = 8 * ((lane / 8) % 2), mat_b = 8 * (lane / 16);
   // Q A fragments, resident for the whole key loop: rows 16 · warp_id .. + 15, all of E.
   uint32_t q_frag[kKSteps][4];
-  {
-    const int m0 = 16 * warp_id;
-    if (p.q_keys_major) {  // smem [E][queries]: the A fragment is the transpose of the stored 8x8 blocks
-      ATTNSEG_UNROLL
-      for (int ks = 0; ks < kKSteps; ++ks)
-        warp::ldmatrix_x4_trans(q_frag[ks], q_smem + (16 * ks + mat_b + mat_row) * Tiles::kLdQKeysMajor + m0 + mat_a);
-    } else {
-      ATTNSEG_UNROLL
-      for (int ks = 0; ks < kKSteps; ++ks)
-        warp::ldmatrix_x4(q_frag[ks], q_smem + (m0 + mat_a + mat_row) * Tiles::kLdQRowMajor + 16 * ks + mat_b);
-    }
-  }
+  load_a_fragments<kKSteps, Tiles::kLdQRowMajor, Tiles::kLdQKeysMajor>(q_frag, q_smem, p.q_keys_major, 16 * warp_id,
+                                                                        lane);
   // K: B operand of S, (k, n) = (feature, key). V: B operand of O, (k, n) = (key, column).
-  const int k_lane = kKeysMajor ? (mat_a + mat_row) * kLdK + mat_b : (mat_b + mat_row) * kLdK + mat_a;
-  const int v_lane = kKeysMajor ? (mat_b + mat_row) * kLdV + mat_a : (mat_a + mat_row) * kLdV + mat_b;
+  const int k_lane = b_lane_offset(kKeysMajor, kLdK, lane);
+  const int v_lane = b_lane_offset(!kKeysMajor, kLdV, lane);
 
   float o_acc[kOTiles][4];  // O[16 x kEvTile] of this warp: o_acc[n][0..1] row g, [2..3] row g + 8
   ATTNSEG_UNROLL

@@ -9,6 +9,7 @@
 //   size_t max_dynamic_smem_optin();  // the most set_max_dynamic_smem may ask for on this device
 //   template <class Kernel, class... Args> void operator()(Kernel, dim3 grid, dim3 block, size_t smem, Args...);
 //   at::Tensor gemm(const at::Tensor& a, const at::Tensor& b);  // batched a·b in the accumulation type (CAM)
+//   int dq_counter_skew();  // 0; the emulator's tests plant an off-by-one in the dK/dQ kernel's counter wait
 #pragma once
 
 #include <ATen/ATen.h>
@@ -94,6 +95,12 @@ inline bool cp_async_ok(const void* base, int64_t batch_stride, int64_t row_stri
   return reinterpret_cast<uintptr_t>(base) % 16 == 0 && col_stride == 1 && row_stride % 8 == 0 && batch_stride % 8 == 0;
 }
 
+// cp_async_ok for an [N, W] operand (batch, token and feature strides) whose smem tile is stored
+// [W][N] when `w_major` (the tile's rows then run along N), [N][W] otherwise.
+inline bool operand_cp_async_ok(const void* base, int64_t sb, int64_t sn, int64_t sw, bool w_major) {
+  return w_major ? cp_async_ok(base, sb, sw, sn) : cp_async_ok(base, sb, sn, sw);
+}
+
 // An [N, W] operand is stored keys-major (smem [W][N]) when its N axis is the unit-stride one.
 inline bool keys_major(int64_t n_stride, int64_t w_stride) { return n_stride == 1 && w_stride != 1; }
 
@@ -101,13 +108,9 @@ template <typename T, int kHeadDim, int kEvTile, bool kKeysMajor, class Launch>
 void launch_flash_fwd(Launch& launch, FlashFwdParams<T> p, int64_t batch, const char* op) {
   using Tiles = FlashFwdTiles<kHeadDim, kEvTile, kKeysMajor>;
   p.q_blocks = ceil_div(p.nq, Tiles::kBlockM);
-  // operand strides as (row, col) of its smem tile; col is the contiguous smem axis
-  const int64_t q_row = p.q_keys_major ? p.q_se : p.q_sn, q_col = p.q_keys_major ? p.q_sn : p.q_se;
-  const int64_t k_row = kKeysMajor ? p.k_se : p.k_sn, k_col = kKeysMajor ? p.k_sn : p.k_se;
-  const int64_t v_row = kKeysMajor ? p.v_se : p.v_sn, v_col = kKeysMajor ? p.v_sn : p.v_se;
-  p.q_async = cp_async_ok(p.q, p.q_sb, q_row, q_col);
-  p.k_async = cp_async_ok(p.k, p.k_sb, k_row, k_col);
-  p.v_async = cp_async_ok(p.v, p.v_sb, v_row, v_col);
+  p.q_async = operand_cp_async_ok(p.q, p.q_sb, p.q_sn, p.q_se, p.q_keys_major);
+  p.k_async = operand_cp_async_ok(p.k, p.k_sb, p.k_sn, p.k_se, kKeysMajor);
+  p.v_async = operand_cp_async_ok(p.v, p.v_sb, p.v_sn, p.v_se, kKeysMajor);
   const auto kernel = flash_attention_fwd_kernel<T, kHeadDim, kEvTile, kKeysMajor>;
   const dim3 grid(grid_dim_checked(batch * p.q_blocks, kGridX, op, "B x ceil(Nq / 64)"),
                   grid_dim_checked(ceil_div(p.ev, kEvTile), kGridYZ, op, "Ev"));
@@ -213,7 +216,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(Launch& launch, const at::
 //
 // fp16/bf16 with 1 <= E <= 64 (padded to 64) and Ev >= 1 take dV from flash_attention_bwd_dv_kernel
 // (tensor cores, flash_attention_bwd.cuh), for every stride pattern (cp.async per operand where its
-// layout allows, as the forward); dK and dQ still come from the old kernels, the dK/dV kernel then
+// layout allows, as the forward). Where also Ev <= 512 and the kernel's shared memory (V resident:
+// about 164 KiB at Ev = 512 channel-first, 148 KiB contiguous) fits the device's opt-in limit
+// (sm_80 and sm_90, not sm_86 / sm_89 at Ev = 512), dK and dQ come from
+// flash_attention_bwd_dkdq_kernel with the ordered fp32 dQ accumulation, then
+// flash_attention_bwd_dq_convert_kernel; otherwise from the old dQ kernel and the old dK/dV kernel
 // launched for its dK slices only. Everything else (fp32, fp64, E > 64, offsets inside a tile past
 // 32 bits) runs the old kernels of attention.cuh for all three gradients.
 
@@ -229,13 +236,9 @@ template <typename T, int kEvTile, bool kQueriesMajor, class Launch>
 void launch_flash_bwd_dv(Launch& launch, FlashBwdParams<T> p, int64_t batch, const char* op) {
   using Tiles = FlashBwdDvTiles<64, kEvTile, kQueriesMajor>;
   p.dv_k_blocks = ceil_div(p.nk, Tiles::kBlockN);
-  // operand strides as (row, col) of its smem tile; col is the contiguous smem axis
-  const int64_t k_row = p.k_keys_major ? p.k_se : p.k_sn, k_col = p.k_keys_major ? p.k_sn : p.k_se;
-  const int64_t q_row = kQueriesMajor ? p.q_se : p.q_sn, q_col = kQueriesMajor ? p.q_sn : p.q_se;
-  const int64_t do_row = kQueriesMajor ? p.do_se : p.do_sn, do_col = kQueriesMajor ? p.do_sn : p.do_se;
-  p.k_async = cp_async_ok(p.k, p.k_sb, k_row, k_col);
-  p.q_async = cp_async_ok(p.q, p.q_sb, q_row, q_col);
-  p.do_async = cp_async_ok(p.grad_out, p.do_sb, do_row, do_col);
+  p.k_async = operand_cp_async_ok(p.k, p.k_sb, p.k_sn, p.k_se, p.k_keys_major);
+  p.q_async = operand_cp_async_ok(p.q, p.q_sb, p.q_sn, p.q_se, kQueriesMajor);
+  p.do_async = operand_cp_async_ok(p.grad_out, p.do_sb, p.do_sn, p.do_se, kQueriesMajor);
   const auto kernel = flash_attention_bwd_dv_kernel<T, 64, kEvTile, kQueriesMajor>;
   const dim3 grid(grid_dim_checked(batch * p.dv_k_blocks, kGridX, op, "B x ceil(Nk / 64)"),
                   grid_dim_checked(ceil_div(p.ev, kEvTile), kGridYZ, op, "Ev"));
@@ -267,6 +270,69 @@ bool try_flash_bwd_dv(Launch& launch, const AttnBwdParams<T>& base, int64_t batc
       with_ev_tile(std::integral_constant<int, 256>{});
     }
     return true;
+  }
+  return false;
+}
+
+template <typename T, int kEvTile, bool kQueriesMajor, class Launch>
+void launch_flash_bwd_dkdq(Launch& launch, FlashBwdParams<T> p, int64_t batch, const at::TensorOptions& workspace,
+                           const char* op) {
+  using Tiles = FlashBwdDkdqTiles<64, kEvTile, kQueriesMajor>;
+  p.dv_k_blocks = ceil_div(p.nk, Tiles::kBlockN);
+  p.dq_tiles = ceil_div(p.nq, Tiles::kBlockQ);
+  p.k_keys_major = false;  // K and V tiles are stored [keys][features] whatever their layout
+  p.k_async = operand_cp_async_ok(p.k, p.k_sb, p.k_sn, p.k_se, false);
+  p.v_async = operand_cp_async_ok(p.v, p.v_sb, p.v_sn, p.v_se, false);
+  p.q_async = operand_cp_async_ok(p.q, p.q_sb, p.q_sn, p.q_se, kQueriesMajor);
+  p.do_async = operand_cp_async_ok(p.grad_out, p.do_sb, p.do_sn, p.do_se, kQueriesMajor);
+  const at::Tensor accum = at::zeros({batch, p.dq_tiles * Tiles::kBlockQ, 64}, workspace.dtype(at::kFloat));
+  const at::Tensor counters = at::zeros({batch, p.dq_tiles}, workspace.dtype(at::kInt));
+  p.dq_accum = accum.data_ptr<float>();
+  p.dq_counters = counters.data_ptr<int>();
+  p.dq_counter_skew = launch.dq_counter_skew();
+  const auto kernel = flash_attention_bwd_dkdq_kernel<T, 64, kEvTile, kQueriesMajor>;
+  launch.set_max_dynamic_smem(kernel, Tiles::kSmemBytes);
+  launch(kernel, dim3(grid_dim_checked(batch * p.dv_k_blocks, kGridX, op, "B x ceil(Nk / 64)")), dim3(Tiles::kThreads),
+         Tiles::kSmemBytes, p);
+  launch(flash_attention_bwd_dq_convert_kernel<T>,
+         dim3(grid_dim_checked(ceil_div(batch * p.nq * p.e, 256), kGridX, op, "B x Nq x E / 256")), dim3(256), 0, p);
+}
+
+// Runs the flash dK/dQ kernels if the rule above takes them; false: the old kernels compute dK and
+// dQ. Ev padded to 128, 256 or 512; the Q/dO tile layout from q's strides.
+template <typename T, class Launch>
+bool try_flash_bwd_dkdq(Launch& launch, const AttnBwdParams<T>& base, int64_t batch,
+                        const at::TensorOptions& workspace, const char* op) {
+  if constexpr (Num<T>::kTensorCores) {
+    if (!flash_bwd_dv_applies(base) || base.ev > 512 || !tile_offsets_fit_int32(64, base.v_sn, 512, base.v_se) ||
+        !tile_offsets_fit_int32(32, base.do_sn, 512, base.do_se))
+      return false;
+    FlashBwdParams<T> p{};
+    static_cast<AttnBwdParams<T>&>(p) = base;
+    const bool q_keys_major = keys_major(p.q_sn, p.q_se);
+    bool launched = false;
+    auto with_ev_tile = [&](auto ev_tile) {
+      constexpr int kEvTile = decltype(ev_tile)::value;
+      auto with_layout = [&](auto queries_major) {
+        constexpr bool kQueriesMajor = decltype(queries_major)::value;
+        if (FlashBwdDkdqTiles<64, kEvTile, kQueriesMajor>::kSmemBytes > launch.max_dynamic_smem_optin()) return;
+        launch_flash_bwd_dkdq<T, kEvTile, kQueriesMajor>(launch, p, batch, workspace, op);
+        launched = true;
+      };
+      if (q_keys_major) {
+        with_layout(std::true_type{});
+      } else {
+        with_layout(std::false_type{});
+      }
+    };
+    if (p.ev <= 128) {
+      with_ev_tile(std::integral_constant<int, 128>{});
+    } else if (p.ev <= 256) {
+      with_ev_tile(std::integral_constant<int, 256>{});
+    } else {
+      with_ev_tile(std::integral_constant<int, 512>{});
+    }
+    return launched;
   }
   return false;
 }
@@ -318,15 +384,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch
     const dim3 block(Tiles::kThreads);
     launch(attention_bwd_delta_kernel<T>,
            dim3(grid_dim_checked(ceil_div(batch * nq, Tiles::kWarps), kGridX, op, "B x Nq / 4")), block, 0, p);
-    if (e > 0) {
+    const bool flash_dkdq = try_flash_bwd_dkdq(launch, p, batch, q.options(), op);
+    if (e > 0 && !flash_dkdq) {
       launch(attention_bwd_dq_kernel<T>,
              dim3(grid_dim_checked(batch * p.q_blocks, kGridX, op, "B x ceil(Nq / 32)"),
                   grid_dim_checked(p.e_chunks, kGridYZ, op, "E")),
              block, Tiles::kSmemBytes, p);
     }
-    // dK: blockIdx.y < e_chunks of the old dK/dV kernel; dV: its other slices, or the flash kernel.
+    // dK: blockIdx.y < e_chunks of the old dK/dV kernel, or the flash dK/dQ kernel; dV: the old
+    // kernel's other slices, or the flash dV kernel (which applies wherever the dK/dQ kernel does).
     const bool flash_dv = try_flash_bwd_dv(launch, p, batch, op);
-    const int64_t kv_chunks = p.e_chunks + (flash_dv ? 0 : ceil_div(ev, Tiles::kChunk));
+    TORCH_INTERNAL_ASSERT(flash_dv || !flash_dkdq, op, ": the flash dK/dQ kernel ran without the flash dV kernel");
+    const int64_t kv_chunks = (flash_dkdq ? 0 : p.e_chunks) + (flash_dv ? 0 : ceil_div(ev, Tiles::kChunk));
     if (kv_chunks > 0) {
       launch(attention_bwd_dkv_kernel<T>,
              dim3(grid_dim_checked(batch * p.k_blocks, kGridX, op, "B x ceil(Nk / 32)"),

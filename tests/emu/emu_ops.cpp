@@ -49,8 +49,9 @@ std::string describe_params(const attnseg::cuda::FlashFwdParams<T>& p) {
 
 template <typename T>
 std::string describe_params(const attnseg::cuda::FlashBwdParams<T>& p) {
-  return std::string(" k_keys_major=") + (p.k_keys_major ? "1" : "0") + " k_async=" + (p.k_async ? "1" : "0") +
-         " q_async=" + (p.q_async ? "1" : "0") + " do_async=" + (p.do_async ? "1" : "0");
+  return std::string(" v_async=") + (p.v_async ? "1" : "0") + " k_keys_major=" + (p.k_keys_major ? "1" : "0") +
+         " k_async=" + (p.k_async ? "1" : "0") + " q_async=" + (p.q_async ? "1" : "0") +
+         " do_async=" + (p.do_async ? "1" : "0");
 }
 
 std::vector<std::string> launches() {
@@ -76,8 +77,17 @@ void set_max_dynamic_smem_optin(int64_t bytes) {
 // As on the device, a launch may use more than simt::options().max_dynamic_smem (48 KiB) only
 // for a kernel that opted in with set_max_dynamic_smem, and no kernel more than the emulated
 // device's opt-in maximum (max_optin above).
+int& dq_counter_skew_setting() {
+  static int skew = 0;
+  return skew;
+}
+
 struct EmulatorLaunch {
   std::map<const void*, size_t> opted_in;
+
+  // Not 0: the planted off-by-one of the dK/dQ kernel's ordered dQ accumulation (block j waits for
+  // counter == j + skew), which must fail as "would deadlock".
+  int dq_counter_skew() const { return dq_counter_skew_setting(); }
 
   size_t max_dynamic_smem_optin() const { return max_optin(); }
 
@@ -209,6 +219,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "the ordered-accumulation counter protocol over `blocks` blocks (skew != 0: the planted bug)");
   m.def("set_max_dynamic_smem_optin", &set_max_dynamic_smem_optin,
         "the emulated device's opt-in dynamic shared memory limit in bytes (default 99 KiB)");
+  m.def("set_dq_counter_skew", [](int64_t skew) { dq_counter_skew_setting() = static_cast<int>(skew); },
+        "plant an off-by-one in the flash dK/dQ kernel's counter wait (0: as designed)");
   m.def("max_dynamic_smem_optin", [] { return static_cast<int64_t>(max_optin()); });
   m.def("launches", &launches, "the kernels launched since the last call (signature and, for the flash kernels, load paths)");
 }
