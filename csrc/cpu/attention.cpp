@@ -57,11 +57,13 @@ struct SingleThreadedBlas {
 constexpr int64_t kBlockM = 256;  // queries per tile
 constexpr int64_t kBlockN = 256;  // keys per tile
 // Target number of parallel tasks of the backward, B x key-block groups. Fixed, not the thread
-// count, so that dQ's summation order (and so its bits) does not depend on the machine.
-constexpr int64_t kBackwardTasks = 8;
+// count, so that dQ's summation order (and so its bits) does not depend on the machine. 64: at
+// B = 1 every key block of a DANet crop (up to 64 of them) is a task of its own, so the tasks are
+// equal and many (8 groups of 4-5 blocks left a 2-thread machine 11 % idle at N = 9,216).
+constexpr int64_t kBackwardTasks = 64;
 // The backward visits the queries in chunks of this many rows, so that the per-group partial
-// dQ buffers are (groups − 1) x B x kBackwardChunk x E, whatever Nq is.
-constexpr int64_t kBackwardChunk = 4 * kBlockM;
+// dQ buffers are (groups − 1) x B x kBackwardChunk x E, whatever Nq is (2.2 MiB at N = 9,216).
+constexpr int64_t kBackwardChunk = kBlockM;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -82,6 +84,51 @@ void parallel_tasks(int64_t n_tasks, const MakeState& make_state, const Body& bo
     auto state = make_state();
     for (int64_t task = next_task++; task < n_tasks; task = next_task++) body(state, task);
   });
+}
+
+// The backward's schedule, shared by the fp32/fp64 and the low-precision kernels. The queries go
+// in chunks of kBackwardChunk rows; per chunk, B x groups tasks run in parallel: task (b, g) runs
+// the key blocks [g·k_blocks/groups, (g + 1)·k_blocks/groups) of batch b over the chunk's rows,
+// calling body(state, b, kb_begin, kb_end, c0, c_rows, dq_chunk) with dq_chunk its c_rows x E
+// share of dQ: rows c0.. of dq itself for g = 0, a zeroed partial buffer otherwise. The partials
+// are added into dq in group order, so dQ's bits do not depend on the thread count. dq: [B, Nq,
+// E] of acc_t, any strides (the low-precision kernels read dq_chunk as a contiguous c_rows x E).
+template <typename acc_t, typename MakeState, typename Body>
+void backward_schedule(int64_t batch, int64_t nq, int64_t nk, at::Tensor& dq, const MakeState& make_state,
+                       const Body& body) {
+  const int64_t e = dq.size(2);
+  const int64_t k_blocks = ceil_div(nk, kBlockN);
+  const int64_t groups = std::min(k_blocks, std::max<int64_t>(1, ceil_div(kBackwardTasks, batch)));
+  const int64_t chunk_rows = std::min(nq, kBackwardChunk);
+  at::Tensor partial = groups > 1 ? at::empty({groups - 1, batch, chunk_rows, e}, dq.options()) : at::Tensor();
+  for (int64_t c0 = 0; c0 < nq; c0 += chunk_rows) {
+    const int64_t c_rows = std::min(chunk_rows, nq - c0);
+    if (groups > 1) partial.zero_();
+    parallel_tasks(batch * groups, make_state, [&](auto& state, int64_t task) {
+      const int64_t b = task / groups, g = task % groups;
+      at::Tensor dq_chunk = g == 0 ? dq[b].narrow(0, c0, c_rows) : partial[g - 1][b].narrow(0, 0, c_rows);
+      body(state, b, g * k_blocks / groups, (g + 1) * k_blocks / groups, c0, c_rows, dq_chunk);
+    });
+    if (groups == 1) continue;
+    // dq[b, c0 + r] += partial[0][b][r] + partial[1][b][r] + ... in that order, rows split over threads.
+    acc_t* const dq_ptr = dq.data_ptr<acc_t>();
+    const int64_t sb = dq.stride(0), sn = dq.stride(1), se = dq.stride(2);
+    const acc_t* const partial_ptr = partial.data_ptr<acc_t>();
+    at::parallel_for(0, batch * c_rows, 16, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const int64_t b = row / c_rows, r = row % c_rows;
+        acc_t* const out = dq_ptr + b * sb + (c0 + r) * sn;
+        for (int64_t g = 1; g < groups; ++g) {
+          const acc_t* const in = partial_ptr + (((g - 1) * batch + b) * chunk_rows + r) * e;
+          if (se == 1) {
+            for (int64_t d = 0; d < e; ++d) out[d] += in[d];
+          } else {
+            for (int64_t d = 0; d < e; ++d) out[d * se] += in[d];
+          }
+        }
+      }
+    });
+  }
 }
 
 // A view ATen's GEMM reads without a copy: one of the two inner strides is 1 and the other a
@@ -174,58 +221,38 @@ void attention_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& delta, c
                           const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse, double scale_d,
                           at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
   const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1);
-  const int64_t k_blocks = ceil_div(nk, kBlockN);
-  const int64_t groups = std::min(k_blocks, std::max<int64_t>(1, ceil_div(kBackwardTasks, batch)));
-  const int64_t chunk_rows = std::min(nq, kBackwardChunk);
   const scalar_t scale = static_cast<scalar_t>(scale_d);
-  // Group g > 0 accumulates its share of a chunk's dQ here; group 0 writes into dq itself.
-  at::Tensor dq_partial =
-      groups > 1 ? at::empty({groups - 1, batch, chunk_rows, q.size(2)}, dq.options()) : at::Tensor();
   auto lse_a = lse.accessor<scalar_t, 2>();
   auto delta_a = delta.accessor<scalar_t, 2>();
-
-  for (int64_t c0 = 0; c0 < nq; c0 += chunk_rows) {
-    const int64_t c_rows = std::min(chunk_rows, nq - c0);
-    if (groups > 1) dq_partial.zero_();
-    const auto make_tiles = [&] {
-      return std::make_pair(at::empty({kBlockM * kBlockN}, q.options()), at::empty({kBlockM * kBlockN}, q.options()));
-    };
-    parallel_tasks(batch * groups, make_tiles, [&](std::pair<at::Tensor, at::Tensor>& tiles, int64_t task) {
-      at::Tensor& p_tile = tiles.first;
-      at::Tensor& dp_tile = tiles.second;
-      {
-        const int64_t b = task / groups, g = task % groups;
-        // rows c0 .. c0 + c_rows of this group's dQ
-        at::Tensor dq_chunk = g == 0 ? dq[b].narrow(0, c0, c_rows) : dq_partial[g - 1][b].narrow(0, 0, c_rows);
-        const int64_t kb_begin = g * k_blocks / groups, kb_end = (g + 1) * k_blocks / groups;
-        for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-          const int64_t j0 = kb * kBlockN, bn = std::min(kBlockN, nk - j0);
-          const at::Tensor k_j = k[b].narrow(0, j0, bn), v_j = v[b].narrow(0, j0, bn);
-          at::Tensor dk_j = dk[b].narrow(0, j0, bn), dv_j = dv[b].narrow(0, j0, bn);
-          for (int64_t i0 = c0; i0 < c0 + c_rows; i0 += kBlockM) {
-            const int64_t bm = std::min(kBlockM, c0 + c_rows - i0);
-            const at::Tensor q_i = q[b].narrow(0, i0, bm), do_i = grad_out[b].narrow(0, i0, bm);
-            at::Tensor p = p_tile.narrow(0, 0, bm * bn).view({bm, bn});
-            at::Tensor dp = dp_tile.narrow(0, 0, bm * bn).view({bm, bn});
-            at::mm_out(p, q_i, k_j.t());
-            scalar_t* p_ptr = p.data_ptr<scalar_t>();
-            for (int64_t r = 0; r < bm; ++r) recompute_probabilities(p_ptr + r * bn, bn, scale, lse_a[b][i0 + r]);
-            dv_j.addmm_(p.t(), do_i);
-            at::mm_out(dp, do_i, v_j.t());
-            scalar_t* dp_ptr = dp.data_ptr<scalar_t>();
-            for (int64_t r = 0; r < bm; ++r) {
-              softmax_grad_row(p_ptr + r * bn, dp_ptr + r * bn, bn, delta_a[b][i0 + r]);
-            }
-            dk_j.addmm_(dp.t(), q_i, /*beta=*/1, /*alpha=*/scale);
-            dq_chunk.narrow(0, i0 - c0, bm).addmm_(dp, k_j, /*beta=*/1, /*alpha=*/scale);
-          }
-        }
+  const auto make_tiles = [&] {
+    return std::make_pair(at::empty({kBlockM * kBlockN}, q.options()), at::empty({kBlockM * kBlockN}, q.options()));
+  };
+  backward_schedule<scalar_t>(batch, nq, nk, dq, make_tiles,
+                              [&](std::pair<at::Tensor, at::Tensor>& tiles, int64_t b, int64_t kb_begin, int64_t kb_end,
+                                  int64_t c0, int64_t c_rows, at::Tensor& dq_chunk) {
+    at::Tensor& p_tile = tiles.first;
+    at::Tensor& dp_tile = tiles.second;
+    for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+      const int64_t j0 = kb * kBlockN, bn = std::min(kBlockN, nk - j0);
+      const at::Tensor k_j = k[b].narrow(0, j0, bn), v_j = v[b].narrow(0, j0, bn);
+      at::Tensor dk_j = dk[b].narrow(0, j0, bn), dv_j = dv[b].narrow(0, j0, bn);
+      for (int64_t i0 = c0; i0 < c0 + c_rows; i0 += kBlockM) {
+        const int64_t bm = std::min(kBlockM, c0 + c_rows - i0);
+        const at::Tensor q_i = q[b].narrow(0, i0, bm), do_i = grad_out[b].narrow(0, i0, bm);
+        at::Tensor p = p_tile.narrow(0, 0, bm * bn).view({bm, bn});
+        at::Tensor dp = dp_tile.narrow(0, 0, bm * bn).view({bm, bn});
+        at::mm_out(p, q_i, k_j.t());
+        scalar_t* p_ptr = p.data_ptr<scalar_t>();
+        for (int64_t r = 0; r < bm; ++r) recompute_probabilities(p_ptr + r * bn, bn, scale, lse_a[b][i0 + r]);
+        dv_j.addmm_(p.t(), do_i);
+        at::mm_out(dp, do_i, v_j.t());
+        scalar_t* dp_ptr = dp.data_ptr<scalar_t>();
+        for (int64_t r = 0; r < bm; ++r) softmax_grad_row(p_ptr + r * bn, dp_ptr + r * bn, bn, delta_a[b][i0 + r]);
+        dk_j.addmm_(dp.t(), q_i, /*beta=*/1, /*alpha=*/scale);
+        dq_chunk.narrow(0, i0 - c0, bm).addmm_(dp, k_j, /*beta=*/1, /*alpha=*/scale);
       }
-    });
-    for (int64_t g = 1; g < groups; ++g) {
-      dq.narrow(1, c0, c_rows).add_(dq_partial[g - 1].narrow(1, 0, c_rows));
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -325,9 +352,6 @@ void attention_bwd_lowp(const LowpGemm<T>& gemm, const at::Tensor& grad_out, con
                         const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse,
                         double scale_d, at::Tensor& dq, at::Tensor& dk_t, at::Tensor& dv_t) {
   const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1), e = q.size(2), ev = v.size(2);
-  const int64_t k_blocks = ceil_div(nk, kBlockN);
-  const int64_t groups = std::min(k_blocks, std::max<int64_t>(1, ceil_div(kBackwardTasks, batch)));
-  const int64_t chunk_rows = std::min(nq, kBackwardChunk);
   const float scale = static_cast<float>(scale_d);
   const at::ScalarType dtype = q.scalar_type();
   const int64_t key_width = gemm.panel_width(std::min(nk, kBlockN));
@@ -340,7 +364,6 @@ void attention_bwd_lowp(const LowpGemm<T>& gemm, const at::Tensor& grad_out, con
   const PackedB k_pairs(k, dtype, gemm.panel_width(e));                // B of dQ = dS K:    K
   const int64_t e2 = q_rows.size(2), ev2 = do_rows.size(2), nq2 = do_t.size(2);
   const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor dq_partial = groups > 1 ? at::empty({groups - 1, batch, chunk_rows, e}, f32) : at::Tensor();
   const float* lse_ptr = lse.data_ptr<float>();
   const float* delta_ptr = delta.data_ptr<float>();
 
@@ -352,40 +375,33 @@ void attention_bwd_lowp(const LowpGemm<T>& gemm, const at::Tensor& grad_out, con
     return Scratch{at::empty({tile}, f32), at::empty({tile}, f32), at::empty({pair_words}, f32.dtype(at::kInt)),
                    at::empty({pair_words}, f32.dtype(at::kInt)), at::empty({kBlockM * (kBlockN + 1)}, q.options())};
   };
-  for (int64_t c0 = 0; c0 < nq; c0 += chunk_rows) {
-    const int64_t c_rows = std::min(chunk_rows, nq - c0);
-    if (groups > 1) dq_partial.zero_();
-    parallel_tasks(batch * groups, make_scratch, [&](Scratch& t, int64_t task) {
-      const int64_t b = task / groups, g = task % groups;
-      float* dq_chunk = g == 0 ? batch_ptr<float>(dq, b) + c0 * e : dq_partial[g - 1][b].data_ptr<float>();
-      float* dk_t_b = batch_ptr<float>(dk_t, b);
-      float* dv_t_b = batch_ptr<float>(dv_t, b);
-      float* p = t.p.template data_ptr<float>();
-      float* dp = t.dp.template data_ptr<float>();
-      T* ds_rows = reinterpret_cast<T*>(t.ds_rows.data_ptr());
-      const int64_t kb_begin = g * k_blocks / groups, kb_end = (g + 1) * k_blocks / groups;
-      for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-        const int64_t j0 = kb * kBlockN, bn = std::min(kBlockN, nk - j0), bn2 = bn + (bn & 1);
-        for (int64_t i0 = c0; i0 < c0 + c_rows; i0 += kBlockM) {
-          const int64_t bm = std::min(kBlockM, c0 + c_rows - i0), bm2 = bm + (bm & 1);
-          gemm(bm, bn, e2, lowp_ptr<T>(q_rows, b) + i0 * e2, e2, k_t.at(b, 0, j0), p, bn, false);
-          for (int64_t r = 0; r < bm; ++r) recompute_probabilities(p + r * bn, bn, scale, lse_ptr[b * nq + i0 + r]);
-          const PackedRef p_pairs = gemm.pack_pairs(p, bm, bn, bn, words_ptr(t.p_pairs));
-          gemm(ev, bn, bm2, lowp_ptr<T>(do_t, b) + i0, nq2, p_pairs, dv_t_b + j0, nk, true);
-          gemm(bm, bn, ev2, lowp_ptr<T>(do_rows, b) + i0 * ev2, ev2, v_t.at(b, 0, j0), dp, bn, false);
-          for (int64_t r = 0; r < bm; ++r) softmax_grad_row(p + r * bn, dp + r * bn, bn, delta_ptr[b * nq + i0 + r]);
-          const PackedRef ds_pairs = gemm.pack_pairs(dp, bm, bn, bn, words_ptr(t.ds_pairs));
-          gemm.round_rows(dp, bm, bn, bn, ds_rows, bn2);
-          gemm(e, bn, bm2, lowp_ptr<T>(q_t, b) + i0, nq2, ds_pairs, dk_t_b + j0, nk, true);
-          gemm(bm, e, bn2, ds_rows, bn2, k_pairs.at(b, j0, 0), dq_chunk + (i0 - c0) * e, e, true);
-        }
+  backward_schedule<float>(batch, nq, nk, dq, make_scratch,
+                           [&](Scratch& t, int64_t b, int64_t kb_begin, int64_t kb_end, int64_t c0, int64_t c_rows,
+                               at::Tensor& dq_chunk_t) {
+    float* dq_chunk = dq_chunk_t.data_ptr<float>();
+    float* dk_t_b = batch_ptr<float>(dk_t, b);
+    float* dv_t_b = batch_ptr<float>(dv_t, b);
+    float* p = t.p.template data_ptr<float>();
+    float* dp = t.dp.template data_ptr<float>();
+    T* ds_rows = reinterpret_cast<T*>(t.ds_rows.data_ptr());
+    for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+      const int64_t j0 = kb * kBlockN, bn = std::min(kBlockN, nk - j0), bn2 = bn + (bn & 1);
+      for (int64_t i0 = c0; i0 < c0 + c_rows; i0 += kBlockM) {
+        const int64_t bm = std::min(kBlockM, c0 + c_rows - i0), bm2 = bm + (bm & 1);
+        gemm(bm, bn, e2, lowp_ptr<T>(q_rows, b) + i0 * e2, e2, k_t.at(b, 0, j0), p, bn, false);
+        for (int64_t r = 0; r < bm; ++r) recompute_probabilities(p + r * bn, bn, scale, lse_ptr[b * nq + i0 + r]);
+        const PackedRef p_pairs = gemm.pack_pairs(p, bm, bn, bn, words_ptr(t.p_pairs));
+        gemm(ev, bn, bm2, lowp_ptr<T>(do_t, b) + i0, nq2, p_pairs, dv_t_b + j0, nk, true);
+        gemm(bm, bn, ev2, lowp_ptr<T>(do_rows, b) + i0 * ev2, ev2, v_t.at(b, 0, j0), dp, bn, false);
+        for (int64_t r = 0; r < bm; ++r) softmax_grad_row(p + r * bn, dp + r * bn, bn, delta_ptr[b * nq + i0 + r]);
+        const PackedRef ds_pairs = gemm.pack_pairs(dp, bm, bn, bn, words_ptr(t.ds_pairs));
+        gemm.round_rows(dp, bm, bn, bn, ds_rows, bn2);
+        gemm(e, bn, bm2, lowp_ptr<T>(q_t, b) + i0, nq2, ds_pairs, dk_t_b + j0, nk, true);
+        gemm(bm, e, bn2, ds_rows, bn2, k_pairs.at(b, j0, 0), dq_chunk + (i0 - c0) * e, e, true);
       }
-      gemm.release();
-    });
-    for (int64_t g = 1; g < groups; ++g) {
-      dq.narrow(1, c0, c_rows).add_(dq_partial[g - 1].narrow(1, 0, c_rows));
     }
-  }
+    gemm.release();
+  });
 }
 
 // The engine for q's type, or kNone: bf16/fp16 inputs are then computed in fp32.
