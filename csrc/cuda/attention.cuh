@@ -93,15 +93,24 @@ struct AttnSmem {
   }
 };
 
-// dst[r][c] = src[row0 + r][col0 + c] for r < nrows, c < ncols, zero outside src.
-template <typename T, int kThreads>
-__device__ __forceinline__ void load_tile(T* dst, int ld, const Mat<const T>& src, int64_t row0, int nrows,
-                                          int64_t col0, int ncols) {
+// dst[r][c] = src[row0 + r][col0 + c] for r < kNRows, c < kNCols, zero outside src. Thread t
+// copies column t % kNCols of rows t / kNCols + k · (kThreads / kNCols): one 64-bit address and
+// one column test per thread, then a pointer step per row (consecutive threads read consecutive
+// columns, as an element-by-element loop would, but without its per-element index arithmetic).
+template <typename T, int kThreads, int kNRows, int kNCols>
+__device__ __forceinline__ void load_tile(T* dst, int ld, const Mat<const T>& src, int64_t row0, int64_t col0) {
+  static_assert(kThreads % kNCols == 0 && kNRows % (kThreads / kNCols) == 0, "whole rows per pass");
+  constexpr int kStep = kThreads / kNCols;
   const T zero = Num<T>::from_acc(0);
-  for (int idx = threadIdx.x; idx < nrows * ncols; idx += kThreads) {
-    const int r = idx / ncols, c = idx % ncols;
-    const int64_t gr = row0 + r, gc = col0 + c;
-    dst[r * ld + c] = (gr < src.rows && gc < src.cols) ? src.at(gr, gc) : zero;
+  const int c = threadIdx.x % kNCols, r0 = threadIdx.x / kNCols;
+  const bool col_ok = col0 + c < src.cols;
+  const int64_t rows_left = src.rows - row0 - r0;  // rows r0 + k·kStep < rows_left are inside src
+  const T* p = src.ptr + (row0 + r0) * src.s_row + (col0 + c) * src.s_col;
+  const int64_t step = int64_t(kStep) * src.s_row;
+  ATTNSEG_UNROLL
+  for (int k = 0; k < kNRows / kStep; ++k) {
+    dst[(r0 + k * kStep) * ld + c] = (col_ok && k * kStep < rows_left) ? *p : zero;
+    p += step;
   }
 }
 
@@ -112,17 +121,16 @@ __device__ __forceinline__ void dot_nt(const AttnSmem<T>& sm, typename AttnTiles
                        const Mat<const T>& Y, int64_t y0) {
   using Tiles = AttnTiles<T>;
   using acc_t = typename Tiles::acc_t;
-  constexpr int kRowsPerWarp = Tiles::kRows / Tiles::kWarps;
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   if constexpr (Tiles::kTensorCores) {
     namespace wmma = nvcuda::wmma;
     static_assert(Tiles::kRows * Tiles::kCols == 256 * Tiles::kWarps, "one 16x16 fragment per warp");
+    const int warp = threadIdx.x / 32;
     const int fr = warp / 2, fc = warp % 2;
     wmma::fragment<wmma::accumulator, 16, 16, 16, float> c;
     wmma::fill_fragment(c, 0.0f);
     for (int64_t d0 = 0; d0 < X.cols; d0 += Tiles::kChunk) {
-      load_tile<T, Tiles::kThreads>(sm.a, Tiles::kLdIn, X, x0, Tiles::kRows, d0, Tiles::kChunk);
-      load_tile<T, Tiles::kThreads>(sm.b, Tiles::kLdIn, Y, y0, Tiles::kCols, d0, Tiles::kChunk);
+      load_tile<T, Tiles::kThreads, Tiles::kRows, Tiles::kChunk>(sm.a, Tiles::kLdIn, X, x0, d0);
+      load_tile<T, Tiles::kThreads, Tiles::kCols, Tiles::kChunk>(sm.b, Tiles::kLdIn, Y, y0, d0);
       __syncthreads();
       for (int kk = 0; kk < Tiles::kChunk; kk += 16) {
         wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::row_major> fa;
@@ -135,19 +143,39 @@ __device__ __forceinline__ void dot_nt(const AttnSmem<T>& sm, typename AttnTiles
     }
     wmma::store_matrix_sync(dst + fr * 16 * Tiles::kLdS + fc * 16, c, Tiles::kLdS, wmma::mem_row_major);
   } else {
-    acc_t sum[kRowsPerWarp];
-    for (int t = 0; t < kRowsPerWarp; ++t) sum[t] = 0;
+    // Register-blocked FFMA: thread (ty, tx) owns rows ty + 16i (i < 2) and columns tx + 8j
+    // (j < 4) of the 32 x 32 tile, so each k step is 6 shared-memory loads for 8 FFMA (the rows
+    // are broadcasts within a warp, the columns fall in distinct banks: kLdIn = kChunk + 1).
+    constexpr int kMi = 2, kMj = 4, kTx = Tiles::kCols / kMj;
+    static_assert(Tiles::kRows == 16 * kMi && kTx * (Tiles::kRows / kMi) == Tiles::kThreads);
+    const int tx = threadIdx.x % kTx, ty = threadIdx.x / kTx;
+    acc_t sum[kMi][kMj];
+    ATTNSEG_UNROLL
+    for (int i = 0; i < kMi; ++i)
+      ATTNSEG_UNROLL
+      for (int j = 0; j < kMj; ++j) sum[i][j] = 0;
     for (int64_t d0 = 0; d0 < X.cols; d0 += Tiles::kChunk) {
-      load_tile<T, Tiles::kThreads>(sm.a, Tiles::kLdIn, X, x0, Tiles::kRows, d0, Tiles::kChunk);
-      load_tile<T, Tiles::kThreads>(sm.b, Tiles::kLdIn, Y, y0, Tiles::kCols, d0, Tiles::kChunk);
+      load_tile<T, Tiles::kThreads, Tiles::kRows, Tiles::kChunk>(sm.a, Tiles::kLdIn, X, x0, d0);
+      load_tile<T, Tiles::kThreads, Tiles::kCols, Tiles::kChunk>(sm.b, Tiles::kLdIn, Y, y0, d0);
       __syncthreads();
+      ATTNSEG_UNROLL_N(16)
       for (int kk = 0; kk < Tiles::kChunk; ++kk) {
-        const acc_t y = sm.b[lane * Tiles::kLdIn + kk];
-        for (int t = 0; t < kRowsPerWarp; ++t) sum[t] += sm.a[(warp + Tiles::kWarps * t) * Tiles::kLdIn + kk] * y;
+        acc_t x[kMi], y[kMj];
+        ATTNSEG_UNROLL
+        for (int i = 0; i < kMi; ++i) x[i] = sm.a[(ty + 16 * i) * Tiles::kLdIn + kk];
+        ATTNSEG_UNROLL
+        for (int j = 0; j < kMj; ++j) y[j] = sm.b[(tx + kTx * j) * Tiles::kLdIn + kk];
+        ATTNSEG_UNROLL
+        for (int i = 0; i < kMi; ++i)
+          ATTNSEG_UNROLL
+          for (int j = 0; j < kMj; ++j) sum[i][j] += x[i] * y[j];
       }
       __syncthreads();
     }
-    for (int t = 0; t < kRowsPerWarp; ++t) dst[(warp + Tiles::kWarps * t) * Tiles::kLdS + lane] = sum[t];
+    ATTNSEG_UNROLL
+    for (int i = 0; i < kMi; ++i)
+      ATTNSEG_UNROLL
+      for (int j = 0; j < kMj; ++j) dst[(ty + 16 * i) * Tiles::kLdS + tx + kTx * j] = sum[i][j];
   }
   __syncthreads();
 }
@@ -158,7 +186,7 @@ template <typename T>
 __device__ __forceinline__ void accumulate(const AttnSmem<T>& sm, const Mat<const T>& G, int64_t g0, int64_t gc0) {
   using Tiles = AttnTiles<T>;
   using acc_t = typename Tiles::acc_t;
-  load_tile<T, Tiles::kThreads>(sm.b, Tiles::kLdIn, G, g0, Tiles::kCols, gc0, Tiles::kChunk);
+  load_tile<T, Tiles::kThreads, Tiles::kCols, Tiles::kChunk>(sm.b, Tiles::kLdIn, G, g0, gc0);
   __syncthreads();
   if constexpr (Tiles::kTensorCores) {
     namespace wmma = nvcuda::wmma;
@@ -180,12 +208,34 @@ __device__ __forceinline__ void accumulate(const AttnSmem<T>& sm, const Mat<cons
       wmma::store_matrix_sync(out, c, Tiles::kLdAcc, wmma::mem_row_major);
     }
   } else {
-    for (int idx = threadIdx.x; idx < Tiles::kRows * Tiles::kChunk; idx += Tiles::kThreads) {
-      const int r = idx / Tiles::kChunk, d = idx % Tiles::kChunk;
-      acc_t sum = 0;
-      for (int c = 0; c < Tiles::kCols; ++c) sum += sm.op[r * Tiles::kLdOp + c] * sm.b[c * Tiles::kLdIn + d];
-      sm.acc[r * Tiles::kLdAcc + d] += sum;
+    // Register-blocked FFMA: thread (ty, tx) owns rows ty + 8i (i < 4) and columns tx + 16j
+    // (j < kChunk / 16) of the kRows x kChunk accumulator: per k step 4 + kChunk / 16 loads for
+    // 4 · kChunk / 16 FFMA (rows broadcast within a warp, columns consecutive). Each output sums
+    // its kCols products in order and is then added to sm.acc, as a per-element loop would.
+    constexpr int kMi = 4, kTx = 16, kMj = Tiles::kChunk / kTx, kTy = Tiles::kThreads / kTx;
+    static_assert(Tiles::kRows == kTy * kMi && Tiles::kChunk % kTx == 0);
+    const int tx = threadIdx.x % kTx, ty = threadIdx.x / kTx;
+    acc_t sum[kMi][kMj];
+    ATTNSEG_UNROLL
+    for (int i = 0; i < kMi; ++i)
+      ATTNSEG_UNROLL
+      for (int j = 0; j < kMj; ++j) sum[i][j] = 0;
+    ATTNSEG_UNROLL_N(8)
+    for (int c = 0; c < Tiles::kCols; ++c) {
+      acc_t x[kMi], y[kMj];
+      ATTNSEG_UNROLL
+      for (int i = 0; i < kMi; ++i) x[i] = sm.op[(ty + kTy * i) * Tiles::kLdOp + c];
+      ATTNSEG_UNROLL
+      for (int j = 0; j < kMj; ++j) y[j] = sm.b[c * Tiles::kLdIn + tx + kTx * j];
+      ATTNSEG_UNROLL
+      for (int i = 0; i < kMi; ++i)
+        ATTNSEG_UNROLL
+        for (int j = 0; j < kMj; ++j) sum[i][j] += x[i] * y[j];
     }
+    ATTNSEG_UNROLL
+    for (int i = 0; i < kMi; ++i)
+      ATTNSEG_UNROLL
+      for (int j = 0; j < kMj; ++j) sm.acc[(ty + kTy * i) * Tiles::kLdAcc + tx + kTx * j] += sum[i][j];
   }
   __syncthreads();
 }

@@ -18,6 +18,16 @@
 #include <cstdint>
 #include <type_traits>
 
+// Full unrolling keeps fragment and micro-tile arrays in registers; g++ (the emulator) needs no hint.
+#if defined(__CUDACC__)
+#define ATTNSEG_UNROLL _Pragma("unroll")
+#define ATTNSEG_PRAGMA(x) _Pragma(#x)
+#define ATTNSEG_UNROLL_N(n) ATTNSEG_PRAGMA(unroll n)
+#else
+#define ATTNSEG_UNROLL
+#define ATTNSEG_UNROLL_N(n)
+#endif
+
 namespace attnseg::cuda {
 
 constexpr unsigned kFullMask = 0xffffffffu;

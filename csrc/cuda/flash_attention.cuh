@@ -36,16 +36,6 @@
 #include "attention.cuh"
 #include "warp.cuh"
 
-// Full unrolling keeps fragment arrays in registers; g++ (the emulator) needs no hint.
-#if defined(__CUDACC__)
-#define ATTNSEG_UNROLL _Pragma("unroll")
-#define ATTNSEG_PRAGMA(x) _Pragma(#x)
-#define ATTNSEG_UNROLL_N(n) ATTNSEG_PRAGMA(unroll n)
-#else
-#define ATTNSEG_UNROLL
-#define ATTNSEG_UNROLL_N(n)
-#endif
-
 namespace attnseg::cuda {
 
 template <int kHeadDim_, int kEvTile_, bool kKeysMajor_>
