@@ -32,7 +32,10 @@ struct AttnTiles {
   using op_t = std::conditional_t<kTensorCores, T, acc_t>;
   static constexpr int kThreads = 128;
   static constexpr int kWarps = kThreads / 32;
-  static constexpr int kRows = 32;  // rows a block owns (queries, or keys in dK/dV)
+  // Rows a block owns (queries, or keys in dK/dV): 32 on tensor cores (one 16x16 WMMA fragment per
+  // warp in dot_nt), 64 on CUDA cores, so that each thread's FFMA micro-tiles are 4 x 4 (scores)
+  // and 8 x 4 (accumulator) and shared-memory loads per FFMA halve.
+  static constexpr int kRows = kTensorCores ? 32 : 64;
   static constexpr int kCols = 32;  // columns of a score tile: one per lane
   static constexpr int kChunk = std::is_same_v<T, double> ? 32 : 64;  // depth chunk; output slice width
   // Padding: +1 staggers banks on CUDA cores; WMMA needs rows that are multiples of 16 bytes and
@@ -50,7 +53,9 @@ struct AttnTiles {
   static constexpr size_t kBytesStats = round_up(sizeof(acc_t) * 3 * kRows, 128);
   static constexpr size_t kSmemBytes = kBytesA + kBytesB + 2 * kBytesS + kBytesOp + kBytesAcc + kBytesStats;
   static_assert(kCols == 32, "a score tile row is one warp wide");
-  static_assert(kSmemBytes <= 48 * 1024, "stay within the default dynamic shared memory limit");
+  // fp16/bf16: 29 KiB, within the default 48 KiB; fp32 59 KiB and fp64 78 KiB, opted in by the
+  // launchers (host.h), within the 99 KiB every targeted GPU (sm_80, sm_86, sm_89, sm_90) offers.
+  static_assert(kSmemBytes <= 99 * 1024, "within the smallest opt-in shared memory of the targeted GPUs");
 };
 
 // Carves the dynamic shared memory of one block.
@@ -143,10 +148,10 @@ __device__ __forceinline__ void dot_nt(const AttnSmem<T>& sm, typename AttnTiles
     }
     wmma::store_matrix_sync(dst + fr * 16 * Tiles::kLdS + fc * 16, c, Tiles::kLdS, wmma::mem_row_major);
   } else {
-    // Register-blocked FFMA: thread (ty, tx) owns rows ty + 16i (i < 2) and columns tx + 8j
-    // (j < 4) of the 32 x 32 tile, so each k step is 6 shared-memory loads for 8 FFMA (the rows
-    // are broadcasts within a warp, the columns fall in distinct banks: kLdIn = kChunk + 1).
-    constexpr int kMi = 2, kMj = 4, kTx = Tiles::kCols / kMj;
+    // Register-blocked FFMA: thread (ty, tx) owns rows ty + 16i (i < kRows / 16) and columns
+    // tx + 8j (j < 4) of the kRows x 32 tile, so each k step is 8 shared-memory loads for 16 FFMA
+    // (the rows are broadcasts within a warp, the columns fall in distinct banks: kLdIn = kChunk + 1).
+    constexpr int kMi = Tiles::kRows / 16, kMj = 4, kTx = Tiles::kCols / kMj;
     static_assert(Tiles::kRows == 16 * kMi && kTx * (Tiles::kRows / kMi) == Tiles::kThreads);
     const int tx = threadIdx.x % kTx, ty = threadIdx.x / kTx;
     acc_t sum[kMi][kMj];
@@ -208,11 +213,12 @@ __device__ __forceinline__ void accumulate(const AttnSmem<T>& sm, const Mat<cons
       wmma::store_matrix_sync(out, c, Tiles::kLdAcc, wmma::mem_row_major);
     }
   } else {
-    // Register-blocked FFMA: thread (ty, tx) owns rows ty + 8i (i < 4) and columns tx + 16j
-    // (j < kChunk / 16) of the kRows x kChunk accumulator: per k step 4 + kChunk / 16 loads for
-    // 4 · kChunk / 16 FFMA (rows broadcast within a warp, columns consecutive). Each output sums
-    // its kCols products in order and is then added to sm.acc, as a per-element loop would.
-    constexpr int kMi = 4, kTx = 16, kMj = Tiles::kChunk / kTx, kTy = Tiles::kThreads / kTx;
+    // Register-blocked FFMA: thread (ty, tx) owns rows ty + 8i (i < kRows / 8) and columns
+    // tx + 16j (j < kChunk / 16) of the kRows x kChunk accumulator: per k step kRows / 8 +
+    // kChunk / 16 loads for (kRows / 8) · (kChunk / 16) FFMA (rows broadcast within a warp, columns
+    // consecutive). Each output sums its kCols products in order and is then added to sm.acc, as
+    // a per-element loop would.
+    constexpr int kTx = 16, kTy = Tiles::kThreads / kTx, kMi = Tiles::kRows / kTy, kMj = Tiles::kChunk / kTx;
     static_assert(Tiles::kRows == kTy * kMi && Tiles::kChunk % kTx == 0);
     const int tx = threadIdx.x % kTx, ty = threadIdx.x / kTx;
     acc_t sum[kMi][kMj];

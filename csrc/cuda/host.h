@@ -205,8 +205,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(Launch& launch, const at::
     p.scale = static_cast<acc_t>(scale);
     if (try_flash_fwd(launch, p, batch, op)) return;
     // Ev = 0 still launches one slice: its blocks write lse.
-    const dim3 grid(grid_dim_checked(batch * p.q_blocks, kGridX, op, "B x ceil(Nq / 32)"),
+    const dim3 grid(grid_dim_checked(batch * p.q_blocks, kGridX, op, "B x ceil(Nq / rows per block)"),
                     grid_dim_checked(std::max<int64_t>(1, ceil_div(ev, Tiles::kChunk)), kGridYZ, op, "Ev"));
+    launch.set_max_dynamic_smem(attention_fwd_kernel<T>, Tiles::kSmemBytes);
     launch(attention_fwd_kernel<T>, grid, dim3(Tiles::kThreads), Tiles::kSmemBytes, p);
   });
   return {out, lse};
@@ -386,8 +387,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch
            dim3(grid_dim_checked(ceil_div(batch * nq, Tiles::kWarps), kGridX, op, "B x Nq / 4")), block, 0, p);
     const bool flash_dkdq = try_flash_bwd_dkdq(launch, p, batch, q.options(), op);
     if (e > 0 && !flash_dkdq) {
+      launch.set_max_dynamic_smem(attention_bwd_dq_kernel<T>, Tiles::kSmemBytes);
       launch(attention_bwd_dq_kernel<T>,
-             dim3(grid_dim_checked(batch * p.q_blocks, kGridX, op, "B x ceil(Nq / 32)"),
+             dim3(grid_dim_checked(batch * p.q_blocks, kGridX, op, "B x ceil(Nq / rows per block)"),
                   grid_dim_checked(p.e_chunks, kGridYZ, op, "E")),
              block, Tiles::kSmemBytes, p);
     }
@@ -397,8 +399,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch
     TORCH_INTERNAL_ASSERT(flash_dv || !flash_dkdq, op, ": the flash dK/dQ kernel ran without the flash dV kernel");
     const int64_t kv_chunks = (flash_dkdq ? 0 : p.e_chunks) + (flash_dv ? 0 : ceil_div(ev, Tiles::kChunk));
     if (kv_chunks > 0) {
+      launch.set_max_dynamic_smem(attention_bwd_dkv_kernel<T>, Tiles::kSmemBytes);
       launch(attention_bwd_dkv_kernel<T>,
-             dim3(grid_dim_checked(batch * p.k_blocks, kGridX, op, "B x ceil(Nk / 32)"),
+             dim3(grid_dim_checked(batch * p.k_blocks, kGridX, op, "B x ceil(Nk / rows per block)"),
                   grid_dim_checked(kv_chunks, kGridYZ, op, "E + Ev")),
              block, Tiles::kSmemBytes, p);
     }
