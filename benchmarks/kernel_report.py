@@ -351,6 +351,19 @@ _ATTN_TILES = {"threads": "AttnTiles<{T}>::kThreads", "smem": "AttnTiles<{T}>::k
 _ROWS = {"threads": "kRowThreads", "smem": "0"}
 _ALL = ("fp16", "bf16", "fp32", "fp64")
 
+_FLASH_LAYOUTS = (("channel-first", "true"), ("contiguous", "false"))
+
+
+def _flash_tiles(tiles: str, rows: str, cols: str) -> dict:
+    """The constants of a flash kernel's tile struct: launch geometry and the model's tile sizes."""
+    return {"threads": f"{tiles}::kThreads", "smem": f"{tiles}::kSmemBytes", "rows": f"{tiles}::{rows}",
+            "cols": f"{tiles}::{cols}", "head_dim": f"{tiles}::kHeadDim", "ev_tile": f"{tiles}::kEvTile"}
+
+
+def _fa2_impl(major: str) -> str:
+    return "fa2" if major == "true" else "fa2 contiguous"
+
+
 KERNELS = (
     CudaKernel("attention_fwd", "attention.cuh", "attention_fwd_kernel<{T}>", _ALL,
                _ATTN_TILES, old_attention_fwd, "attention_fwd", products=True),
@@ -358,15 +371,9 @@ KERNELS = (
     # tiles of 256, both shared-memory layouts (channel-first views, contiguous inputs).
     *(CudaKernel(f"flash_attention_fwd[{layout}]", "flash_attention.cuh",
                  f"flash_attention_fwd_kernel<{{T}}, 64, 256, {major}>", ("fp16", "bf16"),
-                 {"threads": f"FlashFwdTiles<64, 256, {major}>::kThreads",
-                  "smem": f"FlashFwdTiles<64, 256, {major}>::kSmemBytes",
-                  "rows": f"FlashFwdTiles<64, 256, {major}>::kBlockM",
-                  "cols": f"FlashFwdTiles<64, 256, {major}>::kBlockN",
-                  "head_dim": f"FlashFwdTiles<64, 256, {major}>::kHeadDim",
-                  "ev_tile": f"FlashFwdTiles<64, 256, {major}>::kEvTile"},
-                 flash_attention_fwd, "attention_fwd", products=True, enforced=True,
-                 impl="fa2" if major == "true" else "fa2 contiguous")
-      for layout, major in (("channel-first", "true"), ("contiguous", "false"))),
+                 _flash_tiles(f"FlashFwdTiles<64, 256, {major}>", rows="kBlockM", cols="kBlockN"),
+                 flash_attention_fwd, "attention_fwd", products=True, enforced=True, impl=_fa2_impl(major))
+      for layout, major in _FLASH_LAYOUTS),
     CudaKernel("attention_bwd_delta", "attention.cuh", "attention_bwd_delta_kernel<{T}>", _ALL,
                {**_ATTN_TILES, "smem": "0"}, old_attention_delta, "attention_bwd", products=False),
     CudaKernel("attention_bwd_dq", "attention.cuh", "attention_bwd_dq_kernel<{T}>", _ALL,
@@ -377,32 +384,20 @@ KERNELS = (
     # kernel with Ev tiles of 256, the dK/dQ kernel with all of Ev = 512 resident, both layouts.
     # The delta kernel above (memory only) also runs before them.
     *(kernel
-      for layout, major in (("channel-first", "true"), ("contiguous", "false"))
+      for layout, major in _FLASH_LAYOUTS
       for kernel in (
           CudaKernel(f"flash_attention_bwd_dv[{layout}]", "flash_attention_bwd.cuh",
                      f"flash_attention_bwd_dv_kernel<{{T}}, 64, 256, {major}>", ("fp16", "bf16"),
-                     {"threads": f"FlashBwdDvTiles<64, 256, {major}>::kThreads",
-                      "smem": f"FlashBwdDvTiles<64, 256, {major}>::kSmemBytes",
-                      "rows": f"FlashBwdDvTiles<64, 256, {major}>::kBlockN",
-                      "cols": f"FlashBwdDvTiles<64, 256, {major}>::kBlockQ",
-                      "head_dim": f"FlashBwdDvTiles<64, 256, {major}>::kHeadDim",
-                      "ev_tile": f"FlashBwdDvTiles<64, 256, {major}>::kEvTile"},
-                     flash_attention_bwd_dv, "attention_bwd", products=True, enforced=True,
-                     impl="fa2" if major == "true" else "fa2 contiguous"),
+                     _flash_tiles(f"FlashBwdDvTiles<64, 256, {major}>", rows="kBlockN", cols="kBlockQ"),
+                     flash_attention_bwd_dv, "attention_bwd", products=True, enforced=True, impl=_fa2_impl(major)),
           CudaKernel(f"flash_attention_bwd_dkdq[{layout}]", "flash_attention_bwd.cuh",
                      f"flash_attention_bwd_dkdq_kernel<{{T}}, 64, 512, {major}>", ("fp16", "bf16"),
-                     {"threads": f"FlashBwdDkdqTiles<64, 512, {major}>::kThreads",
-                      "smem": f"FlashBwdDkdqTiles<64, 512, {major}>::kSmemBytes",
-                      "rows": f"FlashBwdDkdqTiles<64, 512, {major}>::kBlockN",
-                      "cols": f"FlashBwdDkdqTiles<64, 512, {major}>::kBlockQ",
-                      "head_dim": f"FlashBwdDkdqTiles<64, 512, {major}>::kHeadDim",
-                      "ev_tile": f"FlashBwdDkdqTiles<64, 512, {major}>::kEvTile"},
-                     flash_attention_bwd_dkdq, "attention_bwd", products=True, enforced=True,
-                     impl="fa2" if major == "true" else "fa2 contiguous"),
+                     _flash_tiles(f"FlashBwdDkdqTiles<64, 512, {major}>", rows="kBlockN", cols="kBlockQ"),
+                     flash_attention_bwd_dkdq, "attention_bwd", products=True, enforced=True, impl=_fa2_impl(major)),
           CudaKernel(f"flash_attention_bwd_dq_convert[{layout}]", "flash_attention_bwd.cuh",
                      "flash_attention_bwd_dq_convert_kernel<{T}>", ("fp16", "bf16"),
                      {"threads": "256", "smem": "0"}, flash_attention_bwd_dq_convert, "attention_bwd",
-                     products=False, enforced=True, impl="fa2" if major == "true" else "fa2 contiguous"),
+                     products=False, enforced=True, impl=_fa2_impl(major)),
       )),
     CudaKernel("cam_softmax_fwd", "channel_attention.cuh", "cam_softmax_fwd_kernel<{A}>", _ALL,
                _ROWS, cam_rows, "cam_fwd", products=False),

@@ -119,6 +119,28 @@ __device__ __forceinline__ void load_tile(T* dst, int ld, const Mat<const T>& sr
   }
 }
 
+// One k step of an FFMA micro-tile: sum[i][j] += x[i · x_stride] · y[j · y_stride].
+template <int kMi, int kMj, typename A>
+__device__ __forceinline__ void fma_micro_tile(A (&sum)[kMi][kMj], const A* x, int x_stride, const A* y, int y_stride) {
+  A xs[kMi], ys[kMj];
+  ATTNSEG_UNROLL
+  for (int i = 0; i < kMi; ++i) xs[i] = x[i * x_stride];
+  ATTNSEG_UNROLL
+  for (int j = 0; j < kMj; ++j) ys[j] = y[j * y_stride];
+  ATTNSEG_UNROLL
+  for (int i = 0; i < kMi; ++i)
+    ATTNSEG_UNROLL
+    for (int j = 0; j < kMj; ++j) sum[i][j] += xs[i] * ys[j];
+}
+
+template <int kMi, int kMj, typename A>
+__device__ __forceinline__ void zero_micro_tile(A (&sum)[kMi][kMj]) {
+  ATTNSEG_UNROLL
+  for (int i = 0; i < kMi; ++i)
+    ATTNSEG_UNROLL
+    for (int j = 0; j < kMj; ++j) sum[i][j] = 0;
+}
+
 // dst (kRows x kCols, fp32/fp64) = X[x0 : x0+kRows, :] · Y[y0 : y0+kCols, :]ᵀ over the full
 // depth X.cols (== Y.cols), in kChunk-wide steps through shared memory. Ends with a barrier.
 template <typename T>
@@ -155,26 +177,15 @@ __device__ __forceinline__ void dot_nt(const AttnSmem<T>& sm, typename AttnTiles
     static_assert(Tiles::kRows == 16 * kMi && kTx * (Tiles::kRows / kMi) == Tiles::kThreads);
     const int tx = threadIdx.x % kTx, ty = threadIdx.x / kTx;
     acc_t sum[kMi][kMj];
-    ATTNSEG_UNROLL
-    for (int i = 0; i < kMi; ++i)
-      ATTNSEG_UNROLL
-      for (int j = 0; j < kMj; ++j) sum[i][j] = 0;
+    zero_micro_tile(sum);
     for (int64_t d0 = 0; d0 < X.cols; d0 += Tiles::kChunk) {
       load_tile<T, Tiles::kThreads, Tiles::kRows, Tiles::kChunk>(sm.a, Tiles::kLdIn, X, x0, d0);
       load_tile<T, Tiles::kThreads, Tiles::kCols, Tiles::kChunk>(sm.b, Tiles::kLdIn, Y, y0, d0);
       __syncthreads();
       ATTNSEG_UNROLL_N(16)
-      for (int kk = 0; kk < Tiles::kChunk; ++kk) {
-        acc_t x[kMi], y[kMj];
-        ATTNSEG_UNROLL
-        for (int i = 0; i < kMi; ++i) x[i] = sm.a[(ty + 16 * i) * Tiles::kLdIn + kk];
-        ATTNSEG_UNROLL
-        for (int j = 0; j < kMj; ++j) y[j] = sm.b[(tx + kTx * j) * Tiles::kLdIn + kk];
-        ATTNSEG_UNROLL
-        for (int i = 0; i < kMi; ++i)
-          ATTNSEG_UNROLL
-          for (int j = 0; j < kMj; ++j) sum[i][j] += x[i] * y[j];
-      }
+      for (int kk = 0; kk < Tiles::kChunk; ++kk)
+        fma_micro_tile(sum, sm.a + ty * Tiles::kLdIn + kk, 16 * Tiles::kLdIn, sm.b + tx * Tiles::kLdIn + kk,
+                       kTx * Tiles::kLdIn);
       __syncthreads();
     }
     ATTNSEG_UNROLL
@@ -222,22 +233,10 @@ __device__ __forceinline__ void accumulate(const AttnSmem<T>& sm, const Mat<cons
     static_assert(Tiles::kRows == kTy * kMi && Tiles::kChunk % kTx == 0);
     const int tx = threadIdx.x % kTx, ty = threadIdx.x / kTx;
     acc_t sum[kMi][kMj];
-    ATTNSEG_UNROLL
-    for (int i = 0; i < kMi; ++i)
-      ATTNSEG_UNROLL
-      for (int j = 0; j < kMj; ++j) sum[i][j] = 0;
+    zero_micro_tile(sum);
     ATTNSEG_UNROLL_N(8)
-    for (int c = 0; c < Tiles::kCols; ++c) {
-      acc_t x[kMi], y[kMj];
-      ATTNSEG_UNROLL
-      for (int i = 0; i < kMi; ++i) x[i] = sm.op[(ty + kTy * i) * Tiles::kLdOp + c];
-      ATTNSEG_UNROLL
-      for (int j = 0; j < kMj; ++j) y[j] = sm.b[c * Tiles::kLdIn + tx + kTx * j];
-      ATTNSEG_UNROLL
-      for (int i = 0; i < kMi; ++i)
-        ATTNSEG_UNROLL
-        for (int j = 0; j < kMj; ++j) sum[i][j] += x[i] * y[j];
-    }
+    for (int c = 0; c < Tiles::kCols; ++c)
+      fma_micro_tile(sum, sm.op + ty * Tiles::kLdOp + c, kTy * Tiles::kLdOp, sm.b + c * Tiles::kLdIn + tx, kTx);
     ATTNSEG_UNROLL
     for (int i = 0; i < kMi; ++i)
       ATTNSEG_UNROLL

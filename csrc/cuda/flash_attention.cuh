@@ -170,6 +170,32 @@ __device__ __forceinline__ int b_lane_offset(bool stored_kn, int ld, int lane) {
   return stored_kn ? (mat_a + mat_row) * ld + mat_b : (mat_b + mat_row) * ld + mat_a;
 }
 
+// Zeroes mma accumulator fragments.
+template <int kTiles>
+__device__ __forceinline__ void zero_fragments(float (&acc)[kTiles][4]) {
+  ATTNSEG_UNROLL
+  for (int n = 0; n < kTiles; ++n)
+    for (int c = 0; c < 4; ++c) acc[n][c] = 0.0f;
+}
+
+// acc[2np], acc[2np + 1] += a · B for the n-tile pairs np < kTiles / 2 of k-step ks: each pair's B
+// fragments by one x4 ldmatrix from a tile stored [k][n] (kStoredKn: ldmatrix.trans) or [n][k]
+// (plain), row stride kLd; `tile` already carries the lane's b_lane_offset.
+template <typename T, bool kStoredKn, int kLd, int kTiles, typename S>
+__device__ __forceinline__ void mma_b_tiles(float (&acc)[kTiles][4], const uint32_t (&a)[4], const S* tile, int ks) {
+  ATTNSEG_UNROLL
+  for (int np = 0; np < kTiles / 2; ++np) {
+    uint32_t b[4];  // B fragments of n-tiles 2np ({0, 1}) and 2np + 1 ({2, 3})
+    if constexpr (kStoredKn) {
+      warp::ldmatrix_x4_trans(b, tile + 16 * ks * kLd + 16 * np);
+    } else {
+      warp::ldmatrix_x4(b, tile + 16 * np * kLd + 16 * ks);
+    }
+    warp::mma_m16n8k16<T>(acc[2 * np], a, {b[0], b[1]}, acc[2 * np]);
+    warp::mma_m16n8k16<T>(acc[2 * np + 1], a, {b[2], b[3]}, acc[2 * np + 1]);
+  }
+}
+
 // e^x as 2^(x · log2 e) on the MUFU unit, flushing subnormal results to zero (ex2.approx.ftz:
 // a probability below 2^-126 next to a row maximum's 1 changes nothing); the emulator flushes the
 // same way. x is a difference of logits, exact for the dominant terms, so the log2 e factor costs
@@ -265,9 +291,7 @@ __global__ void __launch_bounds__(FlashFwdTiles<kHeadDim, kEvTile, kKeysMajor>::
   const int v_lane = b_lane_offset(!kKeysMajor, kLdV, lane);
 
   float o_acc[kOTiles][4];  // O[16 x kEvTile] of this warp: o_acc[n][0..1] row g, [2..3] row g + 8
-  ATTNSEG_UNROLL
-  for (int n = 0; n < kOTiles; ++n)
-    for (int c = 0; c < 4; ++c) o_acc[n][c] = 0.0f;
+  zero_fragments(o_acc);
   float row_max[2] = {neg_inf<float>(), neg_inf<float>()};  // rows g and g + 8
   float row_sum[2] = {0.0f, 0.0f};                           // this lane's partial sums of those rows
   const float scale = p.scale;
@@ -286,23 +310,9 @@ __global__ void __launch_bounds__(FlashFwdTiles<kHeadDim, kEvTile, kKeysMajor>::
 
       // S = Q Kᵀ
       float s[kSTiles][4];
+      zero_fragments(s);
       ATTNSEG_UNROLL
-      for (int n = 0; n < kSTiles; ++n)
-        for (int c = 0; c < 4; ++c) s[n][c] = 0.0f;
-      ATTNSEG_UNROLL
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        ATTNSEG_UNROLL
-        for (int np = 0; np < kSTiles / 2; ++np) {
-          uint32_t kb[4];  // B fragments of n-tiles 2np ({0, 1}) and 2np + 1 ({2, 3})
-          if constexpr (kKeysMajor) {
-            warp::ldmatrix_x4_trans(kb, k_tile + 16 * ks * kLdK + 16 * np);
-          } else {
-            warp::ldmatrix_x4(kb, k_tile + 16 * np * kLdK + 16 * ks);
-          }
-          warp::mma_m16n8k16<T>(s[2 * np], q_frag[ks], {kb[0], kb[1]}, s[2 * np]);
-          warp::mma_m16n8k16<T>(s[2 * np + 1], q_frag[ks], {kb[2], kb[3]}, s[2 * np + 1]);
-        }
-      }
+      for (int ks = 0; ks < kKSteps; ++ks) mma_b_tiles<T, kKeysMajor, kLdK>(s, q_frag[ks], k_tile, ks);
 
       // Scale; keys past Nk (only in the last tile) get logit −inf.
       const int j0 = jt * kBlockN;
@@ -353,17 +363,7 @@ __global__ void __launch_bounds__(FlashFwdTiles<kHeadDim, kEvTile, kKeysMajor>::
         const uint32_t pa[4] = {warp::pack2<T>(s[2 * kk][0], s[2 * kk][1]), warp::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
                                 warp::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                                 warp::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-        ATTNSEG_UNROLL
-        for (int np = 0; np < kOTiles / 2; ++np) {
-          uint32_t vb[4];  // B fragments of O n-tiles 2np ({0, 1}) and 2np + 1 ({2, 3})
-          if constexpr (kKeysMajor) {
-            warp::ldmatrix_x4(vb, v_tile + 16 * np * kLdV + 16 * kk);
-          } else {
-            warp::ldmatrix_x4_trans(vb, v_tile + 16 * kk * kLdV + 16 * np);
-          }
-          warp::mma_m16n8k16<T>(o_acc[2 * np], pa, {vb[0], vb[1]}, o_acc[2 * np]);
-          warp::mma_m16n8k16<T>(o_acc[2 * np + 1], pa, {vb[2], vb[3]}, o_acc[2 * np + 1]);
-        }
+        mma_b_tiles<T, !kKeysMajor, kLdV>(o_acc, pa, v_tile, kk);
       }
 
       // Tile jt + 1 has landed and is visible; every warp is done with this stage before the next

@@ -58,10 +58,13 @@
 
 namespace attnseg::cuda {
 
+// The streamed query tiles both backward kernels share: 4 warps of 16 keys per block, Q, dO (the
+// kEvTile columns a block reads) and lse of kBlockQ queries per ring stage, rows padded by 8
+// halves, stored [queries][features] or, when kQueriesMajor, [features][queries].
 template <int kHeadDim_, int kEvTile_, bool kQueriesMajor_>
-struct FlashBwdDvTiles {
+struct FlashBwdQueryTiles {
   static constexpr int kHeadDim = kHeadDim_;  // E rounded up to 64 (zero padding)
-  static constexpr int kEvTile = kEvTile_;    // dV columns a block owns: 128 or 256
+  static constexpr int kEvTile = kEvTile_;
   static constexpr bool kQueriesMajor = kQueriesMajor_;
   static constexpr int kWarps = 4;
   static constexpr int kThreads = 32 * kWarps;
@@ -69,55 +72,50 @@ struct FlashBwdDvTiles {
   static constexpr int kBlockQ = 32;           // queries per streamed tile
   static constexpr int kStages = 2;
   static constexpr int kPad = 8;
-  // K tile: [kBlockN][kLdKRowMajor] or [kHeadDim][kLdKKeysMajor]; room for either.
-  static constexpr int kLdKRowMajor = kHeadDim + kPad;
-  static constexpr int kLdKKeysMajor = kBlockN + kPad;
-  static constexpr int kKElems = std::max(kBlockN * kLdKRowMajor, kHeadDim * kLdKKeysMajor);
   static constexpr int kLdQ = kQueriesMajor ? kBlockQ + kPad : kHeadDim + kPad;
   static constexpr int kQElems = (kQueriesMajor ? kHeadDim : kBlockQ) * kLdQ;
   static constexpr int kLdDo = kQueriesMajor ? kBlockQ + kPad : kEvTile + kPad;
   static constexpr int kDoElems = (kQueriesMajor ? kEvTile : kBlockQ) * kLdDo;
-  // Per stage, after the T tiles: kBlockQ floats of lse.
-  static constexpr size_t kSmemBytes =
-      2 * size_t(kKElems + kStages * (kQElems + kDoElems)) + sizeof(float) * kStages * kBlockQ;
 
   static_assert(kHeadDim % 16 == 0 && kHeadDim <= 64 && kEvTile % 16 == 0);
-  static_assert(kKElems % 8 == 0 && kQElems % 8 == 0 && kDoElems % 8 == 0, "16-byte aligned tiles");
+  static_assert(kQElems % 8 == 0 && kDoElems % 8 == 0, "16-byte aligned tiles");
 };
 
-// flash_attention_bwd_dkdq_kernel's tiles. kEvTile is all of Ev (128, 256 or 512): V_j stays
-// resident, since dPᵀ = V dOᵀ is Ev deep.
+// flash_attention_bwd_dv_kernel's tiles. kEvTile: the dV columns a block owns, 128 or 256.
 template <int kHeadDim_, int kEvTile_, bool kQueriesMajor_>
-struct FlashBwdDkdqTiles {
-  static constexpr int kHeadDim = kHeadDim_;  // E rounded up to 64 (zero padding)
-  static constexpr int kEvTile = kEvTile_;    // Ev rounded up to 128, 256 or 512 (zero padding)
-  static constexpr bool kQueriesMajor = kQueriesMajor_;
-  static constexpr int kWarps = 4;
-  static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockN = 16 * kWarps;  // keys per block, 16 per warp
-  static constexpr int kBlockQ = 32;           // queries per streamed tile
-  static constexpr int kStages = 2;
-  static constexpr int kPad = 8;
-  static constexpr int kLdV = kEvTile + kPad;  // V tile [keys][Ev], resident
-  static constexpr int kVElems = kBlockN * kLdV;
-  static constexpr int kLdQ = kQueriesMajor ? kBlockQ + kPad : kHeadDim + kPad;
-  static constexpr int kQElems = (kQueriesMajor ? kHeadDim : kBlockQ) * kLdQ;
-  static constexpr int kLdDo = kQueriesMajor ? kBlockQ + kPad : kEvTile + kPad;
-  static constexpr int kDoElems = (kQueriesMajor ? kEvTile : kBlockQ) * kLdDo;
-  static constexpr int kStageElems = kQElems + kDoElems;  // a ring stage: Q tile, then dO tile
-  // K tile [keys][E]: read into registers in the prologue, staged in ring stage 1 until then.
-  static constexpr int kLdK = kHeadDim + kPad;
-  static constexpr int kKElems = kBlockN * kLdK;
-  static constexpr int kLdDs = kBlockQ + kPad;  // dSᵀ [keys][queries], rounded to T
-  static constexpr int kDsElems = kBlockN * kLdDs;
-  // After the T tiles: per stage, kBlockQ floats of lse, then kBlockQ of delta.
-  static constexpr size_t kSmemBytes =
-      2 * size_t(kVElems + kStages * kStageElems + kDsElems) + sizeof(float) * kStages * 2 * kBlockQ;
+struct FlashBwdDvTiles : FlashBwdQueryTiles<kHeadDim_, kEvTile_, kQueriesMajor_> {
+  using Base = FlashBwdQueryTiles<kHeadDim_, kEvTile_, kQueriesMajor_>;
+  // K tile: [kBlockN][kLdKRowMajor] or [kHeadDim][kLdKKeysMajor]; room for either.
+  static constexpr int kLdKRowMajor = Base::kHeadDim + Base::kPad;
+  static constexpr int kLdKKeysMajor = Base::kBlockN + Base::kPad;
+  static constexpr int kKElems = std::max(Base::kBlockN * kLdKRowMajor, Base::kHeadDim * kLdKKeysMajor);
+  // Per stage, after the T tiles: kBlockQ floats of lse.
+  static constexpr size_t kSmemBytes = 2 * size_t(kKElems + Base::kStages * (Base::kQElems + Base::kDoElems)) +
+                                       sizeof(float) * Base::kStages * Base::kBlockQ;
 
-  static_assert(kHeadDim == 64 && kEvTile % 16 == 0 && kEvTile <= 512);
+  static_assert(kKElems % 8 == 0, "16-byte aligned tiles");
+};
+
+// flash_attention_bwd_dkdq_kernel's tiles. kEvTile is all of Ev (128, 256 or 512, zero padding):
+// V_j stays resident, since dPᵀ = V dOᵀ is Ev deep.
+template <int kHeadDim_, int kEvTile_, bool kQueriesMajor_>
+struct FlashBwdDkdqTiles : FlashBwdQueryTiles<kHeadDim_, kEvTile_, kQueriesMajor_> {
+  using Base = FlashBwdQueryTiles<kHeadDim_, kEvTile_, kQueriesMajor_>;
+  static constexpr int kLdV = Base::kEvTile + Base::kPad;  // V tile [keys][Ev], resident
+  static constexpr int kVElems = Base::kBlockN * kLdV;
+  static constexpr int kStageElems = Base::kQElems + Base::kDoElems;  // a ring stage: Q tile, then dO tile
+  // K tile [keys][E]: read into registers in the prologue, staged in ring stage 1 until then.
+  static constexpr int kLdK = Base::kHeadDim + Base::kPad;
+  static constexpr int kKElems = Base::kBlockN * kLdK;
+  static constexpr int kLdDs = Base::kBlockQ + Base::kPad;  // dSᵀ [keys][queries], rounded to T
+  static constexpr int kDsElems = Base::kBlockN * kLdDs;
+  // After the T tiles: per stage, kBlockQ floats of lse, then kBlockQ of delta.
+  static constexpr size_t kSmemBytes = 2 * size_t(kVElems + Base::kStages * kStageElems + kDsElems) +
+                                       sizeof(float) * Base::kStages * 2 * Base::kBlockQ;
+
+  static_assert(Base::kHeadDim == 64 && Base::kEvTile <= 512);
   static_assert(kKElems <= kStageElems, "the K tile is staged in ring stage 1");
-  static_assert(kVElems % 8 == 0 && kQElems % 8 == 0 && kDoElems % 8 == 0 && kDsElems % 8 == 0,
-                "16-byte aligned tiles");
+  static_assert(kVElems % 8 == 0 && kDsElems % 8 == 0, "16-byte aligned tiles");
 };
 
 template <typename T>
@@ -247,9 +245,7 @@ __global__ void __launch_bounds__(FlashBwdDvTiles<kHeadDim, kEvTile, kQueriesMaj
   const int do_lane = b_lane_offset(!kQueriesMajor, kLdDo, lane);
 
   float dv_acc[kDvTiles][4];  // dV[16 x kEvTile] of this warp: [n][0..1] key g, [2..3] key g + 8
-  ATTNSEG_UNROLL
-  for (int n = 0; n < kDvTiles; ++n)
-    for (int c = 0; c < 4; ++c) dv_acc[n][c] = 0.0f;
+  zero_fragments(dv_acc);
   const float scale = p.scale;
   const int n_tiles = int(ceil_div(nq, kBlockQ));
 
@@ -266,23 +262,9 @@ __global__ void __launch_bounds__(FlashBwdDvTiles<kHeadDim, kEvTile, kQueriesMaj
 
       // Sᵀ = K Qᵀ
       float s[kSTiles][4];
+      zero_fragments(s);
       ATTNSEG_UNROLL
-      for (int n = 0; n < kSTiles; ++n)
-        for (int c = 0; c < 4; ++c) s[n][c] = 0.0f;
-      ATTNSEG_UNROLL
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        ATTNSEG_UNROLL
-        for (int np = 0; np < kSTiles / 2; ++np) {
-          uint32_t qb[4];  // B fragments of n-tiles 2np ({0, 1}) and 2np + 1 ({2, 3})
-          if constexpr (kQueriesMajor) {
-            warp::ldmatrix_x4_trans(qb, q_tile + 16 * ks * kLdQ + 16 * np);
-          } else {
-            warp::ldmatrix_x4(qb, q_tile + 16 * np * kLdQ + 16 * ks);
-          }
-          warp::mma_m16n8k16<T>(s[2 * np], k_frag[ks], {qb[0], qb[1]}, s[2 * np]);
-          warp::mma_m16n8k16<T>(s[2 * np + 1], k_frag[ks], {qb[2], qb[3]}, s[2 * np + 1]);
-        }
-      }
+      for (int ks = 0; ks < kKSteps; ++ks) mma_b_tiles<T, kQueriesMajor, kLdQ>(s, k_frag[ks], q_tile, ks);
 
       // Pᵀ = exp(scale · Sᵀ − lse): this lane's columns are queries 8n + 2t + {0, 1} of the tile,
       // the same for both of its rows (keys g and g + 8). Queries past Nq (only in the last tile)
@@ -309,17 +291,7 @@ __global__ void __launch_bounds__(FlashBwdDvTiles<kHeadDim, kEvTile, kQueriesMaj
         const uint32_t pa[4] = {warp::pack2<T>(s[2 * kk][0], s[2 * kk][1]), warp::pack2<T>(s[2 * kk][2], s[2 * kk][3]),
                                 warp::pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
                                 warp::pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
-        ATTNSEG_UNROLL
-        for (int np = 0; np < kDvTiles / 2; ++np) {
-          uint32_t db[4];  // B fragments of dV n-tiles 2np ({0, 1}) and 2np + 1 ({2, 3})
-          if constexpr (kQueriesMajor) {
-            warp::ldmatrix_x4(db, do_tile + 16 * np * kLdDo + 16 * kk);
-          } else {
-            warp::ldmatrix_x4_trans(db, do_tile + 16 * kk * kLdDo + 16 * np);
-          }
-          warp::mma_m16n8k16<T>(dv_acc[2 * np], pa, {db[0], db[1]}, dv_acc[2 * np]);
-          warp::mma_m16n8k16<T>(dv_acc[2 * np + 1], pa, {db[2], db[3]}, dv_acc[2 * np + 1]);
-        }
+        mma_b_tiles<T, !kQueriesMajor, kLdDo>(dv_acc, pa, do_tile, kk);
       }
 
       // Tile it + 1 has landed and is visible; every warp is done with this stage before the next
@@ -421,9 +393,7 @@ __global__ void __launch_bounds__(FlashBwdDkdqTiles<kHeadDim, kEvTile, kQueriesM
   const T* const ds_warp = ds_smem + a_lane_offset(true, kLdDs, lane) + dq_m0;
 
   float dk_acc[kDkTiles][4];  // dK[16 x E] of this warp (unscaled): [n][0..1] key g, [2..3] key g + 8
-  ATTNSEG_UNROLL
-  for (int n = 0; n < kDkTiles; ++n)
-    for (int c = 0; c < 4; ++c) dk_acc[n][c] = 0.0f;
+  zero_fragments(dk_acc);
   const float scale = p.scale;
   bool key_valid[2];
   ATTNSEG_UNROLL
@@ -441,44 +411,19 @@ __global__ void __launch_bounds__(FlashBwdDkdqTiles<kHeadDim, kEvTile, kQueriesM
 
       // Sᵀ = K Qᵀ
       float s[kSTiles][4];
+      zero_fragments(s);
       ATTNSEG_UNROLL
-      for (int n = 0; n < kSTiles; ++n)
-        for (int c = 0; c < 4; ++c) s[n][c] = 0.0f;
-      ATTNSEG_UNROLL
-      for (int ks = 0; ks < kKSteps; ++ks) {
-        ATTNSEG_UNROLL
-        for (int np = 0; np < kSTiles / 2; ++np) {
-          uint32_t qb[4];
-          if constexpr (kQueriesMajor) {
-            warp::ldmatrix_x4_trans(qb, q_tile + q_s_lane + 16 * ks * kLdQ + 16 * np);
-          } else {
-            warp::ldmatrix_x4(qb, q_tile + q_s_lane + 16 * np * kLdQ + 16 * ks);
-          }
-          warp::mma_m16n8k16<T>(s[2 * np], k_frag[ks], {qb[0], qb[1]}, s[2 * np]);
-          warp::mma_m16n8k16<T>(s[2 * np + 1], k_frag[ks], {qb[2], qb[3]}, s[2 * np + 1]);
-        }
-      }
+      for (int ks = 0; ks < kKSteps; ++ks)
+        mma_b_tiles<T, kQueriesMajor, kLdQ>(s, k_frag[ks], q_tile + q_s_lane, ks);
 
       // dPᵀ = V dOᵀ, Ev deep: V's A fragments from the resident tile, dO's B fragments from the ring.
       float dp[kSTiles][4];
-      ATTNSEG_UNROLL
-      for (int n = 0; n < kSTiles; ++n)
-        for (int c = 0; c < 4; ++c) dp[n][c] = 0.0f;
+      zero_fragments(dp);
       ATTNSEG_UNROLL
       for (int vs = 0; vs < kVSteps; ++vs) {
         uint32_t va[4];
         warp::ldmatrix_x4(va, v_warp + 16 * vs);
-        ATTNSEG_UNROLL
-        for (int np = 0; np < kSTiles / 2; ++np) {
-          uint32_t db[4];
-          if constexpr (kQueriesMajor) {
-            warp::ldmatrix_x4_trans(db, do_tile + 16 * vs * kLdDo + 16 * np);
-          } else {
-            warp::ldmatrix_x4(db, do_tile + 16 * np * kLdDo + 16 * vs);
-          }
-          warp::mma_m16n8k16<T>(dp[2 * np], va, {db[0], db[1]}, dp[2 * np]);
-          warp::mma_m16n8k16<T>(dp[2 * np + 1], va, {db[2], db[3]}, dp[2 * np + 1]);
-        }
+        mma_b_tiles<T, kQueriesMajor, kLdDo>(dp, va, do_tile, vs);
       }
 
       // dSᵀ = Pᵀ ∘ (dPᵀ − delta), Pᵀ = exp(scale · Sᵀ − lse) (recompute_probability's rule: NaN
@@ -515,26 +460,14 @@ __global__ void __launch_bounds__(FlashBwdDkdqTiles<kHeadDim, kEvTile, kQueriesM
       for (int kk = 0; kk < kSTiles / 2; ++kk) {
         const uint32_t da[4] = {ds_frag[2 * kk][0], ds_frag[2 * kk][1], ds_frag[2 * kk + 1][0],
                                 ds_frag[2 * kk + 1][1]};
-        ATTNSEG_UNROLL
-        for (int np = 0; np < kDkTiles / 2; ++np) {
-          uint32_t qb[4];
-          if constexpr (kQueriesMajor) {
-            warp::ldmatrix_x4(qb, q_tile + q_dk_lane + 16 * np * kLdQ + 16 * kk);
-          } else {
-            warp::ldmatrix_x4_trans(qb, q_tile + q_dk_lane + 16 * kk * kLdQ + 16 * np);
-          }
-          warp::mma_m16n8k16<T>(dk_acc[2 * np], da, {qb[0], qb[1]}, dk_acc[2 * np]);
-          warp::mma_m16n8k16<T>(dk_acc[2 * np + 1], da, {qb[2], qb[3]}, dk_acc[2 * np + 1]);
-        }
+        mma_b_tiles<T, !kQueriesMajor, kLdQ>(dk_acc, da, q_tile + q_dk_lane, kk);
       }
       __syncthreads();  // dSᵀ of all four warps is in smem
 
       // dQ partial of this key block = dS K_j: warp w owns queries 16 (w % 2) .. + 15 and features
       // (E / 2)(w / 2) .. + E / 2 - 1, over all 64 keys.
       float dq[kDqTiles][4];
-      ATTNSEG_UNROLL
-      for (int n = 0; n < kDqTiles; ++n)
-        for (int c = 0; c < 4; ++c) dq[n][c] = 0.0f;
+      zero_fragments(dq);
       ATTNSEG_UNROLL
       for (int kk = 0; kk < kKeySteps; ++kk) {
         uint32_t dsa[4];
