@@ -33,6 +33,7 @@ takes minutes on 2 cores (mostly the Triton configs, ~1.5 s each), a cached one 
 from __future__ import annotations
 
 import argparse
+import collections
 import concurrent.futures
 import dataclasses
 import hashlib
@@ -241,6 +242,17 @@ def old_attention_dkv(s: Shape, k: dict, nbytes: int) -> Work:
                 "ceil(E/c)·2NqNk·(E+Ev+c) + ceil(Ev/c)·2NqNk·(E+c): Sᵀ per slice, dPᵀ per dK slice")
 
 
+def old_attention_dk_slices(s: Shape, k: dict, nbytes: int) -> Work:
+    # the old dK/dV kernel launched with its dK slices only (grid y = ceil(E/chunk)): Sᵀ, dPᵀ, dK
+    rows, cols, chunk = k["rows"], k["cols"], k["chunk"]
+    nq, nk = _up(s.nq, cols), _up(s.nk, rows)
+    e_chunks = _chunks(s.e, chunk)
+    flops = s.batch * 2 * nq * nk * e_chunks * (_up(s.e, chunk) + _up(s.ev, chunk) + chunk)
+    dram = nbytes * s.batch * (s.nq * (s.e + s.ev) + s.nk * (2 * s.e + s.ev)) + 8 * s.batch * s.nq
+    return Work(s.batch * _chunks(s.nk, rows) * e_chunks, flops, dram,
+                "ceil(E/c)·2NqNk·(E+Ev+c): Sᵀ and dPᵀ per c-wide dK slice")
+
+
 def flash_attention_bwd_dv(s: Shape, k: dict, nbytes: int) -> Work:
     # grid (B·ceil(Nk/BN), ceil(Ev/EvTile)); each block holds its K tile and streams all queries
     # once: Sᵀ over the padded head dim, then dV += Pᵀ dO over its Ev tile (flash_attention_bwd.cuh).
@@ -364,6 +376,14 @@ def _fa2_impl(major: str) -> str:
     return "fa2" if major == "true" else "fa2 contiguous"
 
 
+_FFMA_TILES = {**_flash_tiles("FfmaTiles<64, 256>", rows="kBlockM", cols="kBlockN"), "head_dim": "64",
+               "ev_tile": "256"}
+
+
+def _ffma_impl(major: str) -> str:
+    return "fa2 ffma" if major == "true" else "fa2 ffma contiguous"
+
+
 KERNELS = (
     CudaKernel("attention_fwd", "attention.cuh", "attention_fwd_kernel<{T}>", _ALL,
                _ATTN_TILES, old_attention_fwd, "attention_fwd", products=True),
@@ -373,6 +393,12 @@ KERNELS = (
                  f"flash_attention_fwd_kernel<{{T}}, 64, 256, {major}>", ("fp16", "bf16"),
                  _flash_tiles(f"FlashFwdTiles<64, 256, {major}>", rows="kBlockM", cols="kBlockN"),
                  flash_attention_fwd, "attention_fwd", products=True, enforced=True, impl=_fa2_impl(major))
+      for layout, major in _FLASH_LAYOUTS),
+    # The flash-structured fp32 forward on CUDA cores (ffma_attention.cuh) at the DANet instantiation:
+    # E = 64, Ev tiles of 256, both load layouts (the smem layout is the same).
+    *(CudaKernel(f"ffma_attention_fwd[{layout}]", "ffma_attention.cuh",
+                 f"ffma_attention_kernel<64, 256, {major}, {major}, false>", ("fp32",), _FFMA_TILES,
+                 flash_attention_fwd, "attention_fwd", products=True, enforced=True, impl=_ffma_impl(major))
       for layout, major in _FLASH_LAYOUTS),
     CudaKernel("attention_bwd_delta", "attention.cuh", "attention_bwd_delta_kernel<{T}>", _ALL,
                {**_ATTN_TILES, "smem": "0"}, old_attention_delta, "attention_bwd", products=False),
@@ -399,6 +425,17 @@ KERNELS = (
                      {"threads": "256", "smem": "0"}, flash_attention_bwd_dq_convert, "attention_bwd",
                      products=False, enforced=True, impl=_fa2_impl(major)),
       )),
+    # The fp32 backward today: dV from the FFMA kernel (K resident, Q and dO streamed; DANet's
+    # channel-first Q with a contiguous dO), dQ and dK from the old kernels (the dK/dV kernel
+    # launched for its dK slices only). Not enforced: its FLOP ratio (dP and S recomputed in the old
+    # dQ and dK blocks) is above the bar until an FFMA dK/dQ kernel replaces them.
+    CudaKernel("ffma_attention_bwd_dv[channel-first-q]", "ffma_attention.cuh",
+               "ffma_attention_kernel<64, 256, true, false, true>", ("fp32",), _FFMA_TILES,
+               flash_attention_bwd_dv, "attention_bwd", products=True, impl="ffma dV + old dQ, dK"),
+    CudaKernel("attention_bwd_dq", "attention.cuh", "attention_bwd_dq_kernel<{T}>", ("fp32",),
+               _ATTN_TILES, old_attention_dq, "attention_bwd", products=True, impl="ffma dV + old dQ, dK"),
+    CudaKernel("attention_bwd_dkv[dk-slices]", "attention.cuh", "attention_bwd_dkv_kernel<{T}>", ("fp32",),
+               _ATTN_TILES, old_attention_dk_slices, "attention_bwd", products=True, impl="ffma dV + old dQ, dK"),
     CudaKernel("cam_softmax_fwd", "channel_attention.cuh", "cam_softmax_fwd_kernel<{A}>", _ALL,
                _ROWS, cam_rows, "cam_fwd", products=False),
     CudaKernel("cam_softmax_bwd", "channel_attention.cuh", "cam_softmax_bwd_kernel<{A}>", _ALL,
@@ -939,7 +976,9 @@ def modelled_time(row: Row, work: Work, gpu: Gpu) -> Timing:
         per_loop = row.counts.get(unit, 0)
         parts["compute"] = work.flops / (_peak(gpu, row.compiled.dtype, tensor) * fill)
         if per_loop:
-            opcode = next(i.opcode for i in row.loop.instructions if classify(i.opcode) == unit)
+            # the unit's most frequent opcode (nvcc also emits HFMA2.MMA with zero operands as a move)
+            opcode = collections.Counter(i.opcode for i in row.loop.instructions
+                                         if classify(i.opcode) == unit).most_common(1)[0][0]
             warp_instructions = work.flops / flops_per_instruction(opcode) * (row.total / per_loop)
             parts["issue"] = warp_instructions / (gpu.sms * 4 * gpu.clock_hz * fill)
     bound = max(parts, key=parts.get)

@@ -141,10 +141,11 @@ def test_empty_batch_launches_nothing_and_returns_empty_results(emu, dtype):
     assert emu.channel_attention_bwd(y, x, attn, True).shape == x.shape
 
 
-@pytest.mark.parametrize("dtype, slice_width", [(torch.float32, 64), (torch.float16, 256)], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("dtype, slice_width", [(torch.float64, 32), (torch.float32, 256), (torch.float16, 256)],
+                         ids=["fp64", "fp32", "fp16"])
 def test_attention_grid_limit_is_a_clear_error(emu, dtype, slice_width):
-    """Ev so wide that its slices (64 wide in the old kernel, 256 in the flash forward) exceed
-    gridDim.y's 65535 is refused before any launch."""
+    """Ev so wide that its slices (32 wide in the old fp64 kernel, 256 in the flash and FFMA forwards)
+    exceed gridDim.y's 65535 is refused before any launch."""
     q, k, v = _attention_inputs(1, 1, 1, 1, 1, dtype)
     v = torch.zeros(1, 1, slice_width * 65536 + 1, dtype=dtype)
     with pytest.raises(RuntimeError, match="Ev needs 65537 thread blocks along one grid axis"):
@@ -199,15 +200,64 @@ def test_flash_forward_load_paths(emu, dtype, nq, nk, e, ev, channel_first, temp
     assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
 
 
-@pytest.mark.parametrize("dtype, e", [(torch.float32, 16), (torch.float16, 129), (torch.float16, 0)],
-                         ids=["fp32", "fp16-e129", "fp16-e0"])
+@pytest.mark.parametrize("dtype, e", [(torch.float64, 16), (torch.float16, 129), (torch.float32, 129),
+                                      (torch.float16, 0), (torch.float32, 0)],
+                         ids=["fp64", "fp16-e129", "fp32-e129", "fp16-e0", "fp32-e0"])
 def test_old_forward_kernel_takes_the_rest(emu, dtype, e):
-    """fp32 (and fp64), E > 128 and E = 0 stay on attention_fwd_kernel (host.h's dispatch rule)."""
+    """fp64, E > 128 and E = 0 stay on attention_fwd_kernel (host.h's dispatch rule)."""
     q, k, v = _attention_inputs(1, 5, 7, e, 8, dtype)
     emu.launches()
     emu.attention_fwd(q, k, v, 0.1)
     (line,) = emu.launches()
-    assert "attention_fwd_kernel<" in line and "flash" not in line, line
+    assert "attention_fwd_kernel<" in line and "flash" not in line and "ffma" not in line, line
+
+
+# (id, nq, nk, e, ev, channel-first q/k/v/dO, forward and dV template arguments and load axes)
+FFMA_PATHS = [
+    ("contiguous", 37, 45, 16, 40, (0, 0, 0, 0),
+     "16, 64, false, false, false", "x_tokens_major=0", "16, 64, false, false, true", "x_tokens_major=0"),
+    # DANet's PAM: channel-first q/k/v, a contiguous dO (the gradient of the contiguous out)
+    ("channel-first", 40, 48, 16, 40, (1, 1, 1, 0),
+     "16, 64, true, true, false", "x_tokens_major=1", "16, 64, true, false, true", "x_tokens_major=1"),
+    # the forward loads V along K's axis; the dV kernel loads Q and dO each along its own
+    ("mixed", 37, 48, 32, 72, (0, 1, 0, 1),
+     "32, 128, true, true, false", "x_tokens_major=0", "32, 128, false, true, true", "x_tokens_major=1"),
+    ("e100-ev136", 37, 45, 100, 136, (0, 0, 0, 0),
+     "128, 256, false, false, false", "x_tokens_major=0", "128, 256, false, false, true", "x_tokens_major=0"),
+    # the DANet shape's tiles: two 64-row blocks, three 32-row tiles, two 256-wide Ev tiles
+    ("channel-first-ev512", 70, 70, 64, 512, (1, 1, 1, 1),
+     "64, 256, true, true, false", "x_tokens_major=1", "64, 256, true, true, true", "x_tokens_major=1"),
+    ("one-row-one-key", 1, 1, 3, 5, (0, 0, 0, 0),
+     "16, 64, false, false, false", "x_tokens_major=0", "16, 64, false, false, true", "x_tokens_major=0"),
+]
+
+
+@pytest.mark.parametrize("nq, nk, e, ev, channel_first, fwd_template, fwd_paths, dv_template, dv_paths",
+                         [p[1:] for p in FFMA_PATHS], ids=[p[0] for p in FFMA_PATHS])
+def test_ffma_forward_and_dv_paths(emu, nq, nk, e, ev, channel_first, fwd_template, fwd_paths, dv_template,
+                                   dv_paths):
+    """fp32 with 1 <= E <= 128 takes the forward and dV from ffma_attention_kernel
+    (ffma_attention.cuh) with the tile sizes and load axes of host.h's rules, dQ and dK from the old
+    kernels (the dK/dV kernel for its dK slices); every layout matches the fp64 reference, and the
+    results are bitwise equal to the contiguous inputs' (the load axes change, the shared-memory
+    tiles and the arithmetic do not)."""
+    q, k, v = (_layout(t, cf) for t, cf in zip(_attention_inputs(1, nq, nk, e, ev, torch.float32), channel_first))
+    out, lse, line = _flash_launch(emu, q, k, v, 0.3)
+    assert f"ffma_attention_kernel<{fwd_template}>" in line and line.endswith(fwd_paths), line
+    lines = []
+    result = helpers.check_attention_backend(_flash_bwd_run(emu, channel_first[3], lines), q, k, v, 0.3)
+    (dv_line,) = [line for line in lines if "ffma_attention_kernel<" in line]
+    assert f"ffma_attention_kernel<{dv_template}>" in dv_line and dv_line.endswith(dv_paths), dv_line
+    assert any("attention_bwd_dq_kernel<float>" in line for line in lines), lines
+    assert any("attention_bwd_dkv_kernel<float>" in line for line in lines), lines
+    assert not any("flash_attention" in line for line in lines), lines
+    out_c, lse_c, _ = _flash_launch(emu, q.contiguous(), k.contiguous(), v.contiguous(), 0.3)
+    assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
+    contiguous = helpers.check_attention_backend(_flash_bwd_run(emu, False, []), q.contiguous(), k.contiguous(),
+                                                 v.contiguous(), 0.3)
+    for grad, t, grad_contiguous in zip(result[2:], (q, k, v), contiguous[2:]):
+        assert grad.stride() == t.stride()
+        assert torch.equal(grad, grad_contiguous)
 
 
 FLASH_SCHEDULES = [  # (id, dtype, channel-first, nk, ev): 3-5 key tiles, so both ring stages are reused
@@ -332,14 +382,16 @@ def test_flash_backward_load_paths(emu, dtype, nq, nk, e, ev, channel_first, opt
         assert torch.equal(grad, grad_contiguous)
 
 
-@pytest.mark.parametrize("dtype, e", [(torch.float32, 16), (torch.float16, 65), (torch.float16, 0)],
-                         ids=["fp32", "fp16-e65", "fp16-e0"])
+@pytest.mark.parametrize("dtype, e", [(torch.float64, 16), (torch.float16, 65), (torch.float32, 129),
+                                      (torch.float16, 0), (torch.float32, 0)],
+                         ids=["fp64", "fp16-e65", "fp32-e129", "fp16-e0", "fp32-e0"])
 def test_old_backward_kernels_take_the_rest(emu, dtype, e):
-    """fp32 (and fp64), E > 64 and E = 0 compute all gradients in the old kernels (host.h's rule)."""
+    """fp64, E > 64 (fp16/bf16) or > 128 (fp32) and E = 0 compute all gradients in the old kernels
+    (host.h's rule)."""
     q, k, v = _attention_inputs(1, 5, 7, e, 8, dtype)
     lines = []
     helpers.check_attention_backend(_flash_bwd_run(emu, False, lines), q, k, v, 0.1)
-    assert not any("flash_attention_bwd" in line for line in lines), lines
+    assert not any("flash_attention_bwd" in line or "ffma" in line for line in lines), lines
 
 
 @pytest.mark.parametrize("ev, optin", [(512, None), (520, SM80_OPTIN)], ids=["ev512-99KiB", "ev520-sm80"])

@@ -27,6 +27,7 @@
 #include "channel_attention.cuh"
 #include "flash_attention.cuh"
 #include "flash_attention_bwd.cuh"
+#include "ffma_attention.cuh"
 
 namespace attnseg::cuda {
 
@@ -79,9 +80,10 @@ void set_inputs(AttnInputs<T>& p, const at::Tensor& q, const at::Tensor& k, cons
 // fp16/bf16 with 1 <= E <= 128 and Ev >= 1 run flash_attention_fwd_kernel (tensor cores,
 // flash_attention.cuh), for every stride pattern: 16-byte cp.async per operand where its layout
 // allows (unit stride along the smem row, the other strides multiples of 8 elements, 16-byte
-// aligned base), element-wise loads otherwise. Only sizes whose offsets inside one tile overflow
-// 32 bits go back to the old kernel. fp32, fp64, E > 128, E = 0 and Ev = 0 run
-// attention_fwd_kernel (attention.cuh).
+// aligned base), element-wise loads otherwise. fp32 with the same E and Ev runs
+// ffma_attention_fwd_kernel (CUDA cores, ffma_attention.cuh), loading along each operand's
+// unit-stride axis. Only sizes whose offsets inside one tile overflow 32 bits go back to the old
+// kernel. fp64, E > 128, E = 0 and Ev = 0 run attention_fwd_kernel (attention.cuh).
 
 // The largest offset inside a rows x cols tile with these strides fits a 32-bit int.
 inline bool tile_offsets_fit_int32(int64_t rows, int64_t row_stride, int64_t cols, int64_t col_stride) {
@@ -118,7 +120,7 @@ void launch_flash_fwd(Launch& launch, FlashFwdParams<T> p, int64_t batch, const 
   launch(kernel, grid, dim3(Tiles::kThreads), Tiles::kSmemBytes, p);
 }
 
-// The rule above, for a tensor-core type: E and Ev in range, 32-bit offsets inside a tile (the
+// The rule above, for fp16 / bf16 / fp32: E and Ev in range, 32-bit offsets inside a tile (the
 // largest tiles any instantiation loads) and row indices that fit an int.
 template <typename T>
 bool flash_fwd_applies(const AttnFwdParams<T>& p) {
@@ -128,49 +130,110 @@ bool flash_fwd_applies(const AttnFwdParams<T>& p) {
          tile_offsets_fit_int32(64, p.v_sn, 256, p.v_se) && tile_offsets_fit_int32(1, 0, 256, p.o_se);
 }
 
-// E padded to 16 / 32 / 64 / 128; Ev in the narrowest slice that holds it, else 256-wide slices
-// (Ev = 512: two, S computed twice); the K/V tile layout from K's strides.
-template <typename T, class Launch>
-void dispatch_flash_fwd(Launch& launch, const AttnFwdParams<T>& base, int64_t batch, const char* op) {
-  FlashFwdParams<T> p{};
-  static_cast<AttnFwdParams<T>&>(p) = base;
-  p.q_keys_major = keys_major(p.q_sn, p.q_se);
-  const bool kv_keys_major = keys_major(p.k_sn, p.k_se);
+// Calls fn(head_dim, ev_tile) with integral constants: E padded to 16 / 32 / 64 / 128, Ev in the
+// narrowest tile of 64 / 128 that holds it, else 256-wide tiles (Ev = 512: two, S computed twice).
+template <class Fn>
+void with_flash_tile_sizes(int64_t e, int64_t ev, Fn&& fn) {
   auto with_head_dim = [&](auto head_dim) {
-    constexpr int kHeadDim = decltype(head_dim)::value;
-    auto with_ev_tile = [&](auto ev_tile) {
-      constexpr int kEvTile = decltype(ev_tile)::value;
-      if (kv_keys_major) {
-        launch_flash_fwd<T, kHeadDim, kEvTile, true>(launch, p, batch, op);
-      } else {
-        launch_flash_fwd<T, kHeadDim, kEvTile, false>(launch, p, batch, op);
-      }
-    };
-    if (p.ev <= 64) {
-      with_ev_tile(std::integral_constant<int, 64>{});
-    } else if (p.ev <= 128) {
-      with_ev_tile(std::integral_constant<int, 128>{});
+    if (ev <= 64) {
+      fn(head_dim, std::integral_constant<int, 64>{});
+    } else if (ev <= 128) {
+      fn(head_dim, std::integral_constant<int, 128>{});
     } else {
-      with_ev_tile(std::integral_constant<int, 256>{});
+      fn(head_dim, std::integral_constant<int, 256>{});
     }
   };
-  if (p.e <= 16) {
+  if (e <= 16) {
     with_head_dim(std::integral_constant<int, 16>{});
-  } else if (p.e <= 32) {
+  } else if (e <= 32) {
     with_head_dim(std::integral_constant<int, 32>{});
-  } else if (p.e <= 64) {
+  } else if (e <= 64) {
     with_head_dim(std::integral_constant<int, 64>{});
   } else {
     with_head_dim(std::integral_constant<int, 128>{});
   }
 }
 
-// Runs the flash forward if the rule above takes it; false: the caller runs the old kernel.
+// The flash tile sizes above; the K/V tile layout from K's strides.
+template <typename T, class Launch>
+void dispatch_flash_fwd(Launch& launch, const AttnFwdParams<T>& base, int64_t batch, const char* op) {
+  FlashFwdParams<T> p{};
+  static_cast<AttnFwdParams<T>&>(p) = base;
+  p.q_keys_major = keys_major(p.q_sn, p.q_se);
+  const bool kv_keys_major = keys_major(p.k_sn, p.k_se);
+  with_flash_tile_sizes(p.e, p.ev, [&](auto head_dim, auto ev_tile) {
+    constexpr int kHeadDim = decltype(head_dim)::value, kEvTile = decltype(ev_tile)::value;
+    if (kv_keys_major) {
+      launch_flash_fwd<T, kHeadDim, kEvTile, true>(launch, p, batch, op);
+    } else {
+      launch_flash_fwd<T, kHeadDim, kEvTile, false>(launch, p, batch, op);
+    }
+  });
+}
+
+// The FFMA kernel (ffma_attention.cuh) with E padded and Ev tiled as the flash forward, the
+// streamed operands loaded along their unit-stride axes: the forward's K and V both along K's
+// (as the flash forward), the dV kernel's Q and dO each along its own.
+template <bool kDv, class Launch>
+void launch_ffma(Launch& launch, FfmaParams p, int64_t batch, bool y_tokens_major, bool g_tokens_major,
+                 const char* op) {
+  p.x_tokens_major = keys_major(p.x_sn, p.x_se);
+  with_flash_tile_sizes(p.e, p.ev, [&](auto head_dim, auto ev_tile) {
+    constexpr int kHeadDim = decltype(head_dim)::value, kEvTile = decltype(ev_tile)::value;
+    using Tiles = FfmaTiles<kHeadDim, kEvTile>;
+    p.x_blocks = ceil_div(p.x_rows, Tiles::kBlockM);
+    auto with_layouts = [&](auto y_major, auto g_major) {
+      const auto kernel = ffma_attention_kernel<kHeadDim, kEvTile, decltype(y_major)::value,
+                                                decltype(g_major)::value, kDv>;
+      const dim3 grid(grid_dim_checked(batch * p.x_blocks, kGridX, op, kDv ? "B x ceil(Nk / 64)" : "B x ceil(Nq / 64)"),
+                      grid_dim_checked(ceil_div(p.ev, kEvTile), kGridYZ, op, "Ev"));
+      launch.set_max_dynamic_smem(kernel, Tiles::kSmemBytes);
+      launch(kernel, grid, dim3(Tiles::kThreads), Tiles::kSmemBytes, p);
+    };
+    using True = std::true_type;
+    using False = std::false_type;
+    if (y_tokens_major == g_tokens_major) {
+      if (y_tokens_major) {
+        with_layouts(True{}, True{});
+      } else {
+        with_layouts(False{}, False{});
+      }
+    } else if constexpr (kDv) {  // the forward loads V along K's axis: two layouts, not four
+      if (y_tokens_major) {
+        with_layouts(True{}, False{});
+      } else {
+        with_layouts(False{}, True{});
+      }
+    }
+  });
+}
+
+template <class Launch>
+void dispatch_ffma_fwd(Launch& launch, const AttnFwdParams<float>& a, int64_t batch, const char* op) {
+  FfmaParams p{};
+  p.x = a.q, p.y = a.k, p.g = a.v;
+  p.x_rows = a.nq, p.y_rows = a.nk, p.e = a.e, p.ev = a.ev;
+  p.x_sb = a.q_sb, p.x_sn = a.q_sn, p.x_se = a.q_se;
+  p.y_sb = a.k_sb, p.y_sn = a.k_sn, p.y_se = a.k_se;
+  p.g_sb = a.v_sb, p.g_sn = a.v_sn, p.g_se = a.v_se;
+  p.out = a.out, p.o_sb = a.o_sb, p.o_sn = a.o_sn, p.o_se = a.o_se;
+  p.lse_out = a.lse;
+  p.scale = a.scale;
+  const bool kv_keys_major = keys_major(a.k_sn, a.k_se);
+  launch_ffma<false>(launch, p, batch, kv_keys_major, kv_keys_major, op);
+}
+
+// Runs the flash forward (tensor cores) or, for fp32, the flash-structured FFMA forward if the
+// rule above takes it; false: the caller runs the old kernel.
 template <typename T, class Launch>
 bool try_flash_fwd(Launch& launch, const AttnFwdParams<T>& p, int64_t batch, const char* op) {
-  if constexpr (Num<T>::kTensorCores) {
+  if constexpr (Num<T>::kTensorCores || std::is_same_v<T, float>) {
     if (flash_fwd_applies(p)) {
-      dispatch_flash_fwd(launch, p, batch, op);
+      if constexpr (std::is_same_v<T, float>) {
+        dispatch_ffma_fwd(launch, p, batch, op);
+      } else {
+        dispatch_flash_fwd(launch, p, batch, op);
+      }
       return true;
     }
   }
@@ -222,8 +285,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(Launch& launch, const at::
 // (sm_80 and sm_90, not sm_86 / sm_89 at Ev = 512), dK and dQ come from
 // flash_attention_bwd_dkdq_kernel with the ordered fp32 dQ accumulation, then
 // flash_attention_bwd_dq_convert_kernel; otherwise from the old dQ kernel and the old dK/dV kernel
-// launched for its dK slices only. Everything else (fp32, fp64, E > 64, offsets inside a tile past
-// 32 bits) runs the old kernels of attention.cuh for all three gradients.
+// launched for its dK slices only. fp32 with 1 <= E <= 128 and Ev >= 1 takes dV from
+// ffma_attention_kernel (CUDA cores, ffma_attention.cuh), dK and dQ from the old kernels (the dK
+// slices only). Everything else (fp64, E > 64 in fp16/bf16, E > 128 in fp32, offsets inside a tile
+// past 32 bits) runs the old kernels of attention.cuh for all three gradients.
 
 template <typename T>
 bool flash_bwd_dv_applies(const AttnBwdParams<T>& p) {
@@ -247,11 +312,39 @@ void launch_flash_bwd_dv(Launch& launch, FlashBwdParams<T> p, int64_t batch, con
   launch(kernel, grid, dim3(Tiles::kThreads), Tiles::kSmemBytes, p);
 }
 
-// Runs the flash dV kernel if the rule above takes it; false: the old dK/dV kernel computes dV.
-// Ev in one 128-wide slice when it fits, else 256-wide slices; the Q/dO tile layout from q's strides.
+// fp32 with 1 <= E <= 128 and Ev >= 1 takes dV from the FFMA kernel (ffma_attention.cuh); as the
+// forward, only offsets inside a tile past 32 bits go back to the old kernel.
+inline bool ffma_bwd_dv_applies(const AttnBwdParams<float>& p) {
+  const int64_t int_limit = std::numeric_limits<int32_t>::max() - 256;
+  return p.e >= 1 && p.e <= 128 && p.ev >= 1 && p.nq <= int_limit && p.nk <= int_limit && p.ev <= int_limit &&
+         tile_offsets_fit_int32(64, p.k_sn, 128, p.k_se) && tile_offsets_fit_int32(32, p.q_sn, 128, p.q_se) &&
+         tile_offsets_fit_int32(32, p.do_sn, 256, p.do_se) && tile_offsets_fit_int32(1, 0, 256, p.dv_se);
+}
+
+template <class Launch>
+void dispatch_ffma_bwd_dv(Launch& launch, const AttnBwdParams<float>& a, int64_t batch, const char* op) {
+  FfmaParams p{};
+  p.x = a.k, p.y = a.q, p.g = a.grad_out;
+  p.x_rows = a.nk, p.y_rows = a.nq, p.e = a.e, p.ev = a.ev;
+  p.x_sb = a.k_sb, p.x_sn = a.k_sn, p.x_se = a.k_se;
+  p.y_sb = a.q_sb, p.y_sn = a.q_sn, p.y_se = a.q_se;
+  p.g_sb = a.do_sb, p.g_sn = a.do_sn, p.g_se = a.do_se;
+  p.out = a.dv, p.o_sb = a.dv_sb, p.o_sn = a.dv_sn, p.o_se = a.dv_se;
+  p.lse_in = a.lse;
+  p.scale = a.scale;
+  launch_ffma<true>(launch, p, batch, keys_major(a.q_sn, a.q_se), keys_major(a.do_sn, a.do_se), op);
+}
+
+// Runs the flash dV kernel (or, for fp32, the FFMA one) if the rules above take it; false: the
+// old dK/dV kernel computes dV. Ev in one 128-wide slice when it fits, else 256-wide slices; the
+// Q/dO tile layout from q's strides.
 template <typename T, class Launch>
 bool try_flash_bwd_dv(Launch& launch, const AttnBwdParams<T>& base, int64_t batch, const char* op) {
-  if constexpr (Num<T>::kTensorCores) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!ffma_bwd_dv_applies(base)) return false;
+    dispatch_ffma_bwd_dv(launch, base, batch, op);
+    return true;
+  } else if constexpr (Num<T>::kTensorCores) {
     if (!flash_bwd_dv_applies(base)) return false;
     FlashBwdParams<T> p{};
     static_cast<AttnBwdParams<T>&>(p) = base;

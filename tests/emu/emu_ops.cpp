@@ -47,6 +47,10 @@ std::string describe_params(const attnseg::cuda::FlashFwdParams<T>& p) {
          " k_async=" + (p.k_async ? "1" : "0") + " v_async=" + (p.v_async ? "1" : "0");
 }
 
+std::string describe_params(const attnseg::cuda::FfmaParams& p) {
+  return std::string(" x_tokens_major=") + (p.x_tokens_major ? "1" : "0");
+}
+
 template <typename T>
 std::string describe_params(const attnseg::cuda::FlashBwdParams<T>& p) {
   return std::string(" v_async=") + (p.v_async ? "1" : "0") + " k_keys_major=" + (p.k_keys_major ? "1" : "0") +

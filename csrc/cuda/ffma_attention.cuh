@@ -1,0 +1,280 @@
+// fp32 attention on CUDA cores with the flash-attention-2 structure (IEEE fp32, no TF32): the
+// forward, and the backward's dV, which has the same shape with the roles of queries and keys
+// swapped. One block per (batch, 64 resident rows, Ev tile of up to 256 columns) streams 32-row
+// tiles of the other operands once, so S is computed once per (row block, tile) for the whole Ev
+// tile (twice at Ev = 512, in two 256-wide tiles: 1.11 x the useful FLOPs, against 1.78 for the
+// old forward's 64-wide slices).
+//   forward: rows = 64 queries (Q resident), tiles of 32 keys (K, V): S = Q Kᵀ, online softmax,
+//            O += P V, then out = O / l and lse.
+//   dV:      rows = 64 keys (K resident), tiles of 32 queries (Q, dO, lse): Sᵀ = K Qᵀ,
+//            Pᵀ = exp(Sᵀ · scale − lse), dV += Pᵀ dO.
+//
+// Per tile, 256 threads (8 warps):
+//   S (64 x 32): thread (sy, sx) = (t / 16, t % 16) owns rows sy + 16 i (i < 4) and columns
+//     sx + 16 j (j < 2), a 4 x 2 FFMA micro-tile fed from shared memory (rows padded to E + 1 so
+//     both operands read without bank conflicts: the resident one as broadcasts, the streamed
+//     one as 16 consecutive banks).
+//   Forward softmax in registers: a row's 16 threads are one half-warp, reduced by xor shuffles;
+//     running max and sum stay in registers. P goes to shared memory stored [column][row], and
+//     the forward's rescale factor exp(m_old − m_new) per row beside it.
+//   Out (64 x kEvTile) += P G: thread (ty, tx) = (warp, lane) owns rows 8 ty + i (i < 8) and
+//     columns tx + 32 j (j < kEvTile / 32), an 8 x 8 FFMA micro-tile (at kEvTile = 256) resident
+//     in registers for the whole loop; per streamed row 8 broadcast loads of P and 8
+//     conflict-free loads of G feed 64 FFMA.
+// The next tile is fetched into registers while the current one is computed and written to
+// shared memory after it (a software pipeline; fp32 has no tensor-core operand to feed from a
+// cp.async ring, and one staging buffer keeps the block within 99 KiB). Loads run with
+// consecutive threads along each operand's unit-stride axis (tokens for DANet's channel-first
+// views, features for contiguous tensors); offsets inside a tile are 32-bit.
+//
+// Softmax arithmetic as the old kernels (attention.cuh): exp with full precision, NaN-propagating
+// maximum, rows whose logits are all −inf give l = 0 (so O / l = NaN as the reference), lse = m +
+// log l, or m when m is ±inf; the backward's recompute_probability. fp64 stays on the old kernels
+// (it exists for gradcheck).
+#pragma once
+
+#include "attention.cuh"
+#include "flash_attention.cuh"  // TileSrc, max_nan
+
+namespace attnseg::cuda {
+
+template <int kHeadDim, int kEvTile>
+struct FfmaTiles {
+  static constexpr int kThreads = 256;
+  static constexpr int kBlockM = 64;  // resident rows per block (queries, or keys in dV)
+  static constexpr int kBlockN = 32;  // streamed rows per tile (keys, or queries in dV)
+  static constexpr int kLdX = kHeadDim + 1;  // X and Y stored [token][feature]
+  static constexpr int kLdG = kEvTile + 1;   // G stored [token][column]
+  static constexpr int kLdP = kBlockM + 4;   // P stored [streamed][resident]; 16-byte rows
+  static constexpr int kMj = kEvTile / 32;   // Out columns per thread
+  static constexpr int kXElems = kBlockM * kLdX, kYElems = kBlockN * kLdX, kGElems = kBlockN * kLdG;
+  static constexpr int kPElems = kBlockN * kLdP;
+  static constexpr size_t kSmemBytes = sizeof(float) * (kXElems + kYElems + kGElems + kPElems + kBlockM);
+  static_assert(kHeadDim % 16 == 0 && kHeadDim <= 128 && kEvTile % 32 == 0 && kEvTile <= 256, "tile sizes");
+  static_assert(kThreads == 16 * (kBlockM / 4) && kThreads == 32 * (kBlockM / 8), "micro-tile grids");
+  // 65 KiB at (64, 256), 90 KiB at (128, 256): opted in by the launcher, within 99 KiB.
+  static_assert(kSmemBytes <= 99 * 1024, "within the smallest opt-in shared memory of the targeted GPUs");
+};
+
+// The operands of one FFMA kernel: X (kBlockM rows, resident), Y (streamed 32 rows at a time,
+// scored against X: S = X Yᵀ) and G (streamed with Y, weighted by P: Out = P G).
+//   forward: X = Q, Y = K, G = V, Out = O (softmax online, lse written)
+//   dV:      X = K, Y = Q, G = dO, Out = dV (Pᵀ = exp(Sᵀ · scale − lse) from the forward's lse)
+struct FfmaParams {
+  const float *x, *y, *g;
+  int64_t x_rows, y_rows, e, ev;
+  int64_t x_sb, x_sn, x_se, y_sb, y_sn, y_se, g_sb, g_sn, g_se;
+  float* out;
+  int64_t o_sb, o_sn, o_se;
+  float* lse_out;       // forward: batch x x_rows, contiguous
+  const float* lse_in;  // dV: the forward's lse, batch x y_rows, contiguous
+  int64_t x_blocks;     // ceil(x_rows / kBlockM)
+  float scale;
+  bool x_tokens_major;  // X's unit-stride axis is its token axis (DANet's channel-first views)
+};
+
+// A kRows x kCols tile (TileSrc: zeros outside its valid rows / cols) fetched into registers by
+// fetch() and written to shared memory [row][col], row stride ld, by store(): the register half of
+// a software pipeline. Consecutive threads take consecutive elements along rows (kRowsFast: the
+// source's unit-stride axis is the row index) or along columns.
+template <int kRows, int kCols, int kThreads, bool kRowsFast>
+struct TileRegs {
+  static constexpr int kFast = kRowsFast ? kRows : kCols;  // threads along the fast axis
+  static_assert(kThreads % kFast == 0 && (kRows * kCols) % kThreads == 0, "whole passes over the tile");
+  static constexpr int kSlowStep = kThreads / kFast;      // slow-axis distance of a thread's elements
+  static constexpr int kCount = kRows * kCols / kThreads;
+  float v[kCount];
+
+  __device__ __forceinline__ void fetch(const TileSrc<float>& src) {
+    const int f = threadIdx.x % kFast, s0 = threadIdx.x / kFast;
+    const int fast_stride = kRowsFast ? src.row_stride : src.col_stride;
+    const int slow_stride = kRowsFast ? src.col_stride : src.row_stride;
+    const bool fast_ok = f < (kRowsFast ? src.rows : src.cols);
+    const int slow_left = (kRowsFast ? src.cols : src.rows) - s0;
+    const float* const g = src.origin + (f * fast_stride + s0 * slow_stride);
+    ATTNSEG_UNROLL
+    for (int i = 0; i < kCount; ++i) v[i] = (fast_ok && i * kSlowStep < slow_left) ? g[i * kSlowStep * slow_stride] : 0.0f;
+  }
+
+  __device__ __forceinline__ void store(float* smem, int ld) const {
+    const int f = threadIdx.x % kFast, s0 = threadIdx.x / kFast;
+    float* const s = smem + (kRowsFast ? f * ld + s0 : s0 * ld + f);
+    ATTNSEG_UNROLL
+    for (int i = 0; i < kCount; ++i) s[i * kSlowStep * (kRowsFast ? 1 : ld)] = v[i];
+  }
+};
+
+// grid: (batch * ceil(x_rows / 64), ceil(ev / kEvTile)), block: 256, dynamic smem: kSmemBytes.
+// kYTokensMajor / kGTokensMajor: the streamed operands' unit-stride axis is their token axis.
+template <int kHeadDim, int kEvTile, bool kYTokensMajor, bool kGTokensMajor, bool kDv>
+__global__ void __launch_bounds__(FfmaTiles<kHeadDim, kEvTile>::kThreads) ffma_attention_kernel(const FfmaParams p) {
+  using Tiles = FfmaTiles<kHeadDim, kEvTile>;
+  constexpr int kBlockM = Tiles::kBlockM, kBlockN = Tiles::kBlockN, kThreads = Tiles::kThreads;
+  constexpr int kLdX = Tiles::kLdX, kLdG = Tiles::kLdG, kLdP = Tiles::kLdP, kMj = Tiles::kMj;
+  ATTNSEG_DYNAMIC_SMEM(smem_raw);
+  float* const x_smem = reinterpret_cast<float*>(smem_raw);
+  float* const y_smem = x_smem + Tiles::kXElems;
+  float* const g_smem = y_smem + Tiles::kYElems;
+  float* const p_smem = g_smem + Tiles::kGElems;
+  float* const alpha_smem = p_smem + Tiles::kPElems;  // forward, per X row: exp(m_old − m_new), then 1 / l
+
+  const int64_t b = blockIdx.x / unsigned(p.x_blocks);
+  const int64_t i0 = (blockIdx.x % unsigned(p.x_blocks)) * kBlockM;
+  const int ev0 = int(blockIdx.y) * kEvTile;
+  const int ny = int(p.y_rows), e = int(p.e);
+  const int ev_cols = std::min<int>(kEvTile, int(p.ev) - ev0);
+  const int sy = threadIdx.x / 16, sx = threadIdx.x % 16;  // S micro-tile grid
+  const int ty = threadIdx.x / 32, tx = threadIdx.x % 32;  // Out micro-tile grid
+  const float* const y_batch = p.y + b * p.y_sb;
+  const float* const g_batch = p.g + b * p.g_sb + ev0 * p.g_se;
+  [[maybe_unused]] const float* const lse_batch = kDv ? p.lse_in + b * p.y_rows : nullptr;
+
+  auto y_src = [&](int j0) {
+    return TileSrc<float>{y_batch + j0 * p.y_sn, int(p.y_sn), int(p.y_se), std::min(kBlockN, ny - j0), e};
+  };
+  auto g_src = [&](int j0) {
+    return TileSrc<float>{g_batch + j0 * p.g_sn, int(p.g_sn), int(p.g_se), std::min(kBlockN, ny - j0), ev_cols};
+  };
+  TileRegs<kBlockN, kHeadDim, kThreads, kYTokensMajor> y_next;
+  TileRegs<kBlockN, kEvTile, kThreads, kGTokensMajor> g_next;
+  [[maybe_unused]] float lse_next[2];  // dV: lse of this thread's Y rows sx + 16 j of the next tile (+inf past Nq)
+  auto fetch = [&](int j0) {
+    y_next.fetch(y_src(j0));
+    g_next.fetch(g_src(j0));
+    if constexpr (kDv) {
+      ATTNSEG_UNROLL
+      for (int j = 0; j < 2; ++j) lse_next[j] = j0 + sx + 16 * j < ny ? lse_batch[j0 + sx + 16 * j] : INFINITY;
+    }
+  };
+
+  // ---- prologue: X (resident) and the first Y/G tile ----
+  {
+    const TileSrc<float> x_src{p.x + b * p.x_sb + i0 * p.x_sn, int(p.x_sn), int(p.x_se),
+                               int(std::min<int64_t>(kBlockM, p.x_rows - i0)), e};
+    if (p.x_tokens_major) {
+      TileRegs<kBlockM, kHeadDim, kThreads, true> x_regs;
+      x_regs.fetch(x_src);
+      x_regs.store(x_smem, kLdX);
+    } else {
+      TileRegs<kBlockM, kHeadDim, kThreads, false> x_regs;
+      x_regs.fetch(x_src);
+      x_regs.store(x_smem, kLdX);
+    }
+  }
+  fetch(0);
+  y_next.store(y_smem, kLdX);
+  g_next.store(g_smem, kLdG);
+  __syncthreads();
+
+  float o_acc[8][kMj];  // Out rows 8 ty + i, columns tx + 32 j
+  zero_micro_tile(o_acc);
+  float row_max[4], row_sum[4];  // forward: rows sy + 16 i (the same in all 16 threads of the half-warp)
+  ATTNSEG_UNROLL
+  for (int i = 0; i < 4; ++i) row_max[i] = neg_inf<float>(), row_sum[i] = 0.0f;
+  const float scale = p.scale;
+  const float* const x_row = x_smem + sy * kLdX;
+  const float* const y_row = y_smem + sx * kLdX;
+  const float* const p_col = p_smem + 8 * ty;
+  const float* const g_col = g_smem + tx;
+
+  // ---- main loop over tiles of Y and G ----
+  for (int j0 = 0; j0 < ny; j0 += kBlockN) {
+    [[maybe_unused]] float lse[2];
+    if constexpr (kDv) lse[0] = lse_next[0], lse[1] = lse_next[1];
+    const bool more = j0 + kBlockN < ny;
+    if (more) fetch(j0 + kBlockN);  // in flight while this tile is computed
+
+    // S = X Yᵀ for rows sy + 16 i, columns sx + 16 j
+    float s[4][2];
+    zero_micro_tile(s);
+    ATTNSEG_UNROLL
+    for (int d = 0; d < kHeadDim; ++d) fma_micro_tile(s, x_row + d, 16 * kLdX, y_row + d, 16 * kLdX);
+
+    ATTNSEG_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      float prob[2];
+      if constexpr (kDv) {
+        // Pᵀ = exp(Sᵀ · scale − lse); queries past Nq contribute nothing
+        ATTNSEG_UNROLL
+        for (int j = 0; j < 2; ++j)
+          prob[j] = j0 + sx + 16 * j < ny ? recompute_probability(s[i][j], scale, lse[j]) : 0.0f;
+      } else {
+        // Online softmax; keys past Nk (only in the last tile) get logit −inf.
+        float x[2];
+        ATTNSEG_UNROLL
+        for (int j = 0; j < 2; ++j) x[j] = j0 + sx + 16 * j < ny ? s[i][j] * scale : neg_inf<float>();
+        float tile_max = max_nan(x[0], x[1]);
+        ATTNSEG_UNROLL
+        for (int offset = 8; offset > 0; offset >>= 1)
+          tile_max = max_nan(tile_max, __shfl_xor_sync(kFullMask, tile_max, offset));
+        const float m_new = max_nan(row_max[i], tile_max);
+        // m_new = −inf only when every logit so far is −inf: keep l = 0 and O = 0 (no −inf − −inf)
+        const bool empty = m_new == neg_inf<float>();
+        float tile_sum = 0.0f;
+        ATTNSEG_UNROLL
+        for (int j = 0; j < 2; ++j) {
+          prob[j] = empty ? 0.0f : exp_acc(x[j] - m_new);
+          tile_sum += prob[j];
+        }
+        ATTNSEG_UNROLL
+        for (int offset = 8; offset > 0; offset >>= 1) tile_sum += __shfl_xor_sync(kFullMask, tile_sum, offset);
+        const float alpha = empty ? 1.0f : exp_acc(row_max[i] - m_new);
+        row_sum[i] = row_sum[i] * alpha + tile_sum;
+        row_max[i] = m_new;
+        if (sx == 0) alpha_smem[sy + 16 * i] = alpha;
+      }
+      ATTNSEG_UNROLL
+      for (int j = 0; j < 2; ++j) p_smem[(sx + 16 * j) * kLdP + sy + 16 * i] = prob[j];
+    }
+    __syncthreads();  // P (and alpha) visible
+
+    // Out = alpha · Out + P G (forward), Out += Pᵀ dO (dV)
+    if constexpr (!kDv) {
+      ATTNSEG_UNROLL
+      for (int i = 0; i < 8; ++i) {
+        const float a = alpha_smem[8 * ty + i];
+        ATTNSEG_UNROLL
+        for (int j = 0; j < kMj; ++j) o_acc[i][j] *= a;
+      }
+    }
+    ATTNSEG_UNROLL
+    for (int c = 0; c < kBlockN; ++c) fma_micro_tile(o_acc, p_col + c * kLdP, 1, g_col + c * kLdG, 32);
+    __syncthreads();  // every thread is done with this tile's Y, G, P and alpha
+
+    if (more) {
+      y_next.store(y_smem, kLdX);
+      g_next.store(g_smem, kLdG);
+      __syncthreads();
+    }
+  }
+
+  // ---- epilogue: forward out = O · (1 / l) (l = 0 gives 0 · inf = NaN, as 0 / 0 would) and lse;
+  // dV as accumulated ----
+  if constexpr (!kDv) {
+    if (sx == 0) {
+      ATTNSEG_UNROLL
+      for (int i = 0; i < 4; ++i) {
+        const int r = sy + 16 * i;
+        alpha_smem[r] = 1.0f / row_sum[i];
+        // logsumexp of a row holding +inf is +inf (as torch.logsumexp), not inf + log(NaN)
+        const float m = row_max[i];
+        if (blockIdx.y == 0 && i0 + r < p.x_rows)
+          p.lse_out[b * p.x_rows + i0 + r] = is_inf(m) ? m : m + log_acc(row_sum[i]);
+      }
+    }
+    __syncthreads();
+  }
+  float* const out = p.out + b * p.o_sb + ev0 * p.o_se;
+  ATTNSEG_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    const int r = 8 * ty + i;
+    if (i0 + r >= p.x_rows) break;
+    const float factor = kDv ? 1.0f : alpha_smem[r];
+    float* const out_row = out + (i0 + r) * p.o_sn;
+    ATTNSEG_UNROLL
+    for (int j = 0; j < kMj; ++j)
+      if (tx + 32 * j < ev_cols) out_row[(tx + 32 * j) * p.o_se] = o_acc[i][j] * factor;
+  }
+}
+
+}  // namespace attnseg::cuda
