@@ -242,17 +242,6 @@ def old_attention_dkv(s: Shape, k: dict, nbytes: int) -> Work:
                 "ceil(E/c)·2NqNk·(E+Ev+c) + ceil(Ev/c)·2NqNk·(E+c): Sᵀ per slice, dPᵀ per dK slice")
 
 
-def old_attention_dk_slices(s: Shape, k: dict, nbytes: int) -> Work:
-    # the old dK/dV kernel launched with its dK slices only (grid y = ceil(E/chunk)): Sᵀ, dPᵀ, dK
-    rows, cols, chunk = k["rows"], k["cols"], k["chunk"]
-    nq, nk = _up(s.nq, cols), _up(s.nk, rows)
-    e_chunks = _chunks(s.e, chunk)
-    flops = s.batch * 2 * nq * nk * e_chunks * (_up(s.e, chunk) + _up(s.ev, chunk) + chunk)
-    dram = nbytes * s.batch * (s.nq * (s.e + s.ev) + s.nk * (2 * s.e + s.ev)) + 8 * s.batch * s.nq
-    return Work(s.batch * _chunks(s.nk, rows) * e_chunks, flops, dram,
-                "ceil(E/c)·2NqNk·(E+Ev+c): Sᵀ and dPᵀ per c-wide dK slice")
-
-
 def flash_attention_bwd_dv(s: Shape, k: dict, nbytes: int) -> Work:
     # grid (B·ceil(Nk/BN), ceil(Ev/EvTile)); each block holds its K tile and streams all queries
     # once: Sᵀ over the padded head dim, then dV += Pᵀ dO over its Ev tile (flash_attention_bwd.cuh).
@@ -278,6 +267,20 @@ def flash_attention_bwd_dkdq(s: Shape, k: dict, nbytes: int) -> Work:
             + 2 * accum)
     return Work(s.batch * _chunks(s.nk, rows), flops, dram,
                 "2NqNk·(3E+Ev): Sᵀ, dPᵀ, dK and dQ once per (query tile, key block), all of Ev resident")
+
+
+def ffma_attention_bwd_dkdq(s: Shape, k: dict, nbytes: int) -> Work:
+    # grid B·ceil(Nk/BN); each block holds K and streams all queries once: Sᵀ (E deep), dPᵀ (Ev deep,
+    # V and dO in c-wide chunks, V re-read from L2 per query tile: not DRAM traffic), dK and the dQ
+    # partial (E wide); the fp32 dQ accumulator as in flash_attention_bwd_dkdq.
+    rows, cols, head, chunk = k["rows"], k["cols"], k["head_dim"], k["chunk"]
+    nk, nq = _up(s.nk, rows), _up(s.nq, cols)
+    flops = s.batch * 2 * nq * nk * (3 * head + _up(s.ev, chunk))
+    accum = 4 * s.batch * nq * head
+    dram = (nbytes * s.batch * (s.nk * (s.e + s.ev) + s.nq * (s.e + s.ev) + s.nk * s.e) + 8 * s.batch * s.nq
+            + 2 * accum)
+    return Work(s.batch * _chunks(s.nk, rows), flops, dram,
+                "2NqNk·(3E+Ev): Sᵀ, dPᵀ (Ev in c-wide chunks), dK and dQ once per (query tile, key block)")
 
 
 def flash_attention_bwd_dq_convert(s: Shape, k: dict, nbytes: int) -> Work:
@@ -425,17 +428,22 @@ KERNELS = (
                      {"threads": "256", "smem": "0"}, flash_attention_bwd_dq_convert, "attention_bwd",
                      products=False, enforced=True, impl=_fa2_impl(major)),
       )),
-    # The fp32 backward today: dV from the FFMA kernel (K resident, Q and dO streamed; DANet's
-    # channel-first Q with a contiguous dO), dQ and dK from the old kernels (the dK/dV kernel
-    # launched for its dK slices only). Not enforced: its FLOP ratio (dP and S recomputed in the old
-    # dQ and dK blocks) is above the bar until an FFMA dK/dQ kernel replaces them.
+    # The fp32 backward (ffma_attention.cuh) at the DANet instantiation: dV from the FFMA kernel (K
+    # resident, Q and dO streamed; channel-first Q with a contiguous dO, as PAM passes them), dK and
+    # dQ from the FFMA dK/dQ kernel (channel-first Q, K, V; contiguous dO) with the ordered dQ
+    # accumulation, then the dQ conversion.
     CudaKernel("ffma_attention_bwd_dv[channel-first-q]", "ffma_attention.cuh",
                "ffma_attention_kernel<64, 256, true, false, true>", ("fp32",), _FFMA_TILES,
-               flash_attention_bwd_dv, "attention_bwd", products=True, impl="ffma dV + old dQ, dK"),
-    CudaKernel("attention_bwd_dq", "attention.cuh", "attention_bwd_dq_kernel<{T}>", ("fp32",),
-               _ATTN_TILES, old_attention_dq, "attention_bwd", products=True, impl="ffma dV + old dQ, dK"),
-    CudaKernel("attention_bwd_dkv[dk-slices]", "attention.cuh", "attention_bwd_dkv_kernel<{T}>", ("fp32",),
-               _ATTN_TILES, old_attention_dk_slices, "attention_bwd", products=True, impl="ffma dV + old dQ, dK"),
+               flash_attention_bwd_dv, "attention_bwd", products=True, enforced=True, impl="fa2 ffma"),
+    CudaKernel("ffma_attention_bwd_dkdq[channel-first-q]", "ffma_attention.cuh",
+               "ffma_attention_bwd_dkdq_kernel<true, false, true>", ("fp32",),
+               {"threads": "FfmaDkdqTiles::kThreads", "smem": "FfmaDkdqTiles::kSmemBytes",
+                "rows": "FfmaDkdqTiles::kBlockN", "cols": "FfmaDkdqTiles::kBlockQ",
+                "head_dim": "FfmaDkdqTiles::kHeadDim", "chunk": "FfmaDkdqTiles::kChunk"},
+               ffma_attention_bwd_dkdq, "attention_bwd", products=True, enforced=True, impl="fa2 ffma"),
+    CudaKernel("flash_attention_bwd_dq_convert[fp32]", "flash_attention_bwd.cuh",
+               "flash_attention_bwd_dq_convert_kernel<{T}>", ("fp32",), {"threads": "256", "smem": "0"},
+               flash_attention_bwd_dq_convert, "attention_bwd", products=False, enforced=True, impl="fa2 ffma"),
     CudaKernel("cam_softmax_fwd", "channel_attention.cuh", "cam_softmax_fwd_kernel<{A}>", _ALL,
                _ROWS, cam_rows, "cam_fwd", products=False),
     CudaKernel("cam_softmax_bwd", "channel_attention.cuh", "cam_softmax_bwd_kernel<{A}>", _ALL,

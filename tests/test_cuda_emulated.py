@@ -212,35 +212,38 @@ def test_old_forward_kernel_takes_the_rest(emu, dtype, e):
     assert "attention_fwd_kernel<" in line and "flash" not in line and "ffma" not in line, line
 
 
-# (id, nq, nk, e, ev, channel-first q/k/v/dO, forward and dV template arguments and load axes)
+# (id, nq, nk, e, ev, channel-first q/k/v/dO, forward and dV template arguments and load axes,
+# dK/dQ template arguments (None: E > 64, the old dQ and dK kernels))
 FFMA_PATHS = [
-    ("contiguous", 37, 45, 16, 40, (0, 0, 0, 0),
-     "16, 64, false, false, false", "x_tokens_major=0", "16, 64, false, false, true", "x_tokens_major=0"),
+    ("contiguous", 37, 45, 16, 40, (0, 0, 0, 0), "16, 64, false, false, false", "x_tokens_major=0",
+     "16, 64, false, false, true", "x_tokens_major=0", "false, false, false"),
     # DANet's PAM: channel-first q/k/v, a contiguous dO (the gradient of the contiguous out)
-    ("channel-first", 40, 48, 16, 40, (1, 1, 1, 0),
-     "16, 64, true, true, false", "x_tokens_major=1", "16, 64, true, false, true", "x_tokens_major=1"),
-    # the forward loads V along K's axis; the dV kernel loads Q and dO each along its own
-    ("mixed", 37, 48, 32, 72, (0, 1, 0, 1),
-     "32, 128, true, true, false", "x_tokens_major=0", "32, 128, false, true, true", "x_tokens_major=1"),
-    ("e100-ev136", 37, 45, 100, 136, (0, 0, 0, 0),
-     "128, 256, false, false, false", "x_tokens_major=0", "128, 256, false, false, true", "x_tokens_major=0"),
-    # the DANet shape's tiles: two 64-row blocks, three 32-row tiles, two 256-wide Ev tiles
-    ("channel-first-ev512", 70, 70, 64, 512, (1, 1, 1, 1),
-     "64, 256, true, true, false", "x_tokens_major=1", "64, 256, true, true, true", "x_tokens_major=1"),
-    ("one-row-one-key", 1, 1, 3, 5, (0, 0, 0, 0),
-     "16, 64, false, false, false", "x_tokens_major=0", "16, 64, false, false, true", "x_tokens_major=0"),
+    ("channel-first", 40, 48, 16, 40, (1, 1, 1, 0), "16, 64, true, true, false", "x_tokens_major=1",
+     "16, 64, true, false, true", "x_tokens_major=1", "true, false, true"),
+    # the forward loads V along K's axis; the backward loads each operand along its own
+    ("mixed", 37, 48, 32, 72, (0, 1, 0, 1), "32, 128, true, true, false", "x_tokens_major=0",
+     "32, 128, false, true, true", "x_tokens_major=1", "false, true, false"),
+    ("e100-ev136", 37, 45, 100, 136, (0, 0, 0, 0), "128, 256, false, false, false", "x_tokens_major=0",
+     "128, 256, false, false, true", "x_tokens_major=0", None),
+    # the DANet shape's tiles: two 64-row blocks, three 32-row tiles, two 256-wide Ev tiles, eight
+    # 64-wide chunks of dP, two key blocks in the ordered dQ accumulation
+    ("channel-first-ev512", 70, 70, 64, 512, (1, 1, 1, 1), "64, 256, true, true, false", "x_tokens_major=1",
+     "64, 256, true, true, true", "x_tokens_major=1", "true, true, true"),
+    ("one-row-one-key", 1, 1, 3, 5, (0, 0, 0, 0), "16, 64, false, false, false", "x_tokens_major=0",
+     "16, 64, false, false, true", "x_tokens_major=0", "false, false, false"),
 ]
 
 
-@pytest.mark.parametrize("nq, nk, e, ev, channel_first, fwd_template, fwd_paths, dv_template, dv_paths",
+@pytest.mark.parametrize("nq, nk, e, ev, channel_first, fwd_template, fwd_paths, dv_template, dv_paths, dkdq",
                          [p[1:] for p in FFMA_PATHS], ids=[p[0] for p in FFMA_PATHS])
-def test_ffma_forward_and_dv_paths(emu, nq, nk, e, ev, channel_first, fwd_template, fwd_paths, dv_template,
-                                   dv_paths):
+def test_ffma_kernel_paths(emu, nq, nk, e, ev, channel_first, fwd_template, fwd_paths, dv_template, dv_paths,
+                           dkdq):
     """fp32 with 1 <= E <= 128 takes the forward and dV from ffma_attention_kernel
-    (ffma_attention.cuh) with the tile sizes and load axes of host.h's rules, dQ and dK from the old
-    kernels (the dK/dV kernel for its dK slices); every layout matches the fp64 reference, and the
-    results are bitwise equal to the contiguous inputs' (the load axes change, the shared-memory
-    tiles and the arithmetic do not)."""
+    (ffma_attention.cuh), and with E <= 64 dK and dQ from ffma_attention_bwd_dkdq_kernel (ordered
+    dQ accumulation, then the dQ conversion), with the tile sizes and load axes of host.h's rules;
+    E > 64 takes dQ and dK from the old kernels (the dK/dV kernel for its dK slices). Every layout
+    matches the fp64 reference, and the results are bitwise equal to the contiguous inputs' (the
+    load axes change, the shared-memory tiles and the arithmetic do not)."""
     q, k, v = (_layout(t, cf) for t, cf in zip(_attention_inputs(1, nq, nk, e, ev, torch.float32), channel_first))
     out, lse, line = _flash_launch(emu, q, k, v, 0.3)
     assert f"ffma_attention_kernel<{fwd_template}>" in line and line.endswith(fwd_paths), line
@@ -248,9 +251,14 @@ def test_ffma_forward_and_dv_paths(emu, nq, nk, e, ev, channel_first, fwd_templa
     result = helpers.check_attention_backend(_flash_bwd_run(emu, channel_first[3], lines), q, k, v, 0.3)
     (dv_line,) = [line for line in lines if "ffma_attention_kernel<" in line]
     assert f"ffma_attention_kernel<{dv_template}>" in dv_line and dv_line.endswith(dv_paths), dv_line
-    assert any("attention_bwd_dq_kernel<float>" in line for line in lines), lines
-    assert any("attention_bwd_dkv_kernel<float>" in line for line in lines), lines
-    assert not any("flash_attention" in line for line in lines), lines
+    old = ("attention_bwd_dq_kernel<float>", "attention_bwd_dkv_kernel<float>")
+    if dkdq is None:
+        assert all(any(name in line for line in lines) for name in old), lines
+        assert not any("dkdq" in line or "dq_convert" in line for line in lines), lines
+    else:
+        assert sum(f"ffma_attention_bwd_dkdq_kernel<{dkdq}>" in line for line in lines) == 1, lines
+        assert sum("flash_attention_bwd_dq_convert_kernel<float>" in line for line in lines) == 1, lines
+        assert not any(name in line for name in old for line in lines), lines
     out_c, lse_c, _ = _flash_launch(emu, q.contiguous(), k.contiguous(), v.contiguous(), 0.3)
     assert torch.equal(out, out_c) and torch.equal(lse, lse_c)
     contiguous = helpers.check_attention_backend(_flash_bwd_run(emu, False, []), q.contiguous(), k.contiguous(),
@@ -409,17 +417,19 @@ def test_dkdq_falls_back_where_v_does_not_fit(emu, ev, optin):
     assert sum("attention_bwd_dkv_kernel<" in line for line in lines) == 1, lines
 
 
-def test_dkdq_counter_off_by_one_is_caught(emu):
-    """The dK/dQ kernel's ordered dQ accumulation (key block j adds after blocks 0 .. j - 1). A
+@pytest.mark.parametrize("dtype, kernel", [(torch.float16, "flash_attention_bwd_dkdq_kernel"),
+                                           (torch.float32, "ffma_attention_bwd_dkdq_kernel")], ids=["fp16", "fp32"])
+def test_dkdq_counter_off_by_one_is_caught(emu, dtype, kernel):
+    """The dK/dQ kernels' ordered dQ accumulation (key block j adds after blocks 0 .. j - 1). A
     planted off-by-one in its counter wait (block j waits for j + 1, or j - 1) is reported by the
     emulator, which runs blocks in linear order, as a wait that would deadlock: not a hang, not a
     silently different sum. Several key blocks and query tiles, two batches."""
-    q, k, v = _attention_inputs(2, 70, 150, 32, 48, torch.float16)
+    q, k, v = _attention_inputs(2, 70, 150, 32, 48, dtype)
     out, lse = emu.attention_fwd(q, k, v, 0.3)
-    grad_out = torch.randn(2, 70, 48, generator=torch.Generator().manual_seed(3)).to(torch.float16)
+    grad_out = torch.randn(2, 70, 48, generator=torch.Generator().manual_seed(3)).to(dtype)
     emu.launches()
     expected = emu.attention_bwd(grad_out, None, q, k, v, out, lse, 0.3)
-    assert any("flash_attention_bwd_dkdq_kernel" in line for line in emu.launches())
+    assert any(kernel in line for line in emu.launches())
     try:
         for skew in (1, -1):
             emu.set_dq_counter_skew(skew)

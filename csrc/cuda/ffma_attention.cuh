@@ -34,7 +34,7 @@
 #pragma once
 
 #include "attention.cuh"
-#include "flash_attention.cuh"  // TileSrc, max_nan
+#include "flash_attention_bwd.cuh"  // FlashBwdParams (dK/dQ); through it TileSrc, max_nan
 
 namespace attnseg::cuda {
 
@@ -104,6 +104,21 @@ struct TileRegs {
   }
 };
 
+// A tile loaded once (the block's resident operand): fetched and stored through TileRegs, along
+// rows when `rows_fast` (the source's unit-stride axis is its token axis), else along columns.
+template <int kRows, int kCols, int kThreads>
+__device__ __forceinline__ void load_resident_tile(float* smem, int ld, const TileSrc<float>& src, bool rows_fast) {
+  if (rows_fast) {
+    TileRegs<kRows, kCols, kThreads, true> regs;
+    regs.fetch(src);
+    regs.store(smem, ld);
+  } else {
+    TileRegs<kRows, kCols, kThreads, false> regs;
+    regs.fetch(src);
+    regs.store(smem, ld);
+  }
+}
+
 // grid: (batch * ceil(x_rows / 64), ceil(ev / kEvTile)), block: 256, dynamic smem: kSmemBytes.
 // kYTokensMajor / kGTokensMajor: the streamed operands' unit-stride axis is their token axis.
 template <int kHeadDim, int kEvTile, bool kYTokensMajor, bool kGTokensMajor, bool kDv>
@@ -151,15 +166,7 @@ __global__ void __launch_bounds__(FfmaTiles<kHeadDim, kEvTile>::kThreads) ffma_a
   {
     const TileSrc<float> x_src{p.x + b * p.x_sb + i0 * p.x_sn, int(p.x_sn), int(p.x_se),
                                int(std::min<int64_t>(kBlockM, p.x_rows - i0)), e};
-    if (p.x_tokens_major) {
-      TileRegs<kBlockM, kHeadDim, kThreads, true> x_regs;
-      x_regs.fetch(x_src);
-      x_regs.store(x_smem, kLdX);
-    } else {
-      TileRegs<kBlockM, kHeadDim, kThreads, false> x_regs;
-      x_regs.fetch(x_src);
-      x_regs.store(x_smem, kLdX);
-    }
+    load_resident_tile<kBlockM, kHeadDim, kThreads>(x_smem, kLdX, x_src, p.x_tokens_major);
   }
   fetch(0);
   y_next.store(y_smem, kLdX);
@@ -274,6 +281,183 @@ __global__ void __launch_bounds__(FfmaTiles<kHeadDim, kEvTile>::kThreads) ffma_a
     ATTNSEG_UNROLL
     for (int j = 0; j < kMj; ++j)
       if (tx + 32 * j < ev_cols) out_row[(tx + 32 * j) * p.o_se] = o_acc[i][j] * factor;
+  }
+}
+
+// ---- backward: dK and dQ ---------------------------------------------------------------------
+//
+// fp32, E <= 64 (padded to 64), any Ev: one block per (batch, 64 keys) holds K (shared memory) and
+// streams 32-query tiles once. Per tile: Sᵀ = K Qᵀ and dPᵀ = V dOᵀ (V and dO in 64-wide Ev chunks
+// through shared memory, so any Ev fits 58 KiB), both as 4 x 2 micro-tiles in the S layout above;
+// Pᵀ = exp(Sᵀ · scale − lse), dSᵀ = Pᵀ ∘ (dPᵀ − delta) to shared memory stored [query][key];
+// dK += dSᵀ Q (8 x 2 per thread, registers for the whole loop) and the tile's dQ partial dS K
+// (4 x 2 per thread), which is added to the fp32 accumulator of flash_attention_bwd.cuh in
+// key-block order (the same counter protocol as the fp16/bf16 dK/dQ kernel: bitwise
+// reproducible, no atomics). dP is computed once per (query tile, key block): with the dV kernel
+// above the backward issues (4E + 2Ev) / (3E + 2Ev) of the useful FLOPs, 1.05 at E = 64, Ev = 512.
+// The next stage (V/dO chunk, or the next tile's Q, lse and delta) is fetched into registers
+// while the current one is computed. kQMajor / kDoMajor / kVMajor: that operand's unit-stride axis
+// is its token axis.
+struct FfmaDkdqTiles {
+  static constexpr int kThreads = 256;
+  static constexpr int kBlockN = 64;   // keys per block
+  static constexpr int kBlockQ = 32;   // queries per tile
+  static constexpr int kHeadDim = 64;  // E padded to 64: the dQ accumulator's row width
+  static constexpr int kChunk = 64;    // Ev chunk of dPᵀ
+  static constexpr int kLd = 65;       // K, Q, V chunk, dO chunk stored [token][feature]
+  static constexpr int kLdDs = kBlockN + 4;  // dS stored [query][key]; 16-byte rows
+  static constexpr int kKElems = kBlockN * kLd, kQElems = kBlockQ * kLd, kVElems = kBlockN * kLd;
+  static constexpr int kDoElems = kBlockQ * kLd, kDsElems = kBlockQ * kLdDs;
+  static constexpr size_t kSmemBytes = sizeof(float) * (kKElems + kQElems + kVElems + kDoElems + kDsElems);
+  static_assert(kSmemBytes <= 99 * 1024, "within the smallest opt-in shared memory of the targeted GPUs");
+};
+
+// grid: batch * ceil(nk / 64), block: 256, dynamic smem: kSmemBytes. Needs delta (the delta kernel)
+// and zeroed dq_accum / dq_counters; flash_attention_bwd_dq_convert_kernel then writes dq.
+template <bool kQMajor, bool kDoMajor, bool kVMajor>
+__global__ void __launch_bounds__(FfmaDkdqTiles::kThreads) ffma_attention_bwd_dkdq_kernel(const FlashBwdParams<float> p) {
+  using Tiles = FfmaDkdqTiles;
+  constexpr int kBlockN = Tiles::kBlockN, kBlockQ = Tiles::kBlockQ, kThreads = Tiles::kThreads;
+  constexpr int kHeadDim = Tiles::kHeadDim, kChunk = Tiles::kChunk, kLd = Tiles::kLd, kLdDs = Tiles::kLdDs;
+  ATTNSEG_DYNAMIC_SMEM(smem_raw);
+  float* const k_smem = reinterpret_cast<float*>(smem_raw);
+  float* const q_smem = k_smem + Tiles::kKElems;
+  float* const v_smem = q_smem + Tiles::kQElems;
+  float* const do_smem = v_smem + Tiles::kVElems;
+  float* const ds_smem = do_smem + Tiles::kDoElems;
+
+  const int64_t b = blockIdx.x / unsigned(p.dv_k_blocks);
+  const int key_block = int(blockIdx.x % unsigned(p.dv_k_blocks));
+  const int64_t j0 = int64_t(key_block) * kBlockN;
+  const int nq = int(p.nq), e = int(p.e), ev = int(p.ev);
+  const int keys = int(std::min<int64_t>(kBlockN, p.nk - j0));
+  const int chunks = int(ceil_div(ev, kChunk));
+  const int sy = threadIdx.x / 16, sx = threadIdx.x % 16;  // Sᵀ / dPᵀ: keys sy + 16 i, queries sx + 16 j
+  const int ty = threadIdx.x / 32, tx = threadIdx.x % 32;  // dK: keys 8 ty + i; dQ: queries 4 ty + i
+  const float* const q_batch = p.q + b * p.q_sb;
+  const float* const do_batch = p.grad_out + b * p.do_sb;
+  const float* const v_block = p.v + b * p.v_sb + j0 * p.v_sn;
+  const float* const lse_batch = p.lse + b * p.nq;
+  const float* const delta_batch = p.delta + b * p.nq;
+
+  TileRegs<kBlockQ, kHeadDim, kThreads, kQMajor> q_next;
+  TileRegs<kBlockQ, kChunk, kThreads, kDoMajor> do_next;
+  TileRegs<kBlockN, kChunk, kThreads, kVMajor> v_next;
+  float lse_next[2], delta_next[2];  // of this thread's queries sx + 16 j of the next tile
+  // Stage (tile i0, chunk c): the dO and V chunk, and at c = 0 the tile's Q, lse and delta.
+  auto fetch = [&](int i0, int c) {
+    const int rows = std::min(kBlockQ, nq - i0), cols = std::min(kChunk, ev - c * kChunk);
+    do_next.fetch(TileSrc<float>{do_batch + i0 * p.do_sn + c * kChunk * p.do_se, int(p.do_sn), int(p.do_se), rows,
+                                 cols});
+    v_next.fetch(TileSrc<float>{v_block + c * kChunk * p.v_se, int(p.v_sn), int(p.v_se), keys, cols});
+    if (c == 0) {
+      q_next.fetch(TileSrc<float>{q_batch + i0 * p.q_sn, int(p.q_sn), int(p.q_se), rows, e});
+      ATTNSEG_UNROLL
+      for (int j = 0; j < 2; ++j) {
+        const bool ok = i0 + sx + 16 * j < nq;
+        lse_next[j] = ok ? lse_batch[i0 + sx + 16 * j] : 0.0f;
+        delta_next[j] = ok ? delta_batch[i0 + sx + 16 * j] : 0.0f;
+      }
+    }
+  };
+
+  // ---- prologue: K (resident) and the first stage ----
+  {
+    const TileSrc<float> k_src{p.k + b * p.k_sb + j0 * p.k_sn, int(p.k_sn), int(p.k_se), keys, e};
+    load_resident_tile<kBlockN, kHeadDim, kThreads>(k_smem, kLd, k_src, p.k_keys_major);
+  }
+  fetch(0, 0);
+
+  float dk_acc[8][2];  // dK rows 8 ty + i, features tx + 32 j
+  zero_micro_tile(dk_acc);
+  const float scale = p.scale;
+  bool key_ok[4];
+  ATTNSEG_UNROLL
+  for (int i = 0; i < 4; ++i) key_ok[i] = sy + 16 * i < keys;
+  const float* const k_row = k_smem + sy * kLd;    // Sᵀ's rows
+  const float* const q_row = q_smem + sx * kLd;    // Sᵀ's columns
+  const float* const v_row = v_smem + sy * kLd;    // dPᵀ's rows
+  const float* const do_row = do_smem + sx * kLd;  // dPᵀ's columns
+
+  // ---- main loop over query tiles ----
+  for (int it = 0, i0 = 0; i0 < nq; ++it, i0 += kBlockQ) {
+    float lse[2], delta[2];
+    ATTNSEG_UNROLL
+    for (int j = 0; j < 2; ++j) lse[j] = lse_next[j], delta[j] = delta_next[j];
+    // Q of this tile (fetched during the previous tile) and its first chunk to shared memory
+    __syncthreads();  // the previous tile is done with Q, dO, V and dS
+    q_next.store(q_smem, kLd);
+    do_next.store(do_smem, kLd);
+    v_next.store(v_smem, kLd);
+    __syncthreads();
+
+    // dPᵀ = V dOᵀ over Ev, chunk by chunk; the stage after each is fetched meanwhile
+    float dp[4][2];
+    zero_micro_tile(dp);
+    for (int c = 0; c < chunks; ++c) {
+      if (c + 1 < chunks) {
+        fetch(i0, c + 1);
+      } else if (i0 + kBlockQ < nq) {
+        fetch(i0 + kBlockQ, 0);
+      }
+      ATTNSEG_UNROLL_N(16)
+      for (int d = 0; d < kChunk; ++d) fma_micro_tile(dp, v_row + d, 16 * kLd, do_row + d, 16 * kLd);
+      if (c + 1 < chunks) {
+        __syncthreads();
+        do_next.store(do_smem, kLd);
+        v_next.store(v_smem, kLd);
+        __syncthreads();
+      }
+    }
+
+    // Sᵀ = K Qᵀ, Pᵀ, dSᵀ = Pᵀ ∘ (dPᵀ − delta) (0 for keys past Nk and queries past Nq)
+    float s[4][2];
+    zero_micro_tile(s);
+    ATTNSEG_UNROLL
+    for (int d = 0; d < kHeadDim; ++d) fma_micro_tile(s, k_row + d, 16 * kLd, q_row + d, 16 * kLd);
+    ATTNSEG_UNROLL
+    for (int i = 0; i < 4; ++i)
+      ATTNSEG_UNROLL
+      for (int j = 0; j < 2; ++j) {
+        const bool ok = key_ok[i] && i0 + sx + 16 * j < nq;
+        const float ds = ok ? recompute_probability(s[i][j], scale, lse[j]) * (dp[i][j] - delta[j]) : 0.0f;
+        ds_smem[(sx + 16 * j) * kLdDs + sy + 16 * i] = ds;
+      }
+    __syncthreads();  // dS visible
+
+    // dK += dSᵀ Q
+    ATTNSEG_UNROLL
+    for (int c = 0; c < kBlockQ; ++c) fma_micro_tile(dk_acc, ds_smem + c * kLdDs + 8 * ty, 1, q_smem + c * kLd + tx, 32);
+    // the dQ partial dS K: queries 4 ty + i, features tx + 32 j
+    float dq[4][2];
+    zero_micro_tile(dq);
+    ATTNSEG_UNROLL
+    for (int c = 0; c < kBlockN; ++c) fma_micro_tile(dq, ds_smem + 4 * ty * kLdDs + c, kLdDs, k_smem + c * kLd + tx, 32);
+
+    // Ordered accumulation (docs/flash_backward_design.md): key block j adds its partial after key
+    // blocks 0 .. j − 1 have, so the sum runs in the same order on every run.
+    int* const counter = p.dq_counters + b * p.dq_tiles + it;
+    if (threadIdx.x == 0) warp::wait_until_equal(counter, key_block + p.dq_counter_skew);
+    __syncthreads();
+    float* const acc = p.dq_accum + ((b * p.dq_tiles + it) * kBlockQ + 4 * ty) * kHeadDim + tx;
+    ATTNSEG_UNROLL
+    for (int i = 0; i < 4; ++i)
+      ATTNSEG_UNROLL
+      for (int j = 0; j < 2; ++j) acc[i * kHeadDim + 32 * j] += dq[i][j];
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) warp::st_release_gpu(counter, key_block + 1);
+  }
+
+  // ---- epilogue: dK = scale · Σ dSᵀ Q in dk's layout ----
+  float* const dk = p.dk + b * p.dk_sb;
+  ATTNSEG_UNROLL
+  for (int i = 0; i < 8; ++i) {
+    const int r = 8 * ty + i;
+    if (r >= keys) break;
+    ATTNSEG_UNROLL
+    for (int j = 0; j < 2; ++j)
+      if (tx + 32 * j < e) dk[(j0 + r) * p.dk_sn + (tx + 32 * j) * p.dk_se] = dk_acc[i][j] * scale;
   }
 }
 

@@ -368,6 +368,68 @@ bool try_flash_bwd_dv(Launch& launch, const AttnBwdParams<T>& base, int64_t batc
   return false;
 }
 
+// A dK/dQ kernel with the ordered fp32 dQ accumulation (grid B x ceil(Nk / 64), p.dv_k_blocks and
+// p.dq_tiles set), on a zeroed accumulator [B, dq_tiles · 32, 64] and counters [B, dq_tiles], then
+// flash_attention_bwd_dq_convert_kernel, which writes dq.
+template <typename T, class Launch, class Kernel>
+void run_ordered_dq(Launch& launch, FlashBwdParams<T> p, int64_t batch, const at::TensorOptions& workspace,
+                    Kernel kernel, int threads, size_t smem, const char* op) {
+  const at::Tensor accum = at::zeros({batch, p.dq_tiles * 32, 64}, workspace.dtype(at::kFloat));
+  const at::Tensor counters = at::zeros({batch, p.dq_tiles}, workspace.dtype(at::kInt));
+  p.dq_accum = accum.data_ptr<float>();
+  p.dq_counters = counters.data_ptr<int>();
+  p.dq_counter_skew = launch.dq_counter_skew();
+  launch.set_max_dynamic_smem(kernel, smem);
+  launch(kernel, dim3(grid_dim_checked(batch * p.dv_k_blocks, kGridX, op, "B x ceil(Nk / 64)")), dim3(threads), smem,
+         p);
+  launch(flash_attention_bwd_dq_convert_kernel<T>,
+         dim3(grid_dim_checked(ceil_div(batch * p.nq * p.e, 256), kGridX, op, "B x Nq x E / 256")), dim3(256), 0, p);
+}
+
+// fp32, 1 <= E <= 64, Ev >= 1: ffma_attention_bwd_dkdq_kernel, each streamed operand loaded along
+// its unit-stride axis.
+inline bool ffma_bwd_dkdq_applies(const AttnBwdParams<float>& p) {
+  const int64_t int_limit = std::numeric_limits<int32_t>::max() - 256;
+  return p.e >= 1 && p.e <= 64 && p.ev >= 1 && p.nq <= int_limit && p.nk <= int_limit && p.ev <= int_limit &&
+         tile_offsets_fit_int32(64, p.k_sn, 64, p.k_se) && tile_offsets_fit_int32(64, p.v_sn, 64, p.v_se) &&
+         tile_offsets_fit_int32(32, p.q_sn, 64, p.q_se) && tile_offsets_fit_int32(32, p.do_sn, 64, p.do_se);
+}
+
+template <class Launch>
+void launch_ffma_bwd_dkdq(Launch& launch, const AttnBwdParams<float>& base, int64_t batch,
+                          const at::TensorOptions& workspace, const char* op) {
+  FlashBwdParams<float> p{};
+  static_cast<AttnBwdParams<float>&>(p) = base;
+  p.k_keys_major = keys_major(p.k_sn, p.k_se);
+  p.dv_k_blocks = ceil_div(p.nk, FfmaDkdqTiles::kBlockN);
+  p.dq_tiles = ceil_div(p.nq, FfmaDkdqTiles::kBlockQ);
+  auto run = [&](auto q_major, auto do_major, auto v_major) {
+    run_ordered_dq(launch, p, batch, workspace,
+                   ffma_attention_bwd_dkdq_kernel<decltype(q_major)::value, decltype(do_major)::value,
+                                                  decltype(v_major)::value>,
+                   FfmaDkdqTiles::kThreads, FfmaDkdqTiles::kSmemBytes, op);
+  };
+  auto with_v = [&](auto q_major, auto do_major) {
+    if (keys_major(p.v_sn, p.v_se)) {
+      run(q_major, do_major, std::true_type{});
+    } else {
+      run(q_major, do_major, std::false_type{});
+    }
+  };
+  auto with_do = [&](auto q_major) {
+    if (keys_major(p.do_sn, p.do_se)) {
+      with_v(q_major, std::true_type{});
+    } else {
+      with_v(q_major, std::false_type{});
+    }
+  };
+  if (keys_major(p.q_sn, p.q_se)) {
+    with_do(std::true_type{});
+  } else {
+    with_do(std::false_type{});
+  }
+}
+
 template <typename T, int kEvTile, bool kQueriesMajor, class Launch>
 void launch_flash_bwd_dkdq(Launch& launch, FlashBwdParams<T> p, int64_t batch, const at::TensorOptions& workspace,
                            const char* op) {
@@ -379,17 +441,8 @@ void launch_flash_bwd_dkdq(Launch& launch, FlashBwdParams<T> p, int64_t batch, c
   p.v_async = operand_cp_async_ok(p.v, p.v_sb, p.v_sn, p.v_se, false);
   p.q_async = operand_cp_async_ok(p.q, p.q_sb, p.q_sn, p.q_se, kQueriesMajor);
   p.do_async = operand_cp_async_ok(p.grad_out, p.do_sb, p.do_sn, p.do_se, kQueriesMajor);
-  const at::Tensor accum = at::zeros({batch, p.dq_tiles * Tiles::kBlockQ, 64}, workspace.dtype(at::kFloat));
-  const at::Tensor counters = at::zeros({batch, p.dq_tiles}, workspace.dtype(at::kInt));
-  p.dq_accum = accum.data_ptr<float>();
-  p.dq_counters = counters.data_ptr<int>();
-  p.dq_counter_skew = launch.dq_counter_skew();
-  const auto kernel = flash_attention_bwd_dkdq_kernel<T, 64, kEvTile, kQueriesMajor>;
-  launch.set_max_dynamic_smem(kernel, Tiles::kSmemBytes);
-  launch(kernel, dim3(grid_dim_checked(batch * p.dv_k_blocks, kGridX, op, "B x ceil(Nk / 64)")), dim3(Tiles::kThreads),
-         Tiles::kSmemBytes, p);
-  launch(flash_attention_bwd_dq_convert_kernel<T>,
-         dim3(grid_dim_checked(ceil_div(batch * p.nq * p.e, 256), kGridX, op, "B x Nq x E / 256")), dim3(256), 0, p);
+  run_ordered_dq(launch, p, batch, workspace, flash_attention_bwd_dkdq_kernel<T, 64, kEvTile, kQueriesMajor>,
+                 Tiles::kThreads, Tiles::kSmemBytes, op);
 }
 
 // Runs the flash dK/dQ kernels if the rule above takes them; false: the old kernels compute dK and
@@ -397,7 +450,11 @@ void launch_flash_bwd_dkdq(Launch& launch, FlashBwdParams<T> p, int64_t batch, c
 template <typename T, class Launch>
 bool try_flash_bwd_dkdq(Launch& launch, const AttnBwdParams<T>& base, int64_t batch,
                         const at::TensorOptions& workspace, const char* op) {
-  if constexpr (Num<T>::kTensorCores) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (!ffma_bwd_dkdq_applies(base)) return false;
+    launch_ffma_bwd_dkdq(launch, base, batch, workspace, op);
+    return true;
+  } else if constexpr (Num<T>::kTensorCores) {
     if (!flash_bwd_dv_applies(base) || base.ev > 512 || !tile_offsets_fit_int32(64, base.v_sn, 512, base.v_se) ||
         !tile_offsets_fit_int32(32, base.do_sn, 512, base.do_se))
       return false;
