@@ -19,6 +19,7 @@
 #include <cstdint>
 #include <limits>
 #include <optional>
+#include <string_view>
 #include <tuple>
 #include <type_traits>
 
@@ -50,9 +51,17 @@ auto kptr(const at::Tensor& t) {
   return reinterpret_cast<typename KernelType<S>::type*>(t.data_ptr<S>());
 }
 
+// `what` names the sizes behind the grid axis; the remedy follows from them: attention is
+// independent per batch element, per query and per column of v (Ev), so those can be split and
+// the results concatenated.
 inline unsigned grid_dim_checked(int64_t blocks, int64_t limit, const char* op, const char* what) {
+  const std::string_view axis(what);
+  const char* remedy = axis == "E" ? "E this large is not supported by the CUDA kernels; use the CPU op"
+                       : axis.find("Ev") != std::string_view::npos
+                           ? "split v along its last dimension (Ev) and concatenate the outputs"
+                           : "split the batch (or the queries) and concatenate the outputs";
   TORCH_CHECK(blocks <= limit, op, ": ", what, " needs ", blocks, " thread blocks along one grid axis, more than the ",
-              limit, " CUDA allows; split the batch");
+              limit, " CUDA allows; ", remedy);
   return static_cast<unsigned>(blocks);
 }
 constexpr int64_t kGridX = std::numeric_limits<int32_t>::max(), kGridYZ = 65535;
