@@ -61,9 +61,12 @@ struct FfmaTiles {
 //   forward: X = Q, Y = K, G = V, Out = O (softmax online, lse written)
 //   dV:      X = K, Y = Q, G = dO, Out = dV (Pᵀ = exp(Sᵀ · scale − lse) from the forward's lse)
 struct FfmaParams {
-  const float *x, *y, *g;
+  struct Operand {  // a [B, N, W] input: base and batch / token / feature strides
+    const float* ptr;
+    int64_t sb, sn, sw;
+  };
+  Operand x, y, g;
   int64_t x_rows, y_rows, e, ev;
-  int64_t x_sb, x_sn, x_se, y_sb, y_sn, y_se, g_sb, g_sn, g_se;
   float* out;
   int64_t o_sb, o_sn, o_se;
   float* lse_out;       // forward: batch x x_rows, contiguous
@@ -140,15 +143,15 @@ __global__ void __launch_bounds__(FfmaTiles<kHeadDim, kEvTile>::kThreads) ffma_a
   const int ev_cols = std::min<int>(kEvTile, int(p.ev) - ev0);
   const int sy = threadIdx.x / 16, sx = threadIdx.x % 16;  // S micro-tile grid
   const int ty = threadIdx.x / 32, tx = threadIdx.x % 32;  // Out micro-tile grid
-  const float* const y_batch = p.y + b * p.y_sb;
-  const float* const g_batch = p.g + b * p.g_sb + ev0 * p.g_se;
+  const float* const y_batch = p.y.ptr + b * p.y.sb;
+  const float* const g_batch = p.g.ptr + b * p.g.sb + ev0 * p.g.sw;
   [[maybe_unused]] const float* const lse_batch = kDv ? p.lse_in + b * p.y_rows : nullptr;
 
   auto y_src = [&](int j0) {
-    return TileSrc<float>{y_batch + j0 * p.y_sn, int(p.y_sn), int(p.y_se), std::min(kBlockN, ny - j0), e};
+    return TileSrc<float>{y_batch + j0 * p.y.sn, int(p.y.sn), int(p.y.sw), std::min(kBlockN, ny - j0), e};
   };
   auto g_src = [&](int j0) {
-    return TileSrc<float>{g_batch + j0 * p.g_sn, int(p.g_sn), int(p.g_se), std::min(kBlockN, ny - j0), ev_cols};
+    return TileSrc<float>{g_batch + j0 * p.g.sn, int(p.g.sn), int(p.g.sw), std::min(kBlockN, ny - j0), ev_cols};
   };
   TileRegs<kBlockN, kHeadDim, kThreads, kYTokensMajor> y_next;
   TileRegs<kBlockN, kEvTile, kThreads, kGTokensMajor> g_next;
@@ -164,7 +167,7 @@ __global__ void __launch_bounds__(FfmaTiles<kHeadDim, kEvTile>::kThreads) ffma_a
 
   // ---- prologue: X (resident) and the first Y/G tile ----
   {
-    const TileSrc<float> x_src{p.x + b * p.x_sb + i0 * p.x_sn, int(p.x_sn), int(p.x_se),
+    const TileSrc<float> x_src{p.x.ptr + b * p.x.sb + i0 * p.x.sn, int(p.x.sn), int(p.x.sw),
                                int(std::min<int64_t>(kBlockM, p.x_rows - i0)), e};
     load_resident_tile<kBlockM, kHeadDim, kThreads>(x_smem, kLdX, x_src, p.x_tokens_major);
   }

@@ -186,7 +186,7 @@ void dispatch_flash_fwd(Launch& launch, const AttnFwdParams<T>& base, int64_t ba
 template <bool kDv, class Launch>
 void launch_ffma(Launch& launch, FfmaParams p, int64_t batch, bool y_tokens_major, bool g_tokens_major,
                  const char* op) {
-  p.x_tokens_major = keys_major(p.x_sn, p.x_se);
+  p.x_tokens_major = keys_major(p.x.sn, p.x.sw);
   with_flash_tile_sizes(p.e, p.ev, [&](auto head_dim, auto ev_tile) {
     constexpr int kHeadDim = decltype(head_dim)::value, kEvTile = decltype(ev_tile)::value;
     using Tiles = FfmaTiles<kHeadDim, kEvTile>;
@@ -220,11 +220,8 @@ void launch_ffma(Launch& launch, FfmaParams p, int64_t batch, bool y_tokens_majo
 template <class Launch>
 void dispatch_ffma_fwd(Launch& launch, const AttnFwdParams<float>& a, int64_t batch, const char* op) {
   FfmaParams p{};
-  p.x = a.q, p.y = a.k, p.g = a.v;
+  p.x = {a.q, a.q_sb, a.q_sn, a.q_se}, p.y = {a.k, a.k_sb, a.k_sn, a.k_se}, p.g = {a.v, a.v_sb, a.v_sn, a.v_se};
   p.x_rows = a.nq, p.y_rows = a.nk, p.e = a.e, p.ev = a.ev;
-  p.x_sb = a.q_sb, p.x_sn = a.q_sn, p.x_se = a.q_se;
-  p.y_sb = a.k_sb, p.y_sn = a.k_sn, p.y_se = a.k_se;
-  p.g_sb = a.v_sb, p.g_sn = a.v_sn, p.g_se = a.v_se;
   p.out = a.out, p.o_sb = a.o_sb, p.o_sn = a.o_sn, p.o_se = a.o_se;
   p.lse_out = a.lse;
   p.scale = a.scale;
@@ -333,11 +330,9 @@ inline bool ffma_bwd_dv_applies(const AttnBwdParams<float>& p) {
 template <class Launch>
 void dispatch_ffma_bwd_dv(Launch& launch, const AttnBwdParams<float>& a, int64_t batch, const char* op) {
   FfmaParams p{};
-  p.x = a.k, p.y = a.q, p.g = a.grad_out;
+  p.x = {a.k, a.k_sb, a.k_sn, a.k_se}, p.y = {a.q, a.q_sb, a.q_sn, a.q_se};
+  p.g = {a.grad_out, a.do_sb, a.do_sn, a.do_se};
   p.x_rows = a.nk, p.y_rows = a.nq, p.e = a.e, p.ev = a.ev;
-  p.x_sb = a.k_sb, p.x_sn = a.k_sn, p.x_se = a.k_se;
-  p.y_sb = a.q_sb, p.y_sn = a.q_sn, p.y_se = a.q_se;
-  p.g_sb = a.do_sb, p.g_sn = a.do_sn, p.g_se = a.do_se;
   p.out = a.dv, p.o_sb = a.dv_sb, p.o_sn = a.dv_sn, p.o_se = a.dv_se;
   p.lse_in = a.lse;
   p.scale = a.scale;
