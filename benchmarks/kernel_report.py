@@ -1012,9 +1012,10 @@ def _triton_hash() -> str:
     return digest.hexdigest()[:20]
 
 
-def triton_sweep(arch: int, dtype: str, n: int, kept_only: bool) -> list[dict]:
-    """Compile the autotune configs of every Triton kernel launch at DANet sizes for sm_<arch>.
-    Runs in a worker process (imports torch and triton)."""
+def triton_sweep(arch: int, dtype: str, n: int, kept_only: bool, kernels: frozenset | None = None) -> list[dict]:
+    """Compile the autotune configs of every Triton kernel launch at DANet sizes for sm_<arch>
+    (only the kernels named in ``kernels``, when given). Runs in a worker process (imports torch
+    and triton)."""
     import torch
     import triton
 
@@ -1027,6 +1028,8 @@ def triton_sweep(arch: int, dtype: str, n: int, kept_only: bool) -> list[dict]:
     torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
     rows, seen = [], set()
     for kernel, args, kwargs in offline.danet_launches(torch_dtype, n=n, batch=1):
+        if kernels is not None and kernel.__name__ not in kernels:
+            continue
         mode = ", ".join(f"{k}={v}" for k, v in sorted(kwargs.items()) if isinstance(v, bool))
         if (kernel.__name__, mode) in seen:
             continue
@@ -1060,19 +1063,23 @@ def triton_sweep(arch: int, dtype: str, n: int, kept_only: bool) -> list[dict]:
 # The Triton kernels whose launches the prune reads from attnseg/triton/calibration.py, with the
 # launch's key there (kernel, mode flags, tile widths) built from a sweep row at the DANet shape.
 # The sweep runs at torch's defaults (allow_tf32 off: fp32 dots are IEEE).
-def _calibration_key(row: dict) -> tuple | None:
+def _calibration_key(row: dict, dtype: str) -> tuple | None:
     sys.path.insert(0, str(REPO_ROOT))
     from attnseg.triton import pow2
-    from attnseg.triton.attention import _bwd_ev_tile
+    from attnseg.triton.attention import _bwd_ev_tile, _dq_ev_tile
 
     flags = dict(part.split("=") for part in row["mode"].split(", ")) if row["mode"] else {}
     block_e, (block_ev, _) = pow2(SHAPES[0].e), _bwd_ev_tile(SHAPES[0].ev)
+    import torch
+
+    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    dq_block_ev = _dq_ev_tile(SHAPES[0].ev, torch_dtype)[0]
     if row["kernel"] == "_attn_fwd":
         return ("_attn_fwd", block_e)
     if row["kernel"] == "_attn_bwd_dkdv":
         return ("_attn_bwd_dkdv", flags["COMPUTE_DK"] == "True", flags["COMPUTE_DV"] == "True", block_e, block_ev)
     if row["kernel"] == "_attn_bwd_dq":
-        return ("_attn_bwd_dq", flags["EV_SINGLE"] == "True", block_e, block_ev)
+        return ("_attn_bwd_dq", flags["EV_SINGLE"] == "True", block_e, dq_block_ev)
     if row["kernel"] == "_cam_nt_partial":
         return ("_cam_nt_partial", flags["SYMMETRIC"] == "True")
     if row["kernel"] == "_cam_apply":
@@ -1082,18 +1089,35 @@ def _calibration_key(row: dict) -> tuple | None:
     return None
 
 
-def write_triton_calibration(path: Path, triton_rows: dict) -> None:
+def write_triton_calibration(path: Path, triton_rows: dict, kernels: frozenset | None = None) -> None:
     """attnseg/triton/calibration.py from a ``--triton-all`` sweep: per (arch, dtype, launch key),
-    every config that compiled without stack/spills, with its shared memory."""
-    table: dict[tuple, dict] = {}
+    every config that compiled without stack/spills, with its shared memory. A sweep of some
+    ``kernels`` only replaces their entries for the swept (arch, dtype) pairs in the table at
+    ``path`` and keeps the rest."""
+    fresh: dict[tuple, dict] = {}
     for (arch, dtype), rows in sorted(triton_rows.items()):
         for r in rows:
-            key = _calibration_key(r)
+            key = _calibration_key(r, dtype)
             if key is None:
                 continue
-            clean = table.setdefault((arch, dtype, *key), {})
+            clean = fresh.setdefault((arch, dtype, *key), {})
             if "error" not in r and r.get("stack", 0) == 0:
                 clean[(tuple(sorted(r["blocks"].items())), r["warps"], r["stages"])] = r["shared"]
+    table = fresh
+    if kernels is not None and path.exists():
+        import runpy
+
+        # the swept kernels' new entries take the place of their old ones; the rest stay in order
+        group = lambda key: key[:3]  # noqa: E731  (arch, dtype, kernel)
+        replaced = {group(key) for key in fresh} | {(a, d, k) for a, d in triton_rows for k in kernels}
+        table, placed = {}, set()
+        for key, clean in runpy.run_path(str(path))["CLEAN_CONFIGS"].items():
+            if group(key) not in replaced:
+                table[key] = clean
+            elif group(key) not in placed:
+                placed.add(group(key))
+                table.update((k, v) for k, v in fresh.items() if group(k) == group(key))
+        table.update((k, v) for k, v in fresh.items() if group(k) not in placed)
     lines = [f"    {key!r}: {{" + "".join(f"\n        {sig!r}: {shared}," for sig, shared in sorted(clean.items()))
              + "\n    }," for key, clean in table.items()]
     # the specialisation classes of each kernel's integer arguments in the swept launches
@@ -1107,12 +1131,18 @@ def write_triton_calibration(path: Path, triton_rows: dict) -> None:
         named = {**dict(zip(kernel.compiled_jit_function().arg_names, args)), **kwargs}
         classes[kernel.__name__] = {k: int_class(v) for k, v in named.items() if type(v) is int}
     int_lines = [f"    {name!r}: {dict(sorted(c.items()))!r}," for name, c in sorted(classes.items())]
-    dtypes = ", ".join(sorted({dtype for _, dtype in triton_rows}))
-    archs = ", ".join(f"sm_{arch}" for arch in sorted({arch for arch, _ in triton_rows}))
+    dtypes = ", ".join(sorted({key[1] for key in table} | {dtype for _, dtype in triton_rows}))
+    archs = ", ".join(f"sm_{arch}" for arch in sorted({key[0] for key in table} | {arch for arch, _ in triton_rows}))
     path.write_text(CALIBRATION_HEADER.format(triton=_triton_version(), shape=SHAPES[0].label, dtypes=dtypes,
                                               archs=archs)
                     + "INT_CLASSES = {\n" + "\n".join(int_lines) + "\n}\n\n"
                     + "CLEAN_CONFIGS = {\n" + "\n".join(lines) + "\n}\n")
+
+
+def _triton_kernel_names() -> list[str]:
+    import runpy
+
+    return list(runpy.run_path(str(REPO_ROOT / "attnseg" / "triton" / "calibration.py"))["INT_CLASSES"])
 
 
 def _triton_version() -> str:
@@ -1213,13 +1243,15 @@ def report(args) -> tuple[str, bool]:
     rows: list[Row] = []
     triton_rows: dict[tuple[int, str], list[dict]] = {}
     triton_dtypes = ["fp16"] if args.quick else args.triton_dtypes.split(",")
+    triton_kernels = frozenset(args.triton_kernels.split(",")) if args.triton_kernels else None
     with concurrent.futures.ProcessPoolExecutor(max_workers=args.jobs) as triton_pool:
         triton_jobs = {}
         if not args.no_triton:
             for arch in archs:
                 for dtype in triton_dtypes:
                     triton_jobs[(arch, dtype)] = triton_pool.submit(triton_sweep, arch, dtype, SHAPES[0].nq,
-                                                                    not args.triton_all or args.quick)
+                                                                    not args.triton_all or args.quick,
+                                                                    triton_kernels)
         if nvcc is None or cuobjdump is None:
             say(f"CUDA kernels: not compiled (nvcc: {nvcc}, cuobjdump: {cuobjdump}).\n")
             failures.append("no nvcc/cuobjdump")
@@ -1252,8 +1284,14 @@ def report(args) -> tuple[str, bool]:
                 triton_errors.append((dtype, f"sm_{arch} {dtype}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"))
                 continue
             progress(f"kernel report: Triton sm_{arch} {dtype}: {len(triton_rows[(arch, dtype)])} configs")
+    if triton_kernels is not None and triton_rows:
+        unknown = triton_kernels - {r["kernel"] for rows_ in triton_rows.values() for r in rows_}
+        if unknown:
+            progress(f"kernel report: --triton-kernels: no launch of {', '.join(sorted(unknown))}; the kernels are "
+                     f"{', '.join(sorted(_triton_kernel_names()))}")
+            return 2
     if triton_rows and args.write_triton_calibration:
-        write_triton_calibration(Path(args.write_triton_calibration), triton_rows)
+        write_triton_calibration(Path(args.write_triton_calibration), triton_rows, triton_kernels)
         progress(f"kernel report: wrote {args.write_triton_calibration}")
     if triton_rows:
         _triton_section(say, triton_rows, failures, detail=args.triton_detail)
@@ -1519,6 +1557,9 @@ def main(argv=None) -> int:
     parser.add_argument("--triton-all", action="store_true",
                         help="compile every Triton config, also those the prune drops (slow: ~1.5 s each)")
     parser.add_argument("--triton-dtypes", default="fp16,fp32", help="dtypes of the Triton sweep (fp16,bf16,fp32)")
+    parser.add_argument("--triton-kernels", metavar="NAMES",
+                        help="comma-separated Triton kernels to sweep (e.g. _attn_bwd_dq; default: all); with "
+                             "--write-triton-calibration, only their entries of the table are replaced")
     parser.add_argument("--triton-detail", action="store_true", help="list every Triton config, not only kept ones")
     parser.add_argument("--write-triton-calibration", metavar="FILE",
                         help="with --triton-all: write the clean configs of the attention kernels, the table the "

@@ -196,3 +196,26 @@ def test_time_model():
     # one block more than SMs: the busiest SM runs two, half of the machine idles in the tail
     tail = kr.modelled_time(row, kr.Work(gpu.sms + 1, 4096e9 * (gpu.sms + 1) / gpu.sms, 0, ""), gpu)
     assert tail.parts["issue"] == pytest.approx(2 * timing.parts["issue"])
+
+
+def test_partial_triton_sweep_replaces_only_its_kernels(tmp_path):
+    """--triton-kernels with --write-triton-calibration: the swept kernels' entries for the swept
+    (arch, dtype) pairs are replaced, in place; other kernels, dtypes and archs stay."""
+    pytest.importorskip("triton")
+    path = tmp_path / "calibration.py"
+    keep = {(80, "fp16", "_attn_fwd", 64): {((("BLOCK_EV", 64),), 4, 2): 1},
+            (80, "fp32", "_attn_bwd_dq", False, 64, 128): {((("BLOCK_M", 32),), 8, 2): 2}}
+    old = {(80, "fp16", "_attn_bwd_dq", False, 64, 128): {((("BLOCK_M", 64),), 4, 2): 3}}
+    first, second = keep.items()
+    path.write_text("CLEAN_CONFIGS = " + repr(dict([first, *old.items(), second])) + "\n")
+    row = {"kernel": "_attn_bwd_dq", "mode": "EV_SINGLE=True", "blocks": {"BLOCK_M": 64, "BLOCK_N": 32},
+           "warps": 4, "stages": 2, "shared": 110592, "stack": 0}
+    spilled = {**row, "blocks": {"BLOCK_M": 128, "BLOCK_N": 64}, "stack": 8}
+    kr.write_triton_calibration(path, {(80, "fp16"): [row, spilled]}, frozenset({"_attn_bwd_dq"}))
+    import runpy
+
+    table = runpy.run_path(str(path))["CLEAN_CONFIGS"]
+    assert list(table) == [first[0], (80, "fp16", "_attn_bwd_dq", True, 64, 512), second[0]]
+    assert table[(80, "fp16", "_attn_bwd_dq", True, 64, 512)] == {
+        ((("BLOCK_M", 64), ("BLOCK_N", 32)), 4, 2): 110592}
+    assert all(table[key] == value for key, value in keep.items())

@@ -583,6 +583,19 @@ def test_calibrated_prune_keeps_only_measured_clean_configs(arch, dtype):
 
 
 @compiled_mode_only
+@pytest.mark.parametrize("dtype, resident", [(torch.float16, True), (torch.bfloat16, True), (torch.float32, False)])
+def test_dq_keeps_the_do_tile_resident_at_danet_width(dtype, resident):
+    """At Ev = 512 the fp16/bf16 dQ launch loads its dO tile once (EV_SINGLE, one 512-wide tile)
+    and its calibrated configs are kept; fp32 (FMA dots: every 512-wide config spills) slices Ev."""
+    (kernel, args, kwargs), = [launch for launch in _danet_launches(dtype, n=9216, batch=1)
+                               if launch[0].__name__ == "_attn_bwd_dq"]
+    assert kwargs["EV_SINGLE"] is resident
+    assert kwargs["BLOCK_EV"] == (512 if resident else 128)
+    for arch in (80, 90):
+        assert _kept_configs(kernel, args, kwargs, arch)
+
+
+@compiled_mode_only
 def test_calibration_table_names_configs_of_the_kernels():
     """Every signature in the table is a config of its kernel (the table follows the config lists)."""
     import attnseg.triton.attention as ta

@@ -256,20 +256,27 @@ def _calibrated_clean(calibration, args: dict, major: int, dtype: torch.dtype) -
     """{config signature: shared bytes} of the configs that compiled without spilling for this
     launch's kernel, mode and tile widths on this architecture class, or None where no table
     covers the launch (see :mod:`attnseg.triton.calibration`)."""
-    from .calibration import CLEAN_CONFIGS, INT_CLASSES, dtype_name, int_class
+    from .calibration import CLEAN_CONFIGS, dtype_name
 
     name = dtype_name(dtype, args["DOT_PRECISION"])
     arch = 90 if major >= 9 else 80 if major == 8 else None
     if calibration is None or name is None or arch is None:
         return None
     key = calibration(args)
-    # Triton specialises integer arguments equal to 1 or divisible by 16; a launch whose classes
-    # differ from the swept one's (N = 9409 instead of 9216: strides of 9409) compiles to other
-    # code, which can spill where the table's did not: such launches use the estimates.
-    swept = INT_CLASSES.get(key[0], {})
-    if any(int_class(v) != swept.get(k) for k, v in args.items() if type(v) is int):
+    if not specialises_as_calibrated(key[0], args):
         return None
     return CLEAN_CONFIGS.get((arch, name, *key))
+
+
+def specialises_as_calibrated(kernel_name: str, args: dict) -> bool:
+    """Whether a launch of ``kernel_name`` with these named arguments compiles to the code the
+    calibration sweep measured. Triton specialises integer arguments equal to 1 or divisible by
+    16; a launch whose classes differ from the swept one's (N = 9409 instead of 9216: strides of
+    9409) compiles to other code, which can spill where the table's did not."""
+    from .calibration import INT_CLASSES, int_class
+
+    swept = INT_CLASSES.get(kernel_name)
+    return swept is not None and all(int_class(v) == swept.get(k) for k, v in args.items() if type(v) is int)
 
 
 def config_signature(config) -> tuple:

@@ -22,7 +22,11 @@ picked different block sizes may differ in the last bits):
   ``dS = P ∘ (dP − delta)``, ``dP = dO Vᵀ``. When Ev fits one tile the same program does both;
   otherwise a dV launch splits Ev across programs and a dK launch loops over Ev for dP.
 * ``_attn_bwd_dq``, grid (Nq / BLOCK_M, B): one block of queries; loops over key blocks,
-  ``dQ += dS K``.
+  ``dQ += dS K``. Its dO tile (BLOCK_M × Ev) is loaded once, before the key loop, and stays
+  on chip (shared memory or registers, as Triton lays out a loop-invariant dot operand) for Ev
+  up to ``_DQ_RESIDENT_EV`` (512 in fp16/bf16 on the calibrated layouts: DANet's width; 128
+  in fp32/fp64, whose FMA dots spill at 512, and on other layouts); wider Ev loops over
+  128-wide slices of dO and V per key block.
 
 The softmax runs in the natural base in fp32 (fp64 for fp64 inputs). fp16/bf16 operands go
 to ``tl.dot`` as they are (P and dS are cast to the input dtype, as in FlashAttention) with
@@ -31,6 +35,7 @@ fp32 accumulation; fp32 operands use IEEE precision unless
 scale goes in as an fp32 pair (hi + lo) that fp64 kernels add back up to full precision.
 """
 
+import inspect
 import struct
 from typing import Optional
 
@@ -39,7 +44,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from . import LazyKernel, check_dtype, configs, dot_precision, interpreting, launch, make_prune, pow2
+from . import (LazyKernel, check_dtype, configs, dot_precision, interpreting, launch, make_prune, pow2,
+               specialises_as_calibrated)
 from .. import _ops
 
 __all__ = ["attention_bwd", "attention_fwd"]
@@ -257,7 +263,7 @@ def _attn_bwd_dq(
     NQ, NK, E, EV,
     scale_hi, scale_lo,
     TUNE_NQ, TUNE_NK,
-    EV_SINGLE: tl.constexpr,  # Ev fits one BLOCK_EV tile: keep the dO tile in registers
+    EV_SINGLE: tl.constexpr,  # Ev fits one BLOCK_EV tile: the dO tile is loaded once, before the loop
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
@@ -346,11 +352,12 @@ def _live_fwd(block, args):
     return m * ev + m * n + n * (e + ev)
 
 
-def _shared_bwd(rows: str, cols: str):
+def _shared_bwd(rows: str, cols: str, streamed_ev: int):
     def shared(block, stages, args):
-        # Resident row-side tiles, plus Q or K, dO and V streamed per stage.
+        # Resident row-side tiles, plus per stage the streamed E-wide tile and ``streamed_ev``
+        # Ev-wide ones (dK/dV: Qᵀ, dO and dOᵀ; dQ: Kᵀ and Vᵀ).
         r, c, e, ev = block[rows], block[cols], args["BLOCK_E"], args["BLOCK_EV"]
-        return args["Q"].element_size() * (r * (e + ev) + r * c + stages * c * (e + 2 * ev))
+        return args["Q"].element_size() * (r * (e + ev) + r * c + stages * c * (e + streamed_ev * ev))
 
     return shared
 
@@ -384,7 +391,7 @@ _dkdv_kernel = LazyKernel(
     + configs(BLOCK_M=[16, 32], BLOCK_N=[32], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}),
     key=_TUNE_KEY + ["COMPUTE_DK", "COMPUTE_DV", "BLOCK_EV"],
-    prune=make_prune(_shared_bwd("BLOCK_N", "BLOCK_M"), _live_bwd("BLOCK_N", "BLOCK_M"),
+    prune=make_prune(_shared_bwd("BLOCK_N", "BLOCK_M", 2), _live_bwd("BLOCK_N", "BLOCK_M"),
                      budget=300, caps=_caps_bwd, operand="Q",
                      calibration=lambda a: ("_attn_bwd_dkdv", bool(a["COMPUTE_DK"]), bool(a["COMPUTE_DV"]),
                                             a["BLOCK_E"], a["BLOCK_EV"])),
@@ -396,18 +403,42 @@ _dq_kernel = LazyKernel(
     + configs(BLOCK_M=[32], BLOCK_N=[16, 32], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}),
     key=_TUNE_KEY + ["EV_SINGLE", "BLOCK_EV"],
-    prune=make_prune(_shared_bwd("BLOCK_M", "BLOCK_N"), _live_bwd("BLOCK_M", "BLOCK_N"),
+    prune=make_prune(_shared_bwd("BLOCK_M", "BLOCK_N", 1), _live_bwd("BLOCK_M", "BLOCK_N"),
                      budget=300, caps=_caps_bwd, operand="Q",
                      calibration=lambda a: ("_attn_bwd_dq", bool(a["EV_SINGLE"]), a["BLOCK_E"], a["BLOCK_EV"])),
 )
 
 
+_DKDV_EV = 128  # widest Ev the dK/dV kernel takes in one tile (its dV accumulator is r x Ev)
+# Widest Ev whose dO tile the dQ kernel keeps resident: 512 (DANet's width) for tensor-core dtypes
+# on launches that specialise as the calibrated one (attnseg/triton/calibration.py), where the
+# kept configs were measured to compile clean. Elsewhere 128, as the dK/dV kernel: fp32/fp64 dots
+# run as FMA with the tile in registers (at 512 every fp32 config spills, 26 KiB of stack on
+# sm_80), and unaligned strides (N = 9409) need an address a lane per element (480 B of spill on
+# sm_90 in bf16).
+_DQ_RESIDENT_EV = {torch.float16: 512, torch.bfloat16: 512}
+
+
 def _bwd_ev_tile(ev: int) -> tuple[int, bool]:
-    """(BLOCK_EV, whether Ev fits one tile) for the backward kernels."""
-    limit = 64 if interpreting() else 128  # small under the interpreter so tests reach both paths
+    """(BLOCK_EV, whether Ev fits one tile) for the dK/dV kernel."""
+    limit = 64 if interpreting() else _DKDV_EV  # small under the interpreter so tests reach both paths
     if ev <= limit:
         return pow2(ev), True
     return limit, False
+
+
+def _dq_ev_tile(ev: int, dtype: torch.dtype, calibrated: bool = True) -> tuple[int, bool]:
+    """(BLOCK_EV, whether the dO tile stays resident) for the dQ kernel: Ev up to
+    ``_DQ_RESIDENT_EV`` (``calibrated``: the launch specialises as the calibrated one; otherwise
+    up to the dK/dV kernel's tile) in one tile, loaded once per program; wider Ev in the dK/dV
+    kernel's slices, of dO and V reloaded per key block."""
+    if interpreting():  # tests: Ev = 96 resident (dK/dV sliced), Ev = 512 sliced
+        limit = 128
+    else:
+        limit = _DQ_RESIDENT_EV.get(dtype, _DKDV_EV) if calibrated else _DKDV_EV
+    if ev <= limit:
+        return pow2(ev), True
+    return _bwd_ev_tile(ev)[0], False
 
 
 # ---------------------------------------------------------------------------------------------
@@ -527,10 +558,12 @@ def attention_bwd(
     def grid_dq(meta):
         return (triton.cdiv(nq, meta["BLOCK_M"]), b)
 
+    dq_args = (q, k, v, grad_out, lse, delta, dq, *common, *dq.stride(), *sizes)
+    named = dict(zip(inspect.signature(_attn_bwd_dq).parameters, dq_args))
+    dq_block_ev, dq_resident = _dq_ev_tile(ev, q.dtype, specialises_as_calibrated("_attn_bwd_dq", named))
     launch(
-        _dq_kernel, grid_dq,
-        q, k, v, grad_out, lse, delta, dq, *common, *dq.stride(), *sizes,
-        EV_SINGLE=ev_single, BLOCK_E=block_e, BLOCK_EV=block_ev, DOT_PRECISION=precision,
+        _dq_kernel, grid_dq, *dq_args,
+        EV_SINGLE=dq_resident, BLOCK_E=block_e, BLOCK_EV=dq_block_ev, DOT_PRECISION=precision,
     )
     return dq, dk, dv
 
