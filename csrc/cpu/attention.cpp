@@ -1,7 +1,7 @@
 // Fused attention on the CPU: tiled, online softmax, never an Nq x Nk buffer.
 //
-// Forward, per (batch, block of kBlockM queries), one task:
-//   for each block of kBlockN keys:  S = Q_i K_jᵀ                 (ATen GEMM into a tile)
+// Forward, per (batch, block of queries), one task:
+//   for each block of keys:          S = Q_i K_jᵀ                 (ATen GEMM into a tile)
 //                                    m' = max(m, rowmax(S·scale)); P = exp(S·scale − m')
 //                                    l = l·e^(m−m') + rowsum(P);   O_i = O_i·e^(m−m') + P V_j
 //   O_i /= l,  lse_i = m + log l.
@@ -19,8 +19,8 @@
 // so each task sets MKL's thread-local thread count to 1 (when the BLAS is MKL; an OpenMP BLAS
 // also sees the enclosing parallel region). This library must be built with -fopenmp: the
 // `omp parallel` of at::parallel_for is a header template compiled here, serial without it.
-// Memory beyond inputs and outputs: per-thread tiles of kBlockM x kBlockN, and for the backward
-// (groups − 1) x B x kBackwardChunk x E partial dQ buffers: independent of N.
+// Memory beyond inputs and outputs: per-thread tiles (below: at most 1 MiB in fp32), and for the
+// backward (groups − 1) x B x kBackwardChunk x E partial dQ buffers: independent of N.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -52,10 +52,20 @@ struct SingleThreadedBlas {
   }
 };
 
-// 256 x 256 was the best of {64..512} x {128..512} measured at N = 4,096, E = 64, Ev = 512
-// on one thread: the forward's accumulator (256 x Ev) and score tile stay in L2.
-constexpr int64_t kBlockM = 256;  // queries per tile
-constexpr int64_t kBlockN = 256;  // keys per tile
+// Tile sizes. The low-precision kernels (bf16/fp16 GEMMs) use kBlockM x kBlockN: 256 x 256 was
+// the best of {64..512} x {128..512} measured at N = 4,096, E = 64, Ev = 512 on one thread (the
+// forward's accumulator, 256 x Ev, and the score tile stay in L2). The fp32/fp64 kernels take
+// ATen's (MKL's) GEMM per tile, whose throughput grows with the tile: on an Intel Xeon (AMX,
+// AVX-512, 2 MiB L2 a core), one thread, N = 9,216 channel-first, O += P V ran at 123 GFLOP/s
+// with 256 x 256 tiles and 139 with 512 x 512 (torch.mm 2048^3: 154); the 2-thread forward took
+// 393-414 ms with 256 x 256 and 366-370 ms with 512 x 512 (768 x 512: 357, but 12 tasks at this N
+// only, worse balanced elsewhere; 1024 x 512: 389). The fp32 backward keeps 256 query rows (its
+// two tiles and the partial dQ buffers stay within the memory budget) and takes 512 keys a
+// block: 1.14-1.18 s forward + backward against 1.24-1.39 s with 256.
+constexpr int64_t kBlockM = 256;  // queries per tile (low precision; the fp32/fp64 backward)
+constexpr int64_t kBlockN = 256;  // keys per tile (low precision)
+constexpr int64_t kFwdBlockM = 512, kFwdBlockN = 512;  // fp32/fp64 forward
+constexpr int64_t kBwdBlockN = 512;                    // keys per tile of the fp32/fp64 backward
 // Target number of parallel tasks of the backward, B x key-block groups. Fixed, not the thread
 // count, so that dQ's summation order (and so its bits) does not depend on the machine. 64: at
 // B = 1 every key block of a DANet crop (up to 64 of them) is a task of its own, so the tasks are
@@ -94,12 +104,12 @@ void parallel_tasks(int64_t n_tasks, const MakeState& make_state, const Body& bo
 // are added into dq in group order, so dQ's bits do not depend on the thread count. dq: [B, Nq,
 // E] of acc_t, any strides (the low-precision kernels read dq_chunk as a contiguous c_rows x E).
 template <typename acc_t, typename MakeState, typename Body>
-void backward_schedule(int64_t batch, int64_t nq, int64_t nk, at::Tensor& dq, const MakeState& make_state,
-                       const Body& body) {
+void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, int64_t chunk, at::Tensor& dq,
+                       const MakeState& make_state, const Body& body) {
   const int64_t e = dq.size(2);
-  const int64_t k_blocks = ceil_div(nk, kBlockN);
+  const int64_t k_blocks = ceil_div(nk, block_n);
   const int64_t groups = std::min(k_blocks, std::max<int64_t>(1, ceil_div(kBackwardTasks, batch)));
-  const int64_t chunk_rows = std::min(nq, kBackwardChunk);
+  const int64_t chunk_rows = std::min(nq, chunk);
   at::Tensor partial = groups > 1 ? at::empty({groups - 1, batch, chunk_rows, e}, dq.options()) : at::Tensor();
   for (int64_t c0 = 0; c0 < nq; c0 += chunk_rows) {
     const int64_t c_rows = std::min(chunk_rows, nq - c0);
@@ -178,18 +188,19 @@ template <typename scalar_t>
 void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, double scale_d,
                           at::Tensor& out, at::Tensor& lse) {
   const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1);
-  const int64_t q_blocks = ceil_div(nq, kBlockM);
+  constexpr int64_t block_m = kFwdBlockM, block_n = kFwdBlockN;
+  const int64_t q_blocks = ceil_div(nq, block_m);
   const scalar_t scale = static_cast<scalar_t>(scale_d);
   constexpr scalar_t kNegInf = -std::numeric_limits<scalar_t>::infinity();
   auto lse_a = lse.accessor<scalar_t, 2>();
 
   struct Scratch {
-    at::Tensor tile;                     // kBlockM x kBlockN scores, then probabilities
+    at::Tensor tile;                     // block_m x block_n scores, then probabilities
     std::vector<scalar_t> row_max, row_sum;  // running max and sum of the online softmax
   };
   const auto make_scratch = [&] {
-    return Scratch{at::empty({kBlockM * kBlockN}, q.options()), std::vector<scalar_t>(kBlockM),
-                   std::vector<scalar_t>(kBlockM)};
+    return Scratch{at::empty({block_m * block_n}, q.options()), std::vector<scalar_t>(block_m),
+                   std::vector<scalar_t>(block_m)};
   };
   parallel_tasks(batch * q_blocks, make_scratch, [&](Scratch& scratch, int64_t task) {
     at::Tensor& tile = scratch.tile;
@@ -197,14 +208,14 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
     std::vector<scalar_t>& row_sum = scratch.row_sum;
     {
       const int64_t b = task / q_blocks;
-      const int64_t i0 = (task % q_blocks) * kBlockM, bm = std::min(kBlockM, nq - i0);
+      const int64_t i0 = (task % q_blocks) * block_m, bm = std::min(block_m, nq - i0);
       const at::Tensor q_i = q[b].narrow(0, i0, bm);
       at::Tensor o_i = out[b].narrow(0, i0, bm);  // contiguous bm x Ev: the accumulator
       o_i.zero_();
       std::fill(row_max.begin(), row_max.end(), kNegInf);
       std::fill(row_sum.begin(), row_sum.end(), scalar_t(0));
-      for (int64_t j0 = 0; j0 < nk; j0 += kBlockN) {
-        const int64_t bn = std::min(kBlockN, nk - j0);
+      for (int64_t j0 = 0; j0 < nk; j0 += block_n) {
+        const int64_t bn = std::min(block_n, nk - j0);
         at::Tensor s = tile.narrow(0, 0, bm * bn).view({bm, bn});
         at::mm_out(s, q_i, k[b].narrow(0, j0, bn).t());
         online_softmax_rows(s.data_ptr<scalar_t>(), bm, bn, scale, row_max.data(), row_sum.data(),
@@ -224,20 +235,21 @@ void attention_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& delta, c
   const scalar_t scale = static_cast<scalar_t>(scale_d);
   auto lse_a = lse.accessor<scalar_t, 2>();
   auto delta_a = delta.accessor<scalar_t, 2>();
+  constexpr int64_t block_m = kBlockM, block_n = kBwdBlockN;
   const auto make_tiles = [&] {
-    return std::make_pair(at::empty({kBlockM * kBlockN}, q.options()), at::empty({kBlockM * kBlockN}, q.options()));
+    return std::make_pair(at::empty({block_m * block_n}, q.options()), at::empty({block_m * block_n}, q.options()));
   };
-  backward_schedule<scalar_t>(batch, nq, nk, dq, make_tiles,
+  backward_schedule<scalar_t>(batch, nq, nk, block_n, kBackwardChunk, dq, make_tiles,
                               [&](std::pair<at::Tensor, at::Tensor>& tiles, int64_t b, int64_t kb_begin, int64_t kb_end,
                                   int64_t c0, int64_t c_rows, at::Tensor& dq_chunk) {
     at::Tensor& p_tile = tiles.first;
     at::Tensor& dp_tile = tiles.second;
     for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
-      const int64_t j0 = kb * kBlockN, bn = std::min(kBlockN, nk - j0);
+      const int64_t j0 = kb * block_n, bn = std::min(block_n, nk - j0);
       const at::Tensor k_j = k[b].narrow(0, j0, bn), v_j = v[b].narrow(0, j0, bn);
       at::Tensor dk_j = dk[b].narrow(0, j0, bn), dv_j = dv[b].narrow(0, j0, bn);
-      for (int64_t i0 = c0; i0 < c0 + c_rows; i0 += kBlockM) {
-        const int64_t bm = std::min(kBlockM, c0 + c_rows - i0);
+      for (int64_t i0 = c0; i0 < c0 + c_rows; i0 += block_m) {
+        const int64_t bm = std::min(block_m, c0 + c_rows - i0);
         const at::Tensor q_i = q[b].narrow(0, i0, bm), do_i = grad_out[b].narrow(0, i0, bm);
         at::Tensor p = p_tile.narrow(0, 0, bm * bn).view({bm, bn});
         at::Tensor dp = dp_tile.narrow(0, 0, bm * bn).view({bm, bn});
@@ -375,7 +387,7 @@ void attention_bwd_lowp(const LowpGemm<T>& gemm, const at::Tensor& grad_out, con
     return Scratch{at::empty({tile}, f32), at::empty({tile}, f32), at::empty({pair_words}, f32.dtype(at::kInt)),
                    at::empty({pair_words}, f32.dtype(at::kInt)), at::empty({kBlockM * (kBlockN + 1)}, q.options())};
   };
-  backward_schedule<float>(batch, nq, nk, dq, make_scratch,
+  backward_schedule<float>(batch, nq, nk, kBlockN, kBackwardChunk, dq, make_scratch,
                            [&](Scratch& t, int64_t b, int64_t kb_begin, int64_t kb_end, int64_t c0, int64_t c_rows,
                                at::Tensor& dq_chunk_t) {
     float* dq_chunk = dq_chunk_t.data_ptr<float>();
