@@ -19,7 +19,7 @@
 // so each task sets MKL's thread-local thread count to 1 (when the BLAS is MKL; an OpenMP BLAS
 // also sees the enclosing parallel region). This library must be built with -fopenmp: the
 // `omp parallel` of at::parallel_for is a header template compiled here, serial without it.
-// Memory beyond inputs and outputs: per-thread tiles (below: at most 1 MiB in fp32), and for the
+// Memory beyond inputs and outputs: per-thread tiles (below: 512 KiB, or two, in fp32), and for the
 // backward (groups − 1) x B x kBackwardChunk x E partial dQ buffers: independent of N.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -57,14 +57,15 @@ struct SingleThreadedBlas {
 // forward's accumulator, 256 x Ev, and the score tile stay in L2). The fp32/fp64 kernels take
 // ATen's (MKL's) GEMM per tile, whose throughput grows with the tile: on an Intel Xeon (AMX,
 // AVX-512, 2 MiB L2 a core), one thread, N = 9,216 channel-first, O += P V ran at 123 GFLOP/s
-// with 256 x 256 tiles and 139 with 512 x 512 (torch.mm 2048^3: 154); the 2-thread forward took
-// 393-414 ms with 256 x 256 and 366-370 ms with 512 x 512 (768 x 512: 357, but 12 tasks at this N
-// only, worse balanced elsewhere; 1024 x 512: 389). The fp32 backward keeps 256 query rows (its
-// two tiles and the partial dQ buffers stay within the memory budget) and takes 512 keys a
-// block: 1.14-1.18 s forward + backward against 1.24-1.39 s with 256.
+// with 256 x 256 tiles, 135 with 512 x 256 and 139 with 512 x 512 (torch.mm 2048^3: 154). The
+// fp32 forward takes 512 queries x 256 keys: on 2 threads as fast as 512 x 512 (367-379 against
+// 366-370 ms; 256 x 256: 393-414) with half its score tile, which kept the op's forward+backward
+// peak within 5 % of the reference's (512 x 512: 52.6 MiB against 1,008). The fp32 backward
+// keeps 256 query rows (two tiles and the partial dQ buffers) and takes 512 keys a block:
+// 1.14-1.18 s forward + backward against 1.24-1.39 s with 256.
 constexpr int64_t kBlockM = 256;  // queries per tile (low precision; the fp32/fp64 backward)
 constexpr int64_t kBlockN = 256;  // keys per tile (low precision)
-constexpr int64_t kFwdBlockM = 512, kFwdBlockN = 512;  // fp32/fp64 forward
+constexpr int64_t kFwdBlockM = 512, kFwdBlockN = 256;  // fp32/fp64 forward
 constexpr int64_t kBwdBlockN = 512;                    // keys per tile of the fp32/fp64 backward
 // Target number of parallel tasks of the backward, B x key-block groups. Fixed, not the thread
 // count, so that dQ's summation order (and so its bits) does not depend on the machine. 64: at
