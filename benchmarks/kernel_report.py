@@ -1012,11 +1012,16 @@ def _triton_hash() -> str:
     return digest.hexdigest()[:20]
 
 
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[name]
+
+
 def triton_sweep(arch: int, dtype: str, n: int, kept_only: bool, kernels: frozenset | None = None) -> list[dict]:
     """Compile the autotune configs of every Triton kernel launch at DANet sizes for sm_<arch>
     (only the kernels named in ``kernels``, when given). Runs in a worker process (imports torch
     and triton)."""
-    import torch
     import triton
 
     sys.path.insert(0, str(REPO_ROOT))
@@ -1025,7 +1030,7 @@ def triton_sweep(arch: int, dtype: str, n: int, kept_only: bool, kernels: frozen
 
     cache_file = BUILD_DIR / "triton" / f"{_triton_hash()}-sm{arch}-{dtype}-{n}.json"
     cache = json.loads(cache_file.read_text()) if cache_file.exists() else {}
-    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    torch_dtype = _torch_dtype(dtype)
     rows, seen = [], set()
     for kernel, args, kwargs in offline.danet_launches(torch_dtype, n=n, batch=1):
         if kernels is not None and kernel.__name__ not in kernels:
@@ -1070,16 +1075,12 @@ def _calibration_key(row: dict, dtype: str) -> tuple | None:
 
     flags = dict(part.split("=") for part in row["mode"].split(", ")) if row["mode"] else {}
     block_e, (block_ev, _) = pow2(SHAPES[0].e), _bwd_ev_tile(SHAPES[0].ev)
-    import torch
-
-    torch_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    dq_block_ev = _dq_ev_tile(SHAPES[0].ev, torch_dtype)[0]
     if row["kernel"] == "_attn_fwd":
         return ("_attn_fwd", block_e)
     if row["kernel"] == "_attn_bwd_dkdv":
         return ("_attn_bwd_dkdv", flags["COMPUTE_DK"] == "True", flags["COMPUTE_DV"] == "True", block_e, block_ev)
     if row["kernel"] == "_attn_bwd_dq":
-        return ("_attn_bwd_dq", flags["EV_SINGLE"] == "True", block_e, dq_block_ev)
+        return ("_attn_bwd_dq", flags["EV_SINGLE"] == "True", block_e, _dq_ev_tile(SHAPES[0].ev, _torch_dtype(dtype))[0])
     if row["kernel"] == "_cam_nt_partial":
         return ("_cam_nt_partial", flags["SYMMETRIC"] == "True")
     if row["kernel"] == "_cam_apply":

@@ -413,10 +413,13 @@ _DKDV_EV = 128  # widest Ev the dK/dV kernel takes in one tile (its dV accumulat
 # Widest Ev whose dO tile the dQ kernel keeps resident: 512 (DANet's width) for tensor-core dtypes
 # on launches that specialise as the calibrated one (attnseg/triton/calibration.py), where the
 # kept configs were measured to compile clean. Elsewhere 128, as the dK/dV kernel: fp32/fp64 dots
-# run as FMA with the tile in registers (at 512 every fp32 config spills, 26 KiB of stack on
+# run as FMA with the tile in registers (at 512 every fp32 config spills, 10-34 KiB of stack on
 # sm_80), and unaligned strides (N = 9409) need an address a lane per element (480 B of spill on
 # sm_90 in bf16).
 _DQ_RESIDENT_EV = {torch.float16: 512, torch.bfloat16: 512}
+
+
+_DQ_ARG_NAMES = tuple(inspect.signature(_attn_bwd_dq).parameters)
 
 
 def _bwd_ev_tile(ev: int) -> tuple[int, bool]:
@@ -559,7 +562,7 @@ def attention_bwd(
         return (triton.cdiv(nq, meta["BLOCK_M"]), b)
 
     dq_args = (q, k, v, grad_out, lse, delta, dq, *common, *dq.stride(), *sizes)
-    named = dict(zip(inspect.signature(_attn_bwd_dq).parameters, dq_args))
+    named = dict(zip(_DQ_ARG_NAMES, dq_args))
     dq_block_ev, dq_resident = _dq_ev_tile(ev, q.dtype, specialises_as_calibrated("_attn_bwd_dq", named))
     launch(
         _dq_kernel, grid_dq, *dq_args,

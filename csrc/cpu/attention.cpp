@@ -105,12 +105,12 @@ void parallel_tasks(int64_t n_tasks, const MakeState& make_state, const Body& bo
 // are added into dq in group order, so dQ's bits do not depend on the thread count. dq: [B, Nq,
 // E] of acc_t, any strides (the low-precision kernels read dq_chunk as a contiguous c_rows x E).
 template <typename acc_t, typename MakeState, typename Body>
-void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, int64_t chunk, at::Tensor& dq,
+void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, at::Tensor& dq,
                        const MakeState& make_state, const Body& body) {
   const int64_t e = dq.size(2);
   const int64_t k_blocks = ceil_div(nk, block_n);
   const int64_t groups = std::min(k_blocks, std::max<int64_t>(1, ceil_div(kBackwardTasks, batch)));
-  const int64_t chunk_rows = std::min(nq, chunk);
+  const int64_t chunk_rows = std::min(nq, kBackwardChunk);
   at::Tensor partial = groups > 1 ? at::empty({groups - 1, batch, chunk_rows, e}, dq.options()) : at::Tensor();
   for (int64_t c0 = 0; c0 < nq; c0 += chunk_rows) {
     const int64_t c_rows = std::min(chunk_rows, nq - c0);
@@ -240,7 +240,7 @@ void attention_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& delta, c
   const auto make_tiles = [&] {
     return std::make_pair(at::empty({block_m * block_n}, q.options()), at::empty({block_m * block_n}, q.options()));
   };
-  backward_schedule<scalar_t>(batch, nq, nk, block_n, kBackwardChunk, dq, make_tiles,
+  backward_schedule<scalar_t>(batch, nq, nk, block_n, dq, make_tiles,
                               [&](std::pair<at::Tensor, at::Tensor>& tiles, int64_t b, int64_t kb_begin, int64_t kb_end,
                                   int64_t c0, int64_t c_rows, at::Tensor& dq_chunk) {
     at::Tensor& p_tile = tiles.first;
@@ -388,7 +388,7 @@ void attention_bwd_lowp(const LowpGemm<T>& gemm, const at::Tensor& grad_out, con
     return Scratch{at::empty({tile}, f32), at::empty({tile}, f32), at::empty({pair_words}, f32.dtype(at::kInt)),
                    at::empty({pair_words}, f32.dtype(at::kInt)), at::empty({kBlockM * (kBlockN + 1)}, q.options())};
   };
-  backward_schedule<float>(batch, nq, nk, kBlockN, kBackwardChunk, dq, make_scratch,
+  backward_schedule<float>(batch, nq, nk, kBlockN, dq, make_scratch,
                            [&](Scratch& t, int64_t b, int64_t kb_begin, int64_t kb_end, int64_t c0, int64_t c_rows,
                                at::Tensor& dq_chunk_t) {
     float* dq_chunk = dq_chunk_t.data_ptr<float>();
