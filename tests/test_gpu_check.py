@@ -154,3 +154,18 @@ def test_first_triton_case_of_each_kind_gets_the_compile_timeout():
     assert gc.case_timeout(gc.Case("pam", "triton", "fwd+bwd", 9216, 1, "float16"), args, compiled) \
         == args.compile_timeout
     assert gc.case_timeout(gc.Case("pam", "native", "fwd", 9216, 1, "bfloat16"), args, compiled) == args.case_timeout
+
+
+def test_tests_import_the_attnseg_the_timings_use(tmp_path):
+    """An attnseg built in place in this checkout (not installed) must be what the GPU tests
+    import: pytest puts tests/ on sys.path, not the root (the first GPU run lost its tests so)."""
+    environ = {"PATH": "/usr/bin:/bin", "ATTNSEG_QUIET": "1", "PYTHONPATH": str(tmp_path)}
+    env = gc.pytest_environment(gc.REPO_ROOT / "attnseg", environ)
+    assert env["ATTNSEG_REQUIRE_NATIVE"] == "1"
+    assert env["PYTHONPATH"].split(":") == [str(gc.REPO_ROOT), str(tmp_path)]
+    where = subprocess.run([sys.executable, "-c", "import attnseg; print(attnseg.__file__)"], cwd=tmp_path,
+                           env=env, capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(where).resolve().parent == (gc.REPO_ROOT / "attnseg").resolve()
+    # an installed attnseg (site-packages) is found as it is: the environment is left alone
+    installed = gc.pytest_environment(tmp_path / "site-packages" / "attnseg", environ)
+    assert installed["PYTHONPATH"] == str(tmp_path)
