@@ -11,7 +11,9 @@ Steps, each bounded so that the table is always written:
    (``pytest tests/test_triton.py -k test_gpu_``), with ``ATTNSEG_REQUIRE_NATIVE=1`` (a missing
    compiled extension fails instead of skipping); passed/failed/skipped/error counts read from
    pytest's JUnit XML. Their share of the time budget: ``--test-budget`` seconds.
-2. Timings, one fresh process per case (``_common.IsolatedRunner``, a per-case timeout), in
+2. A kernel profile: the native fp16 forward+backward at N = 9,216, B = 1 under torch.profiler, one
+   call after two warm-ups, its costliest CUDA kernels by self time (``--skip-profile``: none).
+3. Timings, one fresh process per case (``_common.IsolatedRunner``, a per-case timeout), in
    priority order (fp16, then bf16, then fp32; smaller sizes first) so that a spent
    ``--budget`` cuts the least useful rows, which then read "not run: time budget spent".
    PAM, the generic op out = softmax(q kᵀ) v: q, k [B, N, E], v [B, N, Ev], E = 64, Ev = 512,
@@ -25,7 +27,7 @@ Steps, each bounded so that the table is always written:
    variant, gamma = 1, x [B, C, N, 1]; math: ``attnseg.reference.channel_attention``) at C = 512:
    native, triton and math.
    Modes: "fwd" under ``torch.no_grad()``; "fwd+bwd", forward then ``backward(grad_out)``.
-3. Method: 2 warm-up calls (the first compiles and autotunes Triton: the first triton case of each
+4. Method: 2 warm-up calls (the first compiles and autotunes Triton: the first triton case of each
    op, mode and dtype gets ``--compile-timeout``, the others find the kernels in Triton's cache),
    then up to 10 timed calls
    (fewer once they add up to 2 s), each timed by CUDA events; the median is shown. Peak memory:
@@ -179,14 +181,10 @@ def _sdpa_efficient(q, k, v):
             q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0).squeeze(1)
 
 
-def run_case(payload: dict, device: str = "cuda") -> dict:
-    """Child entry point: one case's times (s) and peak (MiB), or ``{"unsupported": reason}``.
-
-    ``device`` is "cuda" in the real run; the tests run small cases on the CPU through it.
-    """
+def _case_call(case: Case, device: torch.device):
+    """The case's inputs and its timed work: (call, drop_grads), or (None, reason) where SDPA refuses it."""
     attnseg = import_attnseg()
-    case = Case(**payload)
-    dtype, device = DTYPES[case.dtype], torch.device(device)
+    dtype = DTYPES[case.dtype]
     grad = case.mode == "fwd+bwd"
     torch.manual_seed(0)
     if case.op == "pam":
@@ -233,10 +231,72 @@ def run_case(payload: dict, device: str = "cuda") -> dict:
                 call()
             except RuntimeError as exc:
                 why = "; ".join(str(w.message).splitlines()[0] for w in caught)
-                return {"unsupported": f"{str(exc).splitlines()[0]}" + (f" ({why})" if why else "")}
+                return None, f"{str(exc).splitlines()[0]}" + (f" ({why})" if why else "")
+    return call, drop_grads
+
+
+def run_case(payload: dict, device: str = "cuda") -> dict:
+    """Child entry point: one case's times (s) and peak (MiB), or ``{"unsupported": reason}``.
+
+    ``device`` is "cuda" in the real run; the tests run small cases on the CPU through it.
+    """
+    device = torch.device(device)
+    call, drop_grads = _case_call(Case(**payload), device)
+    if call is None:
+        return {"unsupported": drop_grads}
     measured = measure_call(call, PeakMemoryMeter(device), repeats=REPEATS, warmups=WARMUPS,
                             before_each=drop_grads, time_budget_s=CASE_TIMING_S, cuda_events=device.type == "cuda")
     return {"times_s": measured.times_s, "peak_mib": measured.peak_mib}
+
+
+PROFILED_CASE = Case("pam", "native", "fwd+bwd", 9216, 1, "float16")
+PROFILE_ROWS = 12
+
+
+def profile_case(payload: dict, device: str = "cuda") -> dict:
+    """Child entry point: one call of the case under torch.profiler, after two warm-up calls; the
+    kernels (CUDA) or operators (CPU) by self time: ``{"kernels": [[name, calls, ms], ...]}``.
+
+    The first GPU run found the CUDA C++ backward 7-16x slower than Triton with no way to tell
+    which of its kernels (dV, dK/dQ with the ordered dQ counters, dQ conversion) takes the time.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    device = torch.device(device)
+    call, drop_grads = _case_call(Case(**payload), device)
+    if call is None:
+        return {"unsupported": drop_grads}
+    cuda = device.type == "cuda"
+    for _ in range(2):
+        drop_grads()
+        call()
+    drop_grads()
+    if cuda:
+        torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        call()
+        if cuda:
+            torch.cuda.synchronize()
+    rows = []
+    for event in prof.key_averages():
+        self_us = event.self_device_time_total if cuda else event.self_cpu_time_total
+        if self_us > 0:
+            rows.append([event.key, event.count, self_us / 1e3])
+    rows.sort(key=lambda row: -row[2])
+    return {"kernels": rows[:PROFILE_ROWS]}
+
+
+def profile_lines(outcome) -> list[str]:
+    """The report's lines for the profiled case: a table of its kernels, or why there is none."""
+    head = [f"`{PROFILED_CASE.label}`, one call after two warm-ups, under torch.profiler; "
+            f"self time of the {PROFILE_ROWS} costliest kernels:", ""]
+    if outcome is None:
+        return head[:1] + ["", "not run (`--skip-profile` or the time budget)"]
+    if outcome.result is None or "kernels" not in outcome.result:
+        why = outcome.result["unsupported"] if outcome.result else (outcome.detail or outcome.failure)
+        return head[:1] + ["", f"failed: {why}"]
+    rows = [[name[:100], str(calls), f"{ms:.3g}"] for name, calls, ms in outcome.result["kernels"]]
+    return head + [markdown_table(["kernel", "calls", "self ms"], rows)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -304,10 +364,12 @@ def test_summary_line(name: str, outcome: dict) -> str:
     return line + "".join(f"\n  - failed: `{test_id}`" for test_id in outcome["failed_ids"])
 
 
-def write_report(path: Path, environment: list[str], tests: dict, results: list[CaseResult], took_s: float) -> None:
+def write_report(path: Path, environment: list[str], tests: dict, results: list[CaseResult], took_s: float,
+                 profile: list[str] | None = None) -> None:
     text = ["# GPU check", "", "Written by `python benchmarks/gpu_check.py` (method in its docstring).", "",
             "## Environment", "", *[f"- {line}" for line in environment], "",
             "## Tests", "", *[test_summary_line(name, outcome) for name, outcome in tests.items()], "",
+            *(["## Kernel profile", "", *profile, ""] if profile is not None else []),
             "## Timings", "", f"TFLOP/s: {FLOP_CONVENTION}. PAM: E = {E}, Ev = {EV}, channel-first views (SDPA: contiguous); "
             f"CAM: C = {CAM_C}, official variant. vs math / vs sdpa: time ratio against that row of the "
             "same case (below 1 is faster).", "", markdown_table(TABLE_HEADER, table_rows(results)), "",
@@ -396,6 +458,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile-timeout", type=float, default=180.0,
                         help="seconds for the first triton case of each op, mode and dtype (default 180)")
     parser.add_argument("--skip-tests", action="store_true", help="timings only")
+    parser.add_argument("--skip-profile", action="store_true",
+                        help="no kernel profile of the native fp16 forward+backward (N = 9,216, B = 1)")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the plan and the predicted skips (for --gpu-memory GiB free) and exit")
     parser.add_argument("--gpu-memory", type=float, default=79.0,
@@ -447,6 +511,12 @@ def main(argv=None) -> int:
                                                  Path(attnseg.__file__).parent)
     free_bytes, _ = torch.cuda.mem_get_info()  # this process holds a context but no tensors
     runner = IsolatedRunner(preload=("torch", "attnseg"))
+    profiled = None
+    if not args.skip_profile and deadline - time.monotonic() > args.case_timeout:
+        progress(f"profiling {PROFILED_CASE.label} ...", end="")
+        profiled = runner.run(profile_case, dataclasses.asdict(PROFILED_CASE), timeout_s=args.case_timeout)
+        progress(" done" if profiled.result else f" {profiled.failure}")
+    profile = profile_lines(profiled)
     results = [CaseResult(case) for case in cases]
     compiled: set = set()
     for index, result in enumerate(results, 1):
@@ -473,7 +543,7 @@ def main(argv=None) -> int:
             result.times_s, result.peak_mib = outcome.result["times_s"], outcome.result["peak_mib"]
         progress(f" {result.status}" + (f" {result.median_s * 1e3:.3g} ms" if result.median_s else
                                         f": {result.reason}"))
-    write_report(args.output, environment, tests, results, time.monotonic() - started)
+    write_report(args.output, environment, tests, results, time.monotonic() - started, profile)
     print(args.output.read_text())
     print(f"written to {args.output}")
     failed_tests = any(o.get("failed") or o.get("errors") or "problem" in o for o in tests.values())

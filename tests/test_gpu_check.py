@@ -18,6 +18,7 @@ _spec = importlib.util.spec_from_file_location("gpu_check", _BENCHMARKS / "gpu_c
 gc = importlib.util.module_from_spec(_spec)
 sys.modules["gpu_check"] = gc  # dataclasses look their module up while the file executes
 _spec.loader.exec_module(gc)
+import _common  # noqa: E402  (benchmarks/_common.py, beside gpu_check)
 
 GIB = 1024**3
 
@@ -169,3 +170,32 @@ def test_tests_import_the_attnseg_the_timings_use(tmp_path):
     # an installed attnseg (site-packages) is found as it is: the environment is left alone
     installed = gc.pytest_environment(tmp_path / "site-packages" / "attnseg", environ)
     assert installed["PYTHONPATH"] == str(tmp_path)
+
+
+@pytest.mark.requires_native
+def test_profile_case_lists_the_costliest_kernels_on_the_cpu():
+    """The kernel profile runs its case under torch.profiler and ranks what it ran by self time
+    (on the CPU: operators, among them the native attention ops)."""
+    case = gc.Case("pam", "native", "fwd+bwd", 300, 1, "float32")
+    kernels = gc.profile_case(gc.dataclasses.asdict(case), device="cpu")["kernels"]
+    assert 1 <= len(kernels) <= gc.PROFILE_ROWS
+    names = [name for name, _, _ in kernels]
+    assert "attnseg::attention_bwd" in names and "attnseg::attention_fwd" in names, names
+    times = [ms for _, _, ms in kernels]
+    assert all(ms > 0 for ms in times) and times == sorted(times, reverse=True)
+    assert all(calls >= 1 for _, calls, _ in kernels)
+
+
+def test_profile_section_of_the_report(tmp_path):
+    ok = _common.ChildOutcome({"kernels": [["flash_attention_bwd_dkdq_kernel<...>", 1, 25.125],
+                                      ["flash_attention_kernel<...>", 1, 1.25]]}, None, None, 3.0)
+    lines = gc.profile_lines(ok)
+    assert "| flash_attention_bwd_dkdq_kernel<...> | 1 | 25.1 |" in lines[-1]
+    assert "failed: killed by SIGKILL" in gc.profile_lines(_common.ChildOutcome(None, "killed by SIGKILL", None, 1.0))[-1]
+    assert "not run" in gc.profile_lines(None)[-1]
+    path = tmp_path / "gpu_check.md"
+    gc.write_report(path, ["GPU: test"], {}, [], 1.0, lines)
+    text = path.read_text()
+    assert "## Kernel profile" in text and "flash_attention_bwd_dkdq_kernel" in text
+    gc.write_report(path, ["GPU: test"], {}, [], 1.0)
+    assert "## Kernel profile" not in path.read_text()
