@@ -18,8 +18,9 @@ Steps, each bounded so that the table is always written:
    ``--budget`` cuts the least useful rows, which then read "not run: time budget spent".
    PAM, the generic op out = softmax(q kᵀ) v: q, k [B, N, E], v [B, N, Ev], E = 64, Ev = 512,
    N = 9,216 and 32,768, B = 1 and 8; as PAM passes them (views of channel-first [B, E, N]
-   tensors, the layout the Triton autotune table was measured on) except for SDPA, which gets
-   contiguous tensors (its fused kernels need stride(-1) == 1); impls native and triton (``attnseg.attention(backend=...)``), "sdpa"
+   tensors, the layout the Triton autotune table was measured on), and dO likewise (as the module's
+   backward gives it), except for SDPA, which gets contiguous tensors (its fused kernels need
+   stride(-1) == 1); impls native and triton (``attnseg.attention(backend=...)``), "sdpa"
    (``scaled_dot_product_attention`` on [B, 1, N, E] views inside
    ``sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION)``: the memory-efficient kernel forced; a case it
    refuses reads "unsupported" with PyTorch's reason) and "math", the official N² code
@@ -199,7 +200,10 @@ def _case_call(case: Case, device: torch.device):
         attend = {"native": lambda q, k, v: attnseg.attention(q, k, v, 1.0, backend="native"),
                   "triton": lambda q, k, v: attnseg.attention(q, k, v, 1.0, backend="triton"),
                   "sdpa": _sdpa_efficient, "math": attnseg.reference.attention}[case.impl]
-        out_shape = (case.batch, case.n, EV)
+        # dO as PositionAttention's backward hands it over (its output goes back to channel-first):
+        # channel-first views too; the first GPU run passed a contiguous dO (docs/gpu_check.md)
+        grad_out = (torch.randn(case.batch, case.n, EV, device=device, dtype=dtype) if case.impl == "sdpa" else
+                    torch.randn(case.batch, EV, case.n, device=device, dtype=dtype).transpose(1, 2))
     else:
         # post-ReLU-like (non-negative) features scaled by N^-1/2: Gram entries about 1/3 in every dtype
         inputs = [(torch.rand(case.batch, CAM_C, case.n, 1, device=device) / math.sqrt(case.n))
@@ -209,8 +213,7 @@ def _case_call(case: Case, device: torch.device):
         attend = {"native": lambda x: attnseg.channel_attention(x, gamma, backend="native"),
                   "triton": lambda x: attnseg.channel_attention(x, gamma, backend="triton"),
                   "math": lambda x: attnseg.reference.channel_attention(x, gamma)}[case.impl]
-        out_shape = (case.batch, CAM_C, case.n, 1)
-    grad_out = torch.randn(out_shape, device=device, dtype=dtype)
+        grad_out = torch.randn(case.batch, CAM_C, case.n, 1, device=device, dtype=dtype)
 
     def call():
         if grad:

@@ -22,6 +22,7 @@
 #include <string_view>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 
 #include "../common/checks.h"
 #include "attention.cuh"
@@ -492,6 +493,25 @@ bool try_flash_bwd_dkdq(Launch& launch, const AttnBwdParams<T>& base, int64_t ba
   return false;
 }
 
+// The flash backward kernels (fp16/bf16) stream Q and dO tiles in one layout, chosen from q's
+// strides (kQueriesMajor): an operand laid out the other way goes element by element instead of
+// by 16-byte cp.async, for every tile of every block (two 2-byte loads with index arithmetic per
+// element against a few MMAs). So when one of q, dO has its tokens at unit stride and the other its
+// features (q channel-first from PAM's convolutions, dO a plain [B, N, Ev] gradient: the first GPU
+// run's case), the narrower of the two is copied once into the other's layout, O(N · min(E, Ev)).
+inline std::pair<at::Tensor, at::Tensor> queries_in_one_layout(const at::Tensor& q, const at::Tensor& grad_out) {
+  const auto tokens_major = [](const at::Tensor& t) { return keys_major(t.stride(1), t.stride(2)); };
+  const auto features_major = [](const at::Tensor& t) { return t.stride(2) == 1 && t.stride(1) != 1; };
+  const bool tensor_cores = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
+  const bool differ = (tokens_major(q) && features_major(grad_out)) || (features_major(q) && tokens_major(grad_out));
+  if (!tensor_cores || !differ) return {q, grad_out};
+  const auto like = [](const at::Tensor& t, bool to_tokens_major) {
+    return to_tokens_major ? t.transpose(1, 2).contiguous().transpose(1, 2) : t.contiguous();
+  };
+  if (q.size(2) <= grad_out.size(2)) return {like(q, tokens_major(grad_out)), grad_out};
+  return {q, like(grad_out, tokens_major(q))};
+}
+
 template <class Launch>
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch, const at::Tensor& grad_out,
                                                                   const std::optional<at::Tensor>& grad_lse,
@@ -506,7 +526,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   if (batch == 0 || nq == 0 || nk == 0) return {dq, dk, dv};
   const auto stats = stats_dtype(q.scalar_type());
-  const at::Tensor grad_out_c = grad_out.to(q.scalar_type());
+  // q_s: q as the kernels stream it (dq keeps q's own layout, above).
+  const std::pair<at::Tensor, at::Tensor> streamed = queries_in_one_layout(q, grad_out.to(q.scalar_type()));
+  const at::Tensor& q_s = streamed.first;
+  const at::Tensor& grad_out_c = streamed.second;
   const at::Tensor out_c = out.to(q.scalar_type());
   const at::Tensor lse_c = lse.contiguous();
   std::optional<at::Tensor> grad_lse_c;
@@ -517,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch
     using Tiles = AttnTiles<T>;
     using acc_t = typename Tiles::acc_t;
     AttnBwdParams<T> p{};
-    set_inputs<scalar_t>(p, q, k, v);
+    set_inputs<scalar_t>(p, q_s, k, v);
     p.out = kptr<scalar_t>(out_c);
     p.grad_out = kptr<scalar_t>(grad_out_c);
     p.lse = lse_c.data_ptr<acc_t>();
