@@ -13,7 +13,8 @@ Steps, each bounded so that the table is always written:
    pytest's JUnit XML. Their share of the time budget: ``--test-budget`` seconds.
 2. A kernel profile: the native fp16 forward+backward at N = 9,216, B = 1 under torch.profiler, one
    call after two warm-ups, its costliest CUDA kernels by self time (``--skip-profile``: none).
-3. Timings, one fresh process per case (``_common.IsolatedRunner``, a per-case timeout), in
+3. Timings, one fresh process per row group (the impls of one op, mode, size, batch and dtype,
+   ``_common.IsolatedRunner``; a case its process did not report runs again alone; per-case timeouts), in
    priority order (fp16, then bf16, then fp32; smaller sizes first) so that a spent
    ``--budget`` cuts the least useful rows, which then read "not run: time budget spent".
    PAM, the generic op out = softmax(q kᵀ) v: q, k [B, N, E], v [B, N, Ev], E = 64, Ev = 512,
@@ -48,6 +49,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import gc
 import math
 import os
 import statistics
@@ -250,6 +252,28 @@ def run_case(payload: dict, device: str = "cuda") -> dict:
     measured = measure_call(call, PeakMemoryMeter(device), repeats=REPEATS, warmups=WARMUPS,
                             before_each=drop_grads, time_budget_s=CASE_TIMING_S, cuda_events=device.type == "cuda")
     return {"times_s": measured.times_s, "peak_mib": measured.peak_mib}
+
+
+def run_group(payloads: list[dict], device: str = "cuda") -> dict:
+    """Child entry point: the cases of one group (the impls compared in one row group: same op,
+    mode, size, batch and dtype) one after another in one process, so that they share one CUDA
+    context; the first GPU run spent about 8 s a case on a fresh process each, most of it
+    starting CUDA. ``{"results": [run_case's result, or {"error": reason}] ...}`` in order. After
+    an error other than running out of memory (which may leave the context unusable) the group
+    stops, and the caller runs the cases not reported each in a process of its own."""
+    results = []
+    for payload in payloads:
+        try:
+            results.append(run_case(payload, device))
+        except Exception as exc:  # reported per case; the caller decides about the rest
+            first_line = str(exc).splitlines()[0] if str(exc) else ""
+            results.append({"error": f"{type(exc).__name__}: {first_line}"})
+            if not isinstance(exc, torch.cuda.OutOfMemoryError):
+                break
+        gc.collect()  # the case's tensors go before the next case's peak is measured
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return {"results": results}
 
 
 PROFILED_CASE = Case("pam", "native", "fwd+bwd", 9216, 1, "float16")
@@ -492,6 +516,74 @@ def print_plan(cases: list[Case], free_bytes: int) -> None:
         print(f"  {index:3d}. {case.label}" + (f"  -> skipped: {skip}" if skip else ""))
 
 
+def record_case(result: CaseResult, measured: dict) -> None:
+    """A case's outcome from run_case's (or run_group's) dict."""
+    if "unsupported" in measured:
+        result.status, result.reason = "unsupported", measured["unsupported"]
+    elif "error" in measured:
+        result.status, result.reason = "failed", measured["error"]
+    else:
+        result.status = "ok"
+        result.times_s, result.peak_mib = measured["times_s"], measured["peak_mib"]
+
+
+def case_groups(results: list[CaseResult]) -> list[list[CaseResult]]:
+    """Consecutive results of one key (op, mode, size, batch, dtype): the impls of one row group."""
+    groups: list[list[CaseResult]] = []
+    for result in results:
+        if groups and groups[-1][-1].case.key == result.case.key:
+            groups[-1].append(result)
+        else:
+            groups.append([result])
+    return groups
+
+
+def time_cases(results: list[CaseResult], runner, args, deadline: float, free_bytes: int) -> None:
+    """Times every case in ``results`` (in order) until ``deadline``: each row group in one child
+    (run_group); a case its child did not report (the child died, timed out, or stopped after an
+    error) runs again alone (run_case). Cases the budget leaves read "not run"."""
+    compiled: set = set()
+    number = {id(result): index for index, result in enumerate(results, 1)}
+
+    def show(result):
+        progress(f"[{number[id(result)]}/{len(results)}] {result.case.label}: {result.status}" +
+                 (f" {result.median_s * 1e3:.3g} ms" if result.median_s else f" ({result.reason})"))
+
+    for group in case_groups(results):
+        todo = []
+        for result in group:
+            skip = predicted_skip(result.case, free_bytes)
+            if skip:
+                result.status, result.reason = "skipped", skip
+            else:
+                todo.append(result)
+        if not todo:
+            continue
+        timeouts = [case_timeout(result.case, args, compiled) for result in todo]
+        left = deadline - time.monotonic()
+        reported = []
+        if left >= 5:
+            outcome = runner.run(run_group, [dataclasses.asdict(r.case) for r in todo], timeout_s=min(sum(timeouts), left))
+            reported = outcome.result["results"] if outcome.result is not None else []
+        for result, measured in zip(todo, reported):
+            record_case(result, measured)
+            show(result)
+        for result, timeout in zip(todo[len(reported):], timeouts[len(reported):]):
+            left = deadline - time.monotonic()
+            if left < 5:
+                result.status, result.reason = "not run", f"time budget ({args.budget:.0f} s) spent"
+                continue
+            outcome = runner.run(run_case, dataclasses.asdict(result.case), timeout_s=min(timeout, left))
+            if outcome.result is None and left < timeout and outcome.wall_s >= left:
+                # cut short by the budget, not by its own timeout: not a failure of the case
+                result.status, result.reason = "not run", f"time budget ({args.budget:.0f} s) spent during the case"
+            elif outcome.result is None:
+                result.status, result.reason = "failed", outcome.detail or outcome.failure
+            else:
+                record_case(result, outcome.result)
+            show(result)
+
+
 def main(argv=None) -> int:
     """Exit status: 0 all ran, 1 a test or a case failed, 2 no CUDA device."""
     args = parse_args(argv)
@@ -521,31 +613,7 @@ def main(argv=None) -> int:
         progress(" done" if profiled.result else f" {profiled.failure}")
     profile = profile_lines(profiled)
     results = [CaseResult(case) for case in cases]
-    compiled: set = set()
-    for index, result in enumerate(results, 1):
-        left = deadline - time.monotonic()
-        skip = predicted_skip(result.case, free_bytes)
-        if skip:
-            result.status, result.reason = "skipped", skip
-            continue
-        if left < 5:
-            result.status, result.reason = "not run", f"time budget ({args.budget:.0f} s) spent"
-            continue
-        progress(f"[{index}/{len(results)}] {result.case.label} ...", end="")
-        timeout = case_timeout(result.case, args, compiled)
-        outcome = runner.run(run_case, dataclasses.asdict(result.case), timeout_s=min(timeout, left))
-        if outcome.result is None and left < timeout and outcome.wall_s >= left:
-            # cut short by the budget, not by its own timeout: not a failure of the case
-            result.status, result.reason = "not run", f"time budget ({args.budget:.0f} s) spent during the case"
-        elif outcome.result is None:
-            result.status, result.reason = "failed", outcome.detail or outcome.failure
-        elif "unsupported" in outcome.result:
-            result.status, result.reason = "unsupported", outcome.result["unsupported"]
-        else:
-            result.status = "ok"
-            result.times_s, result.peak_mib = outcome.result["times_s"], outcome.result["peak_mib"]
-        progress(f" {result.status}" + (f" {result.median_s * 1e3:.3g} ms" if result.median_s else
-                                        f": {result.reason}"))
+    time_cases(results, runner, args, deadline, free_bytes)
     write_report(args.output, environment, tests, results, time.monotonic() - started, profile)
     print(args.output.read_text())
     print(f"written to {args.output}")

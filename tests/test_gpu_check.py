@@ -199,3 +199,49 @@ def test_profile_section_of_the_report(tmp_path):
     assert "## Kernel profile" in text and "flash_attention_bwd_dkdq_kernel" in text
     gc.write_report(path, ["GPU: test"], {}, [], 1.0)
     assert "## Kernel profile" not in path.read_text()
+
+
+class _InProcessRunner:
+    """IsolatedRunner's interface, running the target here on the CPU; `fail_groups`: every
+    run_group call comes back as a dead child, as a crash or an OOM kill would."""
+
+    def __init__(self, fail_groups=False):
+        self.fail_groups, self.calls = fail_groups, []
+
+    def run(self, target, payload, *, timeout_s=None):
+        self.calls.append(target.__name__)
+        if self.fail_groups and target is gc.run_group:
+            return _common.ChildOutcome(None, "killed by SIGKILL (out of memory?)", None, 1.0)
+        return _common.ChildOutcome(target(payload, device="cpu"), None, None, 0.1)
+
+
+@pytest.mark.requires_native
+def test_run_group_times_a_row_group_in_one_process_and_stops_after_an_error():
+    cases = [gc.Case("pam", impl, "fwd", 40, 1, "float32") for impl in ("native", "sdpa", "math")]
+    results = gc.run_group([gc.dataclasses.asdict(c) for c in cases], device="cpu")["results"]
+    assert [sorted(r) for r in results] == [["peak_mib", "times_s"], ["unsupported"], ["peak_mib", "times_s"]]
+    # an error that is not an out-of-memory stops the group: the case after it is not reported
+    broken = gc.dataclasses.asdict(gc.Case("pam", "native", "fwd", 40, 1, "float64"))  # no such dtype here
+    results = gc.run_group([gc.dataclasses.asdict(cases[0]), broken, gc.dataclasses.asdict(cases[2])], device="cpu")
+    assert len(results["results"]) == 2 and "times_s" in results["results"][0]
+    assert results["results"][1] == {"error": "KeyError: 'float64'"}
+
+
+@pytest.mark.requires_native
+@pytest.mark.parametrize("fail_groups", [False, True])
+def test_time_cases_runs_groups_and_reruns_what_a_group_did_not_report(fail_groups):
+    cases = [gc.Case("pam", impl, mode, 40, 1, "float32") for mode in ("fwd", "fwd+bwd") for impl in ("native", "math")]
+    results = [gc.CaseResult(case) for case in cases]
+    runner = _InProcessRunner(fail_groups)
+    gc.time_cases(results, runner, gc.parse_args([]), gc.time.monotonic() + 300, free_bytes=64 * GIB)
+    assert [r.status for r in results] == ["ok"] * 4 and all(r.median_s > 0 for r in results)
+    # one process per row group; after a dead group child, each of its cases once more alone
+    expected = ["run_group", "run_case", "run_case"] * 2 if fail_groups else ["run_group"] * 2
+    assert runner.calls == expected
+
+
+def test_time_cases_marks_what_the_budget_leaves_not_run():
+    results = [gc.CaseResult(gc.Case("pam", impl, "fwd", 40, 1, "float32")) for impl in ("native", "math")]
+    runner = _InProcessRunner()
+    gc.time_cases(results, runner, gc.parse_args([]), gc.time.monotonic() + 1, free_bytes=64 * GIB)
+    assert runner.calls == [] and [r.status for r in results] == ["not run"] * 2
