@@ -184,8 +184,12 @@ def _sdpa_efficient(q, k, v):
             q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1), scale=1.0).squeeze(1)
 
 
+class Unsupported(Exception):
+    """SDPA refused the case (its reason is the message)."""
+
+
 def _case_call(case: Case, device: torch.device):
-    """The case's inputs and its timed work: (call, drop_grads), or (None, reason) where SDPA refuses it."""
+    """The case's inputs and its timed work: (call, drop_grads); raises Unsupported where SDPA refuses it."""
     attnseg = import_attnseg()
     dtype = DTYPES[case.dtype]
     grad = case.mode == "fwd+bwd"
@@ -236,7 +240,7 @@ def _case_call(case: Case, device: torch.device):
                 call()
             except RuntimeError as exc:
                 why = "; ".join(str(w.message).splitlines()[0] for w in caught)
-                return None, f"{str(exc).splitlines()[0]}" + (f" ({why})" if why else "")
+                raise Unsupported(f"{str(exc).splitlines()[0]}" + (f" ({why})" if why else "")) from exc
     return call, drop_grads
 
 
@@ -246,9 +250,10 @@ def run_case(payload: dict, device: str = "cuda") -> dict:
     ``device`` is "cuda" in the real run; the tests run small cases on the CPU through it.
     """
     device = torch.device(device)
-    call, drop_grads = _case_call(Case(**payload), device)
-    if call is None:
-        return {"unsupported": drop_grads}
+    try:
+        call, drop_grads = _case_call(Case(**payload), device)
+    except Unsupported as refusal:
+        return {"unsupported": str(refusal)}
     measured = measure_call(call, PeakMemoryMeter(device), repeats=REPEATS, warmups=WARMUPS,
                             before_each=drop_grads, time_budget_s=CASE_TIMING_S, cuda_events=device.type == "cuda")
     return {"times_s": measured.times_s, "peak_mib": measured.peak_mib}
@@ -290,9 +295,10 @@ def profile_case(payload: dict, device: str = "cuda") -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     device = torch.device(device)
-    call, drop_grads = _case_call(Case(**payload), device)
-    if call is None:
-        return {"unsupported": drop_grads}
+    try:
+        call, drop_grads = _case_call(Case(**payload), device)
+    except Unsupported as refusal:
+        return {"unsupported": str(refusal)}
     cuda = device.type == "cuda"
     for _ in range(2):
         drop_grads()

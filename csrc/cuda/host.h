@@ -499,12 +499,12 @@ bool try_flash_bwd_dkdq(Launch& launch, const AttnBwdParams<T>& base, int64_t ba
 // element against a few MMAs). So when one of q, dO has its tokens at unit stride and the other its
 // features (q channel-first from PAM's convolutions, dO a plain [B, N, Ev] gradient: the first GPU
 // run's case), the narrower of the two is copied once into the other's layout, O(N · min(E, Ev)).
+// Only for the flash kernels: the other kernels take each operand's strides as they are.
 inline std::pair<at::Tensor, at::Tensor> queries_in_one_layout(const at::Tensor& q, const at::Tensor& grad_out) {
   const auto tokens_major = [](const at::Tensor& t) { return keys_major(t.stride(1), t.stride(2)); };
   const auto features_major = [](const at::Tensor& t) { return t.stride(2) == 1 && t.stride(1) != 1; };
-  const bool tensor_cores = q.scalar_type() == at::kHalf || q.scalar_type() == at::kBFloat16;
   const bool differ = (tokens_major(q) && features_major(grad_out)) || (features_major(q) && tokens_major(grad_out));
-  if (!tensor_cores || !differ) return {q, grad_out};
+  if (!differ) return {q, grad_out};
   const auto like = [](const at::Tensor& t, bool to_tokens_major) {
     return to_tokens_major ? t.transpose(1, 2).contiguous().transpose(1, 2) : t.contiguous();
   };
@@ -526,10 +526,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch
   at::Tensor dq = at::zeros_like(q), dk = at::zeros_like(k), dv = at::zeros_like(v);
   if (batch == 0 || nq == 0 || nk == 0) return {dq, dk, dv};
   const auto stats = stats_dtype(q.scalar_type());
-  // q_s: q as the kernels stream it (dq keeps q's own layout, above).
-  const std::pair<at::Tensor, at::Tensor> streamed = queries_in_one_layout(q, grad_out.to(q.scalar_type()));
-  const at::Tensor& q_s = streamed.first;
-  const at::Tensor& grad_out_c = streamed.second;
+  const at::Tensor grad_out_c = grad_out.to(q.scalar_type());
   const at::Tensor out_c = out.to(q.scalar_type());
   const at::Tensor lse_c = lse.contiguous();
   std::optional<at::Tensor> grad_lse_c;
@@ -540,7 +537,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch
     using Tiles = AttnTiles<T>;
     using acc_t = typename Tiles::acc_t;
     AttnBwdParams<T> p{};
-    set_inputs<scalar_t>(p, q_s, k, v);
+    set_inputs<scalar_t>(p, q, k, v);
     p.out = kptr<scalar_t>(out_c);
     p.grad_out = kptr<scalar_t>(grad_out_c);
     p.lse = lse_c.data_ptr<acc_t>();
@@ -555,6 +552,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch
     strides3(dq, p.dq_sb, p.dq_sn, p.dq_se);
     strides3(dk, p.dk_sb, p.dk_sn, p.dk_se);
     strides3(dv, p.dv_sb, p.dv_sn, p.dv_se);
+    // Where the flash kernels run, Q and dO as they stream them (dq keeps q's own layout, above).
+    std::pair<at::Tensor, at::Tensor> streamed;
+    if constexpr (Num<T>::kTensorCores) {
+      if (flash_bwd_dv_applies(p)) {
+        streamed = queries_in_one_layout(q, grad_out_c);
+        p.q = kptr<scalar_t>(streamed.first);
+        p.grad_out = kptr<scalar_t>(streamed.second);
+        strides3(streamed.first, p.q_sb, p.q_sn, p.q_se);
+        strides3(streamed.second, p.do_sb, p.do_sn, p.do_se);
+      }
+    }
     p.q_blocks = ceil_div(nq, Tiles::kRows);
     p.k_blocks = ceil_div(nk, Tiles::kRows);
     p.e_chunks = ceil_div(e, Tiles::kChunk);
