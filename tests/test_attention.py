@@ -491,3 +491,114 @@ def test_engine_override_errors_are_clear(monkeypatch, value, message):
     q = torch.randn(1, 8, 4).to(dtype)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.attnseg.attention_fwd(q, q, q, 0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fp32 forward's two kernels (ATTNSEG_CPU_F32_KERNEL): our AVX-512 GEMMs, computed transposed
+# (csrc/cpu/f32_gemm.h), and the ATen-GEMM kernel. `auto` takes the first for a channel-first v.
+# ---------------------------------------------------------------------------------------------
+
+F32_KERNELS = {
+    "avx512": lambda: bool(_cpu_capabilities().get("avx512_dq")) or "needs AVX-512F/DQ",
+    "aten": lambda: True,
+}
+
+
+def _channel_first(b, n, width, generator, scale=1.0):
+    return (scale * torch.randn(b, width, n, generator=generator)).transpose(1, 2)
+
+
+@requires_native
+@pytest.mark.parametrize("kernel", list(F32_KERNELS))
+@pytest.mark.parametrize("v_layout", ["channel_first", "contiguous"])
+@pytest.mark.parametrize("shape", [(2, 300, 513, 64, 96), (1, 257, 255, 17, 513), (3, 1, 7, 1, 5), (1, 64, 256, 1, 6)],
+                         ids=["ragged-3-key-blocks", "ragged-panels-odd-e", "tiny", "one-full-key-block"])
+def test_f32_kernels_match_reference(monkeypatch, kernel, v_layout, shape):
+    """Both fp32 kernels, forced, meet the fp32 criterion against fp64 (forward, lse and, through
+    the unchanged backward, the gradients): ragged query panels (300 = 4 x 64 + 44 of a 256 block
+    plus 44), three key blocks (the online rescale of the output columns), an Ev that is not a
+    multiple of the 6-row micro-kernel, E = 1, and a v that the avx512 kernel must first copy."""
+    available = F32_KERNELS[kernel]()
+    if available is not True:
+        pytest.skip(available)
+    monkeypatch.setenv("ATTNSEG_CPU_F32_KERNEL", kernel)
+    b, nq, nk, e, ev = shape
+    g = torch.Generator().manual_seed(11)
+    leaves = [_channel_first(b, nq, e, g), _channel_first(b, nk, e, g), _channel_first(b, nk, ev, g)]
+    if v_layout == "contiguous":
+        leaves[2] = leaves[2].contiguous()
+    _compare_native_to_reference(leaves, _contiguous_views, e**-0.5)
+
+
+@requires_native
+def test_f32_auto_takes_avx512_for_channel_first_v(monkeypatch):
+    """`auto` runs the AVX-512 kernel where the CPU has it and v is channel-first (bitwise its
+    forced result, and not the ATen kernel's), and the ATen kernel for a row-major v."""
+    if F32_KERNELS["avx512"]() is not True:
+        pytest.skip("needs AVX-512F/DQ")
+    g = torch.Generator().manual_seed(3)
+    q, k, v = _channel_first(1, 300, 64, g), _channel_first(1, 600, 64, g), _channel_first(1, 600, 96, g)
+
+    def run(kernel, v_):
+        monkeypatch.setenv("ATTNSEG_CPU_F32_KERNEL", kernel)
+        return torch.ops.attnseg.attention_fwd(q, k, v_, 0.125)[0]
+
+    assert torch.equal(run("auto", v), run("avx512", v))
+    assert not torch.equal(run("auto", v), run("aten", v)), "the two kernels agree bitwise: the test cannot tell them apart"
+    assert torch.equal(run("auto", v.contiguous()), run("aten", v.contiguous()))
+
+
+@requires_native
+@pytest.mark.parametrize("kernel", list(F32_KERNELS))
+def test_f32_kernels_special_values(monkeypatch, kernel):
+    """NaN, ±inf and all -inf logit columns give what the reference gives, in both kernels: a NaN
+    logit poisons its query (also when another key block of that query holds +inf), a +inf logit
+    gives NaN output and lse = +inf, a query whose logits are all -inf has NaN output (0/0) and
+    lse = -inf, a -inf logit among finite ones is a zero probability."""
+    available = F32_KERNELS[kernel]()
+    if available is not True:
+        pytest.skip(available)
+    monkeypatch.setenv("ATTNSEG_CPU_F32_KERNEL", kernel)
+    g = torch.Generator().manual_seed(7)
+    b, nq, nk, e, ev = 1, 70, 300, 4, 9
+    q, k, v = _channel_first(b, nq, e, g), _channel_first(b, nk, e, g), _channel_first(b, nk, ev, g)
+    q, k = q.clone(), k.clone()  # row-major copies to poke values into; v stays channel-first
+    k[0, 5, :] = float("nan")        # every query sees a NaN logit in key block 0 ...
+    q[0, 1:3, :] = 0.0               # ... except that q = 0 gives 0 · NaN = NaN too: all NaN rows
+    k[0, 290, 0] = float("inf")      # +inf·q: +inf or -inf logits in key block 1
+    q[0, 10, :] = float("-inf")      # q of -inf: NaN / ±inf logits throughout
+    q, k = q.transpose(1, 2).contiguous().transpose(1, 2), k.transpose(1, 2).contiguous().transpose(1, 2)
+    out, lse = torch.ops.attnseg.attention_fwd(q, k, v, 1.0)
+    s = q.double() @ k.double().transpose(1, 2)
+    expected_lse = torch.logsumexp(s, -1)
+    expected_out = torch.softmax(s, -1) @ v.double()
+    assert torch.equal(torch.isnan(out), torch.isnan(expected_out)), "NaN pattern of out differs"
+    assert torch.equal(torch.isnan(lse), torch.isnan(expected_lse)), "NaN pattern of lse differs"
+    finite = torch.isfinite(expected_lse)
+    assert torch.equal(lse[~finite & ~torch.isnan(lse)], expected_lse[~finite & ~torch.isnan(lse)].float())
+    torch.testing.assert_close(lse[finite], expected_lse[finite].float(), rtol=1e-5, atol=1e-5)
+
+    # A finite problem with whole -inf columns and -inf entries (through the scale: 0 · inf is NaN,
+    # so the -inf logits come from a -inf key row times a positive query row).
+    q = _channel_first(1, 33, 3, g).abs() + 0.1
+    k = _channel_first(1, 290, 3, g)
+    k[0, 270:, :] = float("-inf")     # the last key block's logits all -inf: zero probability
+    v = _channel_first(1, 290, 5, g)
+    out, lse = torch.ops.attnseg.attention_fwd(q, k, v, 0.5)
+    s = 0.5 * q.double() @ k.double().transpose(1, 2)
+    torch.testing.assert_close(out, (torch.softmax(s, -1) @ v.double()).float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse, torch.logsumexp(s, -1).float(), rtol=1e-5, atol=1e-5)
+    k[0, :, :] = float("-inf")        # every logit -inf: out is NaN (0/0), lse = -inf
+    out, lse = torch.ops.attnseg.attention_fwd(q, k, v, 0.5)
+    expected = torch.softmax(0.5 * q.double() @ k.double().transpose(1, 2), -1) @ v.double()
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))
+    assert torch.equal(lse, torch.full_like(lse, float("-inf")))
+
+
+@requires_native
+def test_f32_kernel_override_errors_are_clear(monkeypatch):
+    """An unknown ATTNSEG_CPU_F32_KERNEL is an error naming the variable and its choices."""
+    monkeypatch.setenv("ATTNSEG_CPU_F32_KERNEL", "bogus")
+    q = torch.randn(1, 8, 4)
+    with pytest.raises(RuntimeError, match="ATTNSEG_CPU_F32_KERNEL must be auto, avx512 or aten, got 'bogus'"):
+        torch.ops.attnseg.attention_fwd(q, q, q, 0.5)

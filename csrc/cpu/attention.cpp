@@ -5,6 +5,8 @@
 //                                    m' = max(m, rowmax(S·scale)); P = exp(S·scale − m')
 //                                    l = l·e^(m−m') + rowsum(P);   O_i = O_i·e^(m−m') + P V_j
 //   O_i /= l,  lse_i = m + log l.
+// (fp32 on a CPU with AVX-512 and a channel-first v: attention_fwd_f32_avx512, the same algorithm
+// computed transposed on our own GEMMs, f32_gemm.h.)
 // Backward (flash-attention-2 order), per chunk of queries, per (batch, group of key blocks):
 //   for each key block j in the group, for each query block i in the chunk:
 //     P = exp(Q_i K_jᵀ·scale − lse_i); dV_j += Pᵀ dO_i; dP = dO_i V_jᵀ; dS = P ∘ (dP − delta_i)
@@ -33,6 +35,7 @@
 #include <tuple>
 
 #include "../common/checks.h"
+#include "f32_gemm.h"
 #include "lowp_gemm.h"
 #include "row_ops.h"
 
@@ -227,6 +230,86 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
     }
   });
 }
+
+#if ATTNSEG_HAVE_F32_GEMM
+// The fp32 forward on our AVX-512 GEMMs (f32_gemm.h), computed transposed so that a channel-first
+// v (a convolution's output, as PositionAttention passes it) is read where it lies: per task
+// (batch, block of kF32BlockM queries), per block of kF32BlockN keys,
+//   Sᵀ = K_j Q_iᵀ           (A: K's rows; B: Q_iᵀ, packed once per task into 64-query panels;
+//                            Sᵀ written as the 64-query panels the next product reads as B)
+//   column online softmax   (one query per column: max, exp, sum over the keys of the tile)
+//   Oᵀ = Oᵀ·α + V_jᵀ Pᵀ      (A: vᵀ's rows, unit stride along the keys; C: an Ev x kF32BlockM scratch;
+//                            the rescale by α = e^(m_old − m_new) folded into the GEMM's loads of C)
+// then Oᵀ /= l, written transposed into out's rows. Beyond inputs and outputs: k as rows (a copy
+// when k is not row-major, N·E) and per thread the tile, Oᵀ and Q_iᵀ (1.6 MiB at E = 64, Ev = 512).
+// Tiles: 256 x 256, as the micro-kernel measured fastest (the Sᵀ panels, 256 KiB, and Oᵀ, 512 KiB
+// at Ev = 512, stay in a 2 MiB L2).
+constexpr int64_t kF32BlockM = 256, kF32BlockN = 256;
+
+// v_t: [B, Ev, Nk] with unit stride along Nk (v.transpose(1, 2) of a channel-first v).
+void attention_fwd_f32_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_t, double scale_d,
+                              at::Tensor& out, at::Tensor& lse) {
+  const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1), e = q.size(2), ev = v_t.size(1);
+  const int64_t q_blocks = ceil_div(nq, kF32BlockM);
+  const float scale = static_cast<float>(scale_d);
+  const at::Tensor k_rows = k.contiguous();  // A of Sᵀ = K Qᵀ: [B, Nk, E]
+  const float* q_ptr = q.data_ptr<float>();
+  const int64_t sq_b = q.stride(0), sq_n = q.stride(1), sq_e = q.stride(2);
+  const int64_t sv_b = v_t.stride(0), sv_e = v_t.stride(1);
+  float* lse_ptr = lse.data_ptr<float>();
+
+  struct Scratch {
+    at::Tensor q_t, tile, o_t;  // Q_iᵀ panels, Sᵀ / Pᵀ panels, Oᵀ (Ev x kF32BlockM)
+    std::vector<float> col_max, col_sum, alpha;
+  };
+  const auto make_scratch = [&] {
+    const auto f32 = q.options();
+    return Scratch{at::empty({kF32BlockM * std::max<int64_t>(e, 1)}, f32), at::empty({kF32BlockN * kF32BlockM}, f32),
+                   at::empty({std::max<int64_t>(ev, 1) * kF32BlockM}, f32), std::vector<float>(kF32BlockM),
+                   std::vector<float>(kF32BlockM), std::vector<float>(kF32BlockM)};
+  };
+  parallel_tasks(batch * q_blocks, make_scratch, [&](Scratch& t, int64_t task) {
+    const int64_t b = task / q_blocks;
+    const int64_t i0 = (task % q_blocks) * kF32BlockM, bm = std::min(kF32BlockM, nq - i0);
+    const int64_t panels = ceil_div(bm, kF32Panel);
+    float* q_t = t.q_t.data_ptr<float>();
+    float* tile = t.tile.data_ptr<float>();
+    float* o_t = t.o_t.data_ptr<float>();
+    // Q_iᵀ as panels [panel][E][64], queries past bm zero.
+    const float* q_b = q_ptr + b * sq_b + i0 * sq_n;
+    for (int64_t p = 0; p < panels; ++p) {
+      for (int64_t d = 0; d < e; ++d) {
+        float* row = q_t + (p * e + d) * kF32Panel;
+        for (int64_t c = 0; c < kF32Panel; ++c) {
+          const int64_t i = p * kF32Panel + c;
+          row[c] = i < bm ? q_b[i * sq_n + d * sq_e] : 0.0f;
+        }
+      }
+    }
+    std::fill(o_t, o_t + ev * kF32BlockM, 0.0f);
+    std::fill(t.col_max.begin(), t.col_max.end(), -std::numeric_limits<float>::infinity());
+    std::fill(t.col_sum.begin(), t.col_sum.end(), 0.0f);
+    const float* k_b = k_rows.data_ptr<float>() + b * nk * e;
+    const float* v_b = v_t.data_ptr<float>() + b * sv_b;
+    for (int64_t j0 = 0; j0 < nk; j0 += kF32BlockN) {
+      const int64_t bn = std::min(kF32BlockN, nk - j0);
+      f32_gemm(bn, panels * kF32Panel, e, F32A{k_b + j0 * e, e, 1}, F32B{q_t, e * kF32Panel},
+               F32C{tile, bn * kF32Panel, kF32Panel}, false);
+      column_online_softmax(tile, bn, panels, scale, t.col_max.data(), t.col_sum.data(), t.alpha.data());
+      f32_gemm(ev, panels * kF32Panel, bn, F32A{v_b + j0, sv_e, 1}, F32B{tile, bn * kF32Panel},
+               F32C{o_t, kF32Panel, kF32BlockM}, true, t.alpha.data());
+    }
+    // out[i0 + i][c] = Oᵀ[c][i] / l_i; lse_i = m_i + log l_i (normalize_rows' semantics).
+    float* out_b = out.data_ptr<float>() + (b * nq + i0) * ev;
+    for (int64_t i = 0; i < bm; ++i) {
+      const float m = t.col_max[i], l = t.col_sum[i], inv_l = 1.0f / l;
+      lse_ptr[b * nq + i0 + i] = std::isinf(m) ? m : m + std::log(l);
+      float* out_row = out_b + i * ev;
+      for (int64_t c = 0; c < ev; ++c) out_row[c] = o_t[c * kF32BlockM + i] * inv_l;
+    }
+  });
+}
+#endif  // ATTNSEG_HAVE_F32_GEMM
 
 template <typename scalar_t>
 void attention_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& q,
@@ -457,6 +540,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
       with_lowp_gemm(q.scalar_type(), engine, [&](const auto& gemm) { attention_fwd_lowp(gemm, q, k, v, scale, out, lse); });
       return {out, lse};
     }
+#if ATTNSEG_HAVE_F32_GEMM
+    if (q.scalar_type() == at::kFloat) {
+      const bool v_channel_first = v.stride(1) == 1 || nk == 1;
+      if (f32_kernel(v_channel_first) == F32Kernel::kAvx512) {
+        const at::Tensor v_t = v_channel_first ? v.transpose(1, 2) : v.transpose(1, 2).contiguous();
+        attention_fwd_f32_avx512(q, k, v_t, scale, out, lse);
+        return {out.to(q_in.scalar_type()), lse.to(stats_dtype(q_in.scalar_type()))};
+      }
+    }
+#endif
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd_cpu",
                                [&] { attention_fwd_kernel<scalar_t>(q, k, v, scale, out, lse); });
   }

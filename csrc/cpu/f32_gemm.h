@@ -1,0 +1,222 @@
+// fp32 GEMMs and the column softmax of the CPU attention forward, on AVX-512 (FMA).
+//
+// Why not ATen's GEMM per tile (the fp32 kernel before this one): MKL's sgemm packs its operands
+// on every call, and the attention tiles are small and oddly shaped (K = E = 64 for S, a
+// transposed V for O += P V), so the tile GEMMs ran at 0.86-0.88 of torch.mm's 2048³ rate. A
+// 6 x 64 micro-kernel that reads the operands where they already lie ran as fast as torch.mm on
+// the same shapes (one thread of an Intel Xeon with AMX: 176-187 GFLOP/s against torch.mm's
+// 167-181 in the same runs; 2 KiB-strided B rows 0.95 of that, 36 KiB-strided 0.37: hence panels).
+//
+//   C[M x N] (fp32) = A · B (+ C when accumulate), K the reduction
+//   A(m, k) = a[m · row_stride + k · k_stride]: any strides (broadcast one element at a time);
+//            unit k_stride with rows of a channel-first tensor is the fast case.
+//   B(k, n) = b[(n / 64) · panel_stride + k · 64 + n % 64]: panels of 64 columns whose rows are
+//            contiguous (the micro-kernel streams a panel without cache-set conflicts); columns
+//            past N in the last panel must be readable (callers zero-pad them).
+//   C(m, n) = c[(n / 64) · panel_stride + m · ld + n % 64]: a row-major C is panel_stride = 64;
+//            a C written as the B panels of the next product is panel_stride = rows · 64, ld = 64.
+// Micro-kernel: a 6 x 64 block of C in 24 zmm accumulators, the K loop innermost; one k is 4
+// loads of B, 6 broadcasts of A and 24 FMAs. Blocks go panel-major (a panel of B is reused by
+// every row block). Ragged N: masked loads and stores of C; ragged M: the row count is a template
+// parameter (1..6).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <array>
+#include <cstdint>
+#include <cstdlib>
+#include <limits>
+#include <string>
+#include <utility>
+
+#if defined(__GNUC__) && defined(__x86_64__)
+#include <immintrin.h>
+#define ATTNSEG_HAVE_F32_GEMM 1
+#define ATTNSEG_AVX512F __attribute__((target("avx512f,avx512dq,fma")))
+#else
+#define ATTNSEG_HAVE_F32_GEMM 0
+#endif
+
+namespace attnseg::cpu {
+
+// Whether this CPU runs the AVX-512 kernels below.
+inline bool cpu_has_avx512f() {
+#if ATTNSEG_HAVE_F32_GEMM
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq");
+  return has;
+#else
+  return false;
+#endif
+}
+
+enum class F32Kernel { kAten, kAvx512 };
+
+// Which fp32 forward runs: kAvx512 (this file) on a CPU with AVX-512F when v is channel-first
+// (v.stride(1) == 1: its transpose is the A operand of Oᵀ += Vᵀ Pᵀ without a copy), else kAten.
+// ATTNSEG_CPU_F32_KERNEL overrides it: auto, avx512 (any layout of v, copied to channel-first when
+// it is not) or aten. An engine this CPU cannot run is an error, not a silent fallback.
+inline F32Kernel f32_kernel(bool v_channel_first) {
+  const char* env = std::getenv("ATTNSEG_CPU_F32_KERNEL");
+  const std::string choice = env != nullptr && *env != '\0' ? env : "auto";
+  if (choice == "auto") return cpu_has_avx512f() && v_channel_first ? F32Kernel::kAvx512 : F32Kernel::kAten;
+  if (choice == "aten") return F32Kernel::kAten;
+  if (choice == "avx512") {
+    TORCH_CHECK(cpu_has_avx512f(), "ATTNSEG_CPU_F32_KERNEL=avx512: this CPU has no AVX-512F; use auto or aten");
+    return F32Kernel::kAvx512;
+  }
+  TORCH_CHECK(false, "ATTNSEG_CPU_F32_KERNEL must be auto, avx512 or aten, got '", choice, "'");
+}
+
+constexpr int64_t kF32Panel = 64;  // columns per B (and panel-laid C) panel
+constexpr int kF32Rows = 6;        // rows of C per micro-kernel block
+
+struct F32A {
+  const float* ptr;
+  int64_t row_stride, k_stride;
+};
+struct F32B {
+  const float* ptr;
+  int64_t panel_stride;
+};
+struct F32C {
+  float* ptr;
+  int64_t panel_stride, ld;
+};
+
+#if ATTNSEG_HAVE_F32_GEMM
+// GCC 12 warns inside its own avx512fintrin.h that _mm512_undefined_ps() (`__m512 __Y = __Y;`,
+// the ignored pass-through of unmasked max/min/roundscale) "may be used uninitialized".
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+template <int ROWS>
+ATTNSEG_AVX512F void f32_gemm_block(int64_t k, const float* a, int64_t a_row, int64_t a_k, const float* b, float* c,
+                                    int64_t ldc, uint64_t cols_mask, bool accumulate, const float* c_scale) {
+  __m512 acc[ROWS][4];
+  for (int r = 0; r < ROWS; ++r) {
+    for (int v = 0; v < 4; ++v) {
+      const auto mask = static_cast<__mmask16>(cols_mask >> (16 * v));
+      acc[r][v] = accumulate ? _mm512_maskz_loadu_ps(mask, c + r * ldc + 16 * v) : _mm512_setzero_ps();
+      if (c_scale != nullptr) acc[r][v] = _mm512_mul_ps(acc[r][v], _mm512_maskz_loadu_ps(mask, c_scale + 16 * v));
+    }
+  }
+  for (int64_t p = 0; p < k; ++p) {
+    const float* b_row = b + p * kF32Panel;
+    const __m512 b0 = _mm512_loadu_ps(b_row), b1 = _mm512_loadu_ps(b_row + 16), b2 = _mm512_loadu_ps(b_row + 32),
+                 b3 = _mm512_loadu_ps(b_row + 48);
+    const float* a_col = a + p * a_k;
+    for (int r = 0; r < ROWS; ++r) {
+      const __m512 av = _mm512_set1_ps(a_col[r * a_row]);
+      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+      acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
+      acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r)
+    for (int v = 0; v < 4; ++v)
+      _mm512_mask_storeu_ps(c + r * ldc + 16 * v, static_cast<__mmask16>(cols_mask >> (16 * v)), acc[r][v]);
+}
+
+using F32GemmBlock = void (*)(int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t, uint64_t, bool,
+                              const float*);
+
+template <int... R>
+constexpr std::array<F32GemmBlock, sizeof...(R)> f32_block_table(std::integer_sequence<int, R...>) {
+  return {&f32_gemm_block<R + 1>...};
+}
+
+// C = A · B (+ C), the layouts at the top of this file. With c_scale (N floats), accumulating
+// computes C(m, n) = C(m, n) · c_scale[n] + (A · B)(m, n): the online softmax's rescale of the
+// output columns, folded into the loads of C.
+inline void f32_gemm(int64_t m, int64_t n, int64_t k, const F32A& a, const F32B& b, const F32C& c, bool accumulate,
+                     const float* c_scale = nullptr) {
+  static constexpr auto blocks = f32_block_table(std::make_integer_sequence<int, kF32Rows>());
+  for (int64_t n0 = 0; n0 < n; n0 += kF32Panel) {
+    const int64_t cols = std::min(kF32Panel, n - n0);
+    const uint64_t mask = cols == 64 ? ~uint64_t(0) : (uint64_t(1) << cols) - 1;
+    const float* panel = b.ptr + (n0 / kF32Panel) * b.panel_stride;
+    float* c_panel = c.ptr + (n0 / kF32Panel) * c.panel_stride;
+    for (int64_t m0 = 0; m0 < m; m0 += kF32Rows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kF32Rows, m - m0));
+      blocks[rows - 1](k, a.ptr + m0 * a.row_stride, a.row_stride, a.k_stride, panel, c_panel + m0 * c.ld, c.ld, mask,
+                       accumulate, c_scale == nullptr ? nullptr : c_scale + n0);
+    }
+  }
+}
+
+// exp(x) for 16 floats: the same contract as exp_poly (row_ops.h): Cody-Waite reduction
+// x = n·ln2 + r, exp(r) by its degree-6 polynomial, 2^n applied by vscalefps. exp(-inf) = 0, NaN
+// stays NaN, x < -87.3 gives 0 (no denormals), x > 88.37 gives +inf.
+ATTNSEG_AVX512F inline __m512 exp16(__m512 x) {
+  const __m512 hi = _mm512_set1_ps(88.37626f), lo = _mm512_set1_ps(-87.33654f);
+  // min/max return their second operand when either is NaN: a NaN x passes through.
+  const __m512 xc = _mm512_max_ps(lo, _mm512_min_ps(hi, x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  __m512 y = _mm512_scalef_ps(p, n);
+  y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_ps());
+  return _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, hi, _CMP_GT_OQ), _mm512_set1_ps(std::numeric_limits<float>::infinity()));
+}
+
+// The online-softmax step of the forward on a score tile laid out as Sᵀ panels (keys x 64 queries
+// per panel, panel stride keys · 64, `panels` of them), in place: scores in, exp(s·scale − m_new)
+// out, column by column (one query per column), with the running column max and sum; alpha[c] =
+// e^(m_old − m_new) is the factor the output column must be multiplied by. The semantics of
+// online_softmax_rows (attention.cpp): a NaN logit poisons its query for good, an all -inf column
+// keeps shift 0 so that exp never sees (-inf) - (-inf).
+ATTNSEG_AVX512F inline void column_online_softmax(float* tile, int64_t keys, int64_t panels, float scale_f,
+                                                  float* col_max, float* col_sum, float* alpha) {
+  const __m512 scale = _mm512_set1_ps(scale_f), neg_inf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (int64_t p = 0; p < panels; ++p) {
+    float* panel = tile + p * keys * kF32Panel;
+    __m512 mx[4] = {neg_inf, neg_inf, neg_inf, neg_inf};
+    __mmask16 nan[4] = {0, 0, 0, 0};
+    for (int64_t r = 0; r < keys; ++r) {
+      for (int v = 0; v < 4; ++v) {
+        const __m512 s = _mm512_mul_ps(_mm512_loadu_ps(panel + r * kF32Panel + 16 * v), scale);
+        nan[v] |= _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q);
+        mx[v] = _mm512_max_ps(mx[v], s);
+      }
+    }
+    __m512 shift[4], sum[4];
+    for (int v = 0; v < 4; ++v) {
+      const int64_t c = p * kF32Panel + 16 * v;
+      const __m512 m_old = _mm512_loadu_ps(col_max + c);
+      // m_new = NaN where the block holds one, else std::max(m_old, block max), which keeps a NaN m_old
+      __m512 m_new = _mm512_mask_mov_ps(m_old, _mm512_cmp_ps_mask(m_old, mx[v], _CMP_LT_OQ), mx[v]);
+      m_new = _mm512_mask_mov_ps(m_new, nan[v], _mm512_set1_ps(std::numeric_limits<float>::quiet_NaN()));
+      shift[v] = _mm512_mask_mov_ps(m_new, _mm512_cmp_ps_mask(m_new, neg_inf, _CMP_EQ_OQ), _mm512_setzero_ps());
+      _mm512_storeu_ps(alpha + c, exp16(_mm512_sub_ps(m_old, shift[v])));
+      _mm512_storeu_ps(col_max + c, m_new);
+      sum[v] = _mm512_setzero_ps();
+    }
+    for (int64_t r = 0; r < keys; ++r) {
+      for (int v = 0; v < 4; ++v) {
+        float* s = panel + r * kF32Panel + 16 * v;
+        const __m512 e = exp16(_mm512_fmsub_ps(_mm512_loadu_ps(s), scale, shift[v]));
+        _mm512_storeu_ps(s, e);
+        sum[v] = _mm512_add_ps(sum[v], e);
+      }
+    }
+    for (int v = 0; v < 4; ++v) {
+      const int64_t c = p * kF32Panel + 16 * v;
+      _mm512_storeu_ps(col_sum + c, _mm512_fmadd_ps(_mm512_loadu_ps(col_sum + c), _mm512_loadu_ps(alpha + c), sum[v]));
+    }
+  }
+}
+
+#pragma GCC diagnostic pop
+#endif  // ATTNSEG_HAVE_F32_GEMM
+
+}  // namespace attnseg::cpu
