@@ -494,8 +494,8 @@ def test_engine_override_errors_are_clear(monkeypatch, value, message):
 
 
 # ---------------------------------------------------------------------------------------------
-# The fp32 forward's two kernels (ATTNSEG_CPU_F32_KERNEL): our AVX-512 GEMMs, computed transposed
-# (csrc/cpu/f32_gemm.h), and the ATen-GEMM kernel. `auto` takes the first for a channel-first v.
+# The fp32 kernels (ATTNSEG_CPU_F32_KERNEL): forward and backward on our AVX-512 GEMMs
+# (csrc/cpu/f32_gemm.h), or on ATen's GEMM per tile. `auto` takes the first for a channel-first v.
 # ---------------------------------------------------------------------------------------------
 
 F32_KERNELS = {
@@ -511,13 +511,16 @@ def _channel_first(b, n, width, generator, scale=1.0):
 @requires_native
 @pytest.mark.parametrize("kernel", list(F32_KERNELS))
 @pytest.mark.parametrize("v_layout", ["channel_first", "contiguous"])
-@pytest.mark.parametrize("shape", [(2, 300, 513, 64, 96), (1, 257, 255, 17, 513), (3, 1, 7, 1, 5), (1, 64, 256, 1, 6)],
-                         ids=["ragged-3-key-blocks", "ragged-panels-odd-e", "tiny", "one-full-key-block"])
+@pytest.mark.parametrize("shape", [(2, 300, 513, 64, 96), (1, 257, 255, 17, 513), (3, 1, 7, 1, 5), (1, 64, 256, 1, 6),
+                                   (2, 2100, 600, 65, 70)],
+                         ids=["ragged-3-key-blocks", "ragged-panels-odd-e", "tiny", "one-full-key-block", "3-chunks"])
 def test_f32_kernels_match_reference(monkeypatch, kernel, v_layout, shape):
-    """Both fp32 kernels, forced, meet the fp32 criterion against fp64 (forward, lse and, through
-    the unchanged backward, the gradients): ragged query panels (300 = 4 x 64 + 44 of a 256 block
-    plus 44), three key blocks (the online rescale of the output columns), an Ev that is not a
-    multiple of the 6-row micro-kernel, E = 1, and a v that the avx512 kernel must first copy."""
+    """Both fp32 kernels, forced, meet the fp32 criterion against fp64, forward, lse and all
+    gradients: ragged query panels (300 = 256 + 44), key blocks of the forward (256) and the
+    backward (512) with ragged ends (the forward's online rescale of the output columns), an Ev
+    that is not a multiple of the 6-row micro-kernel, E = 1 and E = 65 (two panels of K), a v that
+    the avx512 kernels must first copy, and Nq = 2,100: three backward chunks of 1,024 queries,
+    each in 256-row blocks, with the partial dQ of the key-block groups summed."""
     available = F32_KERNELS[kernel]()
     if available is not True:
         pytest.skip(available)
@@ -602,3 +605,39 @@ def test_f32_kernel_override_errors_are_clear(monkeypatch):
     q = torch.randn(1, 8, 4)
     with pytest.raises(RuntimeError, match="ATTNSEG_CPU_F32_KERNEL must be auto, avx512 or aten, got 'bogus'"):
         torch.ops.attnseg.attention_fwd(q, q, q, 0.5)
+
+
+@requires_native
+@pytest.mark.parametrize("do_layout", ["channel_first", "row_major", "strided"])
+@pytest.mark.parametrize("q_layout", ["channel_first", "row_major", "strided"])
+def test_f32_avx512_backward_operand_layouts(monkeypatch, q_layout, do_layout):
+    """The AVX-512 backward reads q's and dO's rows or transposed rows where the layout gives them
+    and lays out the other per chunk; with neither (a step slice), both. Every combination gives
+    the fp64 reference's gradients (criterion of helpers.assert_matches_reference), into gradients
+    of the inputs' layouts."""
+    if F32_KERNELS["avx512"]() is not True:
+        pytest.skip("needs AVX-512F/DQ")
+    monkeypatch.setenv("ATTNSEG_CPU_F32_KERNEL", "avx512")
+    g = torch.Generator().manual_seed(9)
+    b, nq, nk, e, ev = 2, 1100, 530, 64, 80
+
+    def make(n, width, layout):
+        if layout == "channel_first":
+            return torch.randn(b, width, n, generator=g).transpose(1, 2)
+        if layout == "row_major":
+            return torch.randn(b, n, width, generator=g)
+        return torch.randn(b, n, 2 * width, generator=g)[..., ::2]  # neither stride is 1
+
+    q, grad_out = make(nq, e, q_layout), make(nq, ev, do_layout)
+    k, v = _channel_first(b, nk, e, g), _channel_first(b, nk, ev, g)
+    out, lse = torch.ops.attnseg.attention_fwd(q, k, v, 0.125)
+    grads = torch.ops.attnseg.attention_bwd(grad_out, None, q, k, v, out, lse, 0.125)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    out64 = torch.softmax(0.125 * leaves[0] @ leaves[1].transpose(1, 2), -1) @ leaves[2]
+    grads64 = torch.autograd.grad(out64, leaves, grad_out.double())
+    leaves32 = [t.detach().requires_grad_(True) for t in (q, k, v)]
+    out32 = torch.softmax(0.125 * leaves32[0] @ leaves32[1].transpose(1, 2), -1) @ leaves32[2]
+    grads32 = torch.autograd.grad(out32, leaves32, grad_out)
+    for name, x, grad, g64, g32 in zip("qkv", (q, k, v), grads, grads64, grads32):
+        assert grad.stride() == torch.empty_like(x).stride(), f"d{name} is not in {name}'s layout"
+        assert_matches_reference(f"d{name}", grad, g64, g32, reduction=max(nq, nk, ev))

@@ -31,6 +31,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <functional>
 #include <limits>
 #include <tuple>
 
@@ -107,17 +108,22 @@ void parallel_tasks(int64_t n_tasks, const MakeState& make_state, const Body& bo
 // share of dQ: rows c0.. of dq itself for g = 0, a zeroed partial buffer otherwise. The partials
 // are added into dq in group order, so dQ's bits do not depend on the thread count. dq: [B, Nq,
 // E] of acc_t, any strides (the low-precision kernels read dq_chunk as a contiguous c_rows x E).
+// before_chunk(c0, c_rows), when given, runs before each chunk's tasks (the fp32 AVX-512 kernel
+// lays out the chunk's dO rows there, once, for all of the chunk's tasks).
 template <typename acc_t, typename MakeState, typename Body>
 void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, at::Tensor& dq,
-                       const MakeState& make_state, const Body& body) {
+                       const MakeState& make_state, const Body& body,
+                       const std::function<void(int64_t, int64_t)>& before_chunk = {},
+                       int64_t chunk = kBackwardChunk) {
   const int64_t e = dq.size(2);
   const int64_t k_blocks = ceil_div(nk, block_n);
   const int64_t groups = std::min(k_blocks, std::max<int64_t>(1, ceil_div(kBackwardTasks, batch)));
-  const int64_t chunk_rows = std::min(nq, kBackwardChunk);
+  const int64_t chunk_rows = std::min(nq, chunk);
   at::Tensor partial = groups > 1 ? at::empty({groups - 1, batch, chunk_rows, e}, dq.options()) : at::Tensor();
   for (int64_t c0 = 0; c0 < nq; c0 += chunk_rows) {
     const int64_t c_rows = std::min(chunk_rows, nq - c0);
     if (groups > 1) partial.zero_();
+    if (before_chunk) before_chunk(c0, c_rows);
     parallel_tasks(batch * groups, make_state, [&](auto& state, int64_t task) {
       const int64_t b = task / groups, g = task % groups;
       at::Tensor dq_chunk = g == 0 ? dq[b].narrow(0, c0, c_rows) : partial[g - 1][b].narrow(0, 0, c_rows);
@@ -308,6 +314,163 @@ void attention_fwd_f32_avx512(const at::Tensor& q, const at::Tensor& k, const at
       for (int64_t c = 0; c < ev; ++c) out_row[c] = o_t[c * kF32BlockM + i] * inv_l;
     }
   });
+}
+
+// The fp32 backward on our AVX-512 GEMMs, flash-attention-2 order on backward_schedule's tasks
+// (batch, group of key blocks), over chunks of kF32BwdChunk queries, each in blocks of
+// kBackwardChunk rows. The P and dP / dS tiles are 64-key panels of a block's rows
+// ([bn / 64][rows][64]), so that they are the B operands of the key-side products as written:
+//   S = Q_i K_jᵀ              A: q's rows;  B: Kᵀ in panels (once per call)
+//   P = exp(S·scale − lse)
+//   dV_jᵀ += dO_iᵀ P          A: dOᵀ's rows (unit stride along the queries)
+//   dP = dO_i V_jᵀ            A: dO's rows;  B: V_jᵀ in panels (per task and chunk, reused by the
+//                            chunk's blocks: 1 MiB at Ev = 512; per 256-row chunk it cost 9 %)
+//   dS = P ∘ (dP − delta) · scale
+//   dK_jᵀ += Q_iᵀ dS          A: qᵀ's rows
+//   dQ_i += dS K_j            A: dS's panels;  B: K in panels (once per call)
+// A channel-first tensor (the module's q and dO) gives its ᵀ rows as it lies, a row-major one its
+// rows; the other form is laid out per chunk, once for all of the chunk's tasks (dO: O(chunk·Ev))
+// or once per call (q: N·E). dKᵀ and dVᵀ go straight into channel-first gradients (else into
+// buffers copied at the end), dQ's rows into a buffer copied into dq's layout at the end (N·E).
+constexpr int64_t kF32BwdBlockN = 512, kF32BwdChunk = 1024;
+
+// The query-side operands of a chunk, for x [B, Nq, C] (q or dO): its rows (C along the
+// reduction) and its ᵀ rows (the queries along the reduction), each with unit stride along the
+// reduction. Where x's layout gives one (a channel-first x its ᵀ rows, a row-major x its rows), it is
+// read where it lies; the other is laid out per chunk (O(chunk · C) floats, once for all of the
+// chunk's tasks, so once per call in all), in 16 x 16 blocks.
+struct ChunkRows {
+  const float* base;
+  int64_t sb, sn, sc, batch, channels, chunk;
+  bool has_rows, has_t_rows;
+  int64_t parts;      // of the buffer: how many of the two x does not give
+  at::Tensor buffer;  // [B][parts][chunk · C]: the rows (chunk x C) if x lacks them, then the ᵀ rows (C x chunk)
+  ChunkRows(const at::Tensor& x, int64_t chunk_rows)
+      : base(x.data_ptr<float>()), sb(x.stride(0)), sn(x.stride(1)), sc(x.stride(2)), batch(x.size(0)),
+        channels(x.size(2)), chunk(chunk_rows), has_rows(x.stride(2) == 1 || x.size(2) == 1),
+        has_t_rows(x.stride(1) == 1 || x.size(1) == 1), parts(int64_t(!has_rows) + int64_t(!has_t_rows)),
+        buffer(at::empty({batch * parts * chunk * channels}, x.options())) {}
+  float* part(int64_t b, bool t) const {
+    return buffer.data_ptr<float>() + (b * parts + (t && !has_rows ? 1 : 0)) * chunk * channels;
+  }
+  void lay_out(int64_t c0, int64_t c_rows) {
+    if (has_rows && has_t_rows) return;
+    // (batch, block of 64 queries) at a time, so that both threads copy even at B = 1
+    const int64_t blocks = ceil_div(c_rows, kF32Panel);
+    at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / blocks, r0 = (task % blocks) * kF32Panel, rows = std::min(kF32Panel, c_rows - r0);
+        const float* src = base + b * sb + (c0 + r0) * sn;
+        if (!has_rows) copy_2d(src, sn, sc, rows, channels, part(b, false) + r0 * channels, channels);
+        if (!has_t_rows) copy_2d(src, sc, sn, channels, rows, part(b, true) + r0, chunk);
+      }
+    });
+  }
+  // Row i (a query of the chunk starting at c0) of batch b, and the stride between rows.
+  const float* rows(int64_t b, int64_t i, int64_t c0) const {
+    return has_rows ? base + b * sb + i * sn : part(b, false) + (i - c0) * channels;
+  }
+  int64_t rows_ld() const { return has_rows ? sn : channels; }
+  // Column i of the ᵀ rows of batch b (channel 0), and the stride between channels.
+  const float* t_rows(int64_t b, int64_t i, int64_t c0) const {
+    return has_t_rows ? base + b * sb + i * sn : part(b, true) + (i - c0);
+  }
+  int64_t t_rows_ld() const { return has_t_rows ? sc : chunk; }
+};
+
+// x.transpose(1, 2) ([B, C, N], unit stride along N) of x [B, N, C]: as it lies when x is
+// channel-first, else a copy.
+at::Tensor channel_rows(const at::Tensor& x) {
+  const at::Tensor t = x.transpose(1, 2);
+  return x.stride(1) == 1 || x.size(1) == 1 ? t : t.contiguous();
+}
+
+// delta, lse: fp32 [B, Nq] contiguous; dq, dk, dv zeroed, in any layout.
+void attention_bwd_f32_avx512(const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& q,
+                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse, double scale_d,
+                              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+  const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1), e = q.size(2), ev = v.size(2);
+  const float scale = static_cast<float>(scale_d);
+  const auto f32 = q.options();
+  const int64_t chunk_rows = std::min(nq, kF32BwdChunk);
+  ChunkRows q_chunk(q, chunk_rows);          // rows: A of S; ᵀ rows: A of dKᵀ
+  ChunkRows do_chunk(grad_out, chunk_rows);  // rows: A of dP; ᵀ rows: A of dVᵀ
+  const at::Tensor v_t = channel_rows(v);    // V_jᵀ's panels come from it: [B, Ev, Nk]
+  const int64_t key_panels = ceil_div(nk, kF32Panel), e_panels = ceil_div(e, kF32Panel);
+  at::Tensor k_t_panels = at::empty({batch, key_panels * e * kF32Panel}, f32);  // B of S:  Kᵀ [E x Nk]
+  at::Tensor k_panels = at::empty({batch, e_panels * nk * kF32Panel}, f32);     // B of dQ: K [Nk x E]
+  // Kᵀ's panels [key panel][E][64] and K's [E panel][Nk][64], a (batch, 64 keys) slice a task
+  at::parallel_for(0, batch * key_panels, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / key_panels, j0 = (task % key_panels) * kF32Panel, keys = std::min(kF32Panel, nk - j0);
+      const float* k_j = k.data_ptr<float>() + b * k.stride(0) + j0 * k.stride(1);
+      pack_panels(k_j, k.stride(2), k.stride(1), e, keys, k_t_panels.data_ptr<float>() + b * k_t_panels.stride(0) + j0 * e);
+      for (int64_t p = 0; p < e_panels; ++p) {
+        const int64_t width = std::min(kF32Panel, e - p * kF32Panel);
+        float* dst = k_panels.data_ptr<float>() + b * k_panels.stride(0) + (p * nk + j0) * kF32Panel;
+        copy_2d(k_j + p * kF32Panel * k.stride(2), k.stride(1), k.stride(2), keys, width, dst, kF32Panel);
+        for (int64_t r = 0; r < keys; ++r) std::fill(dst + r * kF32Panel + width, dst + (r + 1) * kF32Panel, 0.0f);
+      }
+    }
+  });
+  const bool dk_direct = dk.stride(1) == 1 || nk == 1, dv_direct = dv.stride(1) == 1 || nk == 1;
+  at::Tensor dk_t = dk_direct ? dk.transpose(1, 2) : at::zeros({batch, e, nk}, f32);
+  at::Tensor dv_t = dv_direct ? dv.transpose(1, 2) : at::zeros({batch, ev, nk}, f32);
+  at::Tensor dq_rows = at::zeros({batch, nq, e}, f32);
+
+  const auto lay_out_chunk = [&](int64_t c0, int64_t c_rows) {
+    q_chunk.lay_out(c0, c_rows);
+    do_chunk.lay_out(c0, c_rows);
+  };
+  const float* lse_ptr = lse.data_ptr<float>();
+  const float* delta_ptr = delta.data_ptr<float>();
+
+  struct Scratch {
+    at::Tensor p, ds, v_panels;  // P and dP / dS tiles (64-key panels of a block's rows), V_jᵀ's panels
+  };
+  const auto make_scratch = [&] {
+    const int64_t tile = kBackwardChunk * kF32BwdBlockN;
+    return Scratch{at::zeros({tile}, f32), at::zeros({tile}, f32), at::empty({kF32BwdBlockN * std::max<int64_t>(ev, 1)}, f32)};
+  };
+  backward_schedule<float>(batch, nq, nk, kF32BwdBlockN, dq_rows, make_scratch,
+                           [&](Scratch& t, int64_t b, int64_t kb_begin, int64_t kb_end, int64_t c0, int64_t c_rows,
+                               at::Tensor& dq_chunk_t) {
+    float* p = t.p.data_ptr<float>();
+    float* ds = t.ds.data_ptr<float>();
+    float* v_panels = t.v_panels.data_ptr<float>();
+    const float* v_t_b = v_t.data_ptr<float>() + b * v_t.stride(0);
+    const float* k_t_b = k_t_panels.data_ptr<float>() + b * k_t_panels.stride(0);
+    const float* k_b = k_panels.data_ptr<float>() + b * k_panels.stride(0);
+    float* dk_t_b = dk_t.data_ptr<float>() + b * dk_t.stride(0);
+    float* dv_t_b = dv_t.data_ptr<float>() + b * dv_t.stride(0);
+    for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+      const int64_t j0 = kb * kF32BwdBlockN, bn = std::min(kF32BwdBlockN, nk - j0), panels = ceil_div(bn, kF32Panel);
+      pack_panels(v_t_b + j0, v_t.stride(1), 1, ev, bn, v_panels);
+      for (int64_t i0 = c0; i0 < c0 + c_rows; i0 += kBackwardChunk) {
+        const int64_t rows = std::min(kBackwardChunk, c0 + c_rows - i0), tile_panel = rows * kF32Panel;
+        const float* q_rows_i = q_chunk.rows(b, i0, c0);
+        const float* q_t_i = q_chunk.t_rows(b, i0, c0);
+        const float* do_rows_i = do_chunk.rows(b, i0, c0);
+        const float* do_t_i = do_chunk.t_rows(b, i0, c0);
+        float* dq_i = dq_chunk_t.data_ptr<float>() + (i0 - c0) * e;  // the chunk's dQ: c_rows x E, row-major
+        f32_gemm(rows, bn, e, F32A{q_rows_i, q_chunk.rows_ld(), 1},
+                 F32B{k_t_b + (j0 / kF32Panel) * e * kF32Panel, e * kF32Panel}, F32C{p, tile_panel, kF32Panel}, false);
+        recompute_probabilities_panels(p, rows, panels, scale, lse_ptr + b * nq + i0);
+        f32_gemm(ev, bn, rows, F32A{do_t_i, do_chunk.t_rows_ld(), 1}, F32B{p, tile_panel},
+                 F32C{dv_t_b + j0, kF32Panel, dv_t.stride(1)}, true);
+        f32_gemm(rows, bn, ev, F32A{do_rows_i, do_chunk.rows_ld(), 1}, F32B{v_panels, ev * kF32Panel},
+                 F32C{ds, tile_panel, kF32Panel}, false);
+        softmax_grad_panels(p, ds, rows, panels, delta_ptr + b * nq + i0, scale);
+        f32_gemm(e, bn, rows, F32A{q_t_i, q_chunk.t_rows_ld(), 1}, F32B{ds, tile_panel},
+                 F32C{dk_t_b + j0, kF32Panel, dk_t.stride(1)}, true);
+        f32_gemm(rows, e, bn, F32A{ds, kF32Panel, 1, tile_panel}, F32B{k_b + j0 * kF32Panel, nk * kF32Panel},
+                 F32C{dq_i, kF32Panel, e}, true);
+      }
+    }
+  }, lay_out_chunk, kF32BwdChunk);
+  dq.copy_(dq_rows);
+  if (!dk_direct) dk.copy_(dk_t.transpose(1, 2));
+  if (!dv_direct) dv.copy_(dv_t.transpose(1, 2));
 }
 #endif  // ATTNSEG_HAVE_F32_GEMM
 
@@ -615,6 +778,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   at::Tensor dk = at::zeros_like(k_in, k.options());
   at::Tensor dv = at::zeros_like(v_in, v.options());
   if (run) {
+#if ATTNSEG_HAVE_F32_GEMM
+    if (compute_dtype == at::kFloat && f32_kernel(v.stride(1) == 1 || nk == 1) == F32Kernel::kAvx512) {
+      attention_bwd_f32_avx512(grad_out, delta, q, k, v, lse.contiguous(), scale, dq, dk, dv);
+      return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
+    }
+#endif
     AT_DISPATCH_FLOATING_TYPES(compute_dtype, "attention_bwd_cpu", [&] {
       attention_bwd_kernel<scalar_t>(grad_out, delta, q, k, v, lse, scale, dq, dk, dv);
     });

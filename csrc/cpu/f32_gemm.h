@@ -1,4 +1,4 @@
-// fp32 GEMMs and the column softmax of the CPU attention forward, on AVX-512 (FMA).
+// fp32 GEMMs and the softmax passes of the CPU attention kernels, on AVX-512 (FMA).
 //
 // Why not ATen's GEMM per tile (the fp32 kernel before this one): MKL's sgemm packs its operands
 // on every call, and the attention tiles are small and oddly shaped (K = E = 64 for S, a
@@ -9,20 +9,22 @@
 //
 //   C[M x N] (fp32) = A · B (+ C when accumulate), K the reduction
 //   A(m, k) = a[m · row_stride + k · k_stride]: any strides (broadcast one element at a time);
-//            unit k_stride with rows of a channel-first tensor is the fast case.
+//            unit k_stride with rows of a channel-first tensor is the fast case. With a
+//            panel_stride, A is itself laid out in 64-column panels (a C written for the next
+//            product): A(m, k) = a[(k / 64) · panel_stride + m · row_stride + k % 64].
 //   B(k, n) = b[(n / 64) · panel_stride + k · 64 + n % 64]: panels of 64 columns whose rows are
 //            contiguous (the micro-kernel streams a panel without cache-set conflicts); columns
 //            past N in the last panel must be readable (callers zero-pad them).
 //   C(m, n) = c[(n / 64) · panel_stride + m · ld + n % 64]: a row-major C is panel_stride = 64;
 //            a C written as the B panels of the next product is panel_stride = rows · 64, ld = 64.
 // Micro-kernel: a 6 x 64 block of C in 24 zmm accumulators, the K loop innermost; one k is 4
-// loads of B, 6 broadcasts of A and 24 FMAs. Blocks go panel-major (a panel of B is reused by
-// every row block). Ragged N: masked loads and stores of C; ragged M: the row count is a template
-// parameter (1..6).
+// loads of B, 6 broadcasts of A and 24 FMAs (the order of the blocks: see f32_gemm). Ragged N:
+// masked loads and stores of C; ragged M: the row count is a template parameter (1..6).
 #pragma once
 
 #include <ATen/ATen.h>
 
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstdlib>
@@ -52,10 +54,11 @@ inline bool cpu_has_avx512f() {
 
 enum class F32Kernel { kAten, kAvx512 };
 
-// Which fp32 forward runs: kAvx512 (this file) on a CPU with AVX-512F when v is channel-first
-// (v.stride(1) == 1: its transpose is the A operand of Oᵀ += Vᵀ Pᵀ without a copy), else kAten.
-// ATTNSEG_CPU_F32_KERNEL overrides it: auto, avx512 (any layout of v, copied to channel-first when
-// it is not) or aten. An engine this CPU cannot run is an error, not a silent fallback.
+// Which fp32 kernels run (forward and backward): kAvx512 (this file) on a CPU with AVX-512F when v
+// is channel-first (v.stride(1) == 1: its transpose is the A operand of Oᵀ += Vᵀ Pᵀ without a
+// copy), else kAten (ATen's GEMM per tile). ATTNSEG_CPU_F32_KERNEL overrides it: auto, avx512 (any
+// layout; what the kernels need is copied) or aten. A kernel this CPU cannot run is an error, not
+// a silent fallback.
 inline F32Kernel f32_kernel(bool v_channel_first) {
   const char* env = std::getenv("ATTNSEG_CPU_F32_KERNEL");
   const std::string choice = env != nullptr && *env != '\0' ? env : "auto";
@@ -74,6 +77,7 @@ constexpr int kF32Rows = 6;        // rows of C per micro-kernel block
 struct F32A {
   const float* ptr;
   int64_t row_stride, k_stride;
+  int64_t panel_stride = 0;  // 0: A is not in panels
 };
 struct F32B {
   const float* ptr;
@@ -84,6 +88,38 @@ struct F32C {
   int64_t panel_stride, ld;
 };
 
+
+// dst (row-major, ld dst_ld) = the rows x cols matrix src(r, c) = src[r · rs + c · cs], in 16 x 16
+// blocks so that a transposing copy reads and writes whole cache lines.
+inline void copy_2d(const float* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float* dst, int64_t dst_ld) {
+  constexpr int64_t kTile = 16;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    const int64_t r1 = std::min(rows, r0 + kTile);
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t c1 = std::min(cols, c0 + kTile);
+      if (cs == 1) {
+        for (int64_t r = r0; r < r1; ++r)
+          for (int64_t c = c0; c < c1; ++c) dst[r * dst_ld + c] = src[r * rs + c];
+      } else {
+        for (int64_t c = c0; c < c1; ++c)
+          for (int64_t r = r0; r < r1; ++r) dst[r * dst_ld + c] = src[r * rs + c * cs];
+      }
+    }
+  }
+}
+
+// The B-operand panels of the rows x cols matrix src(r, c) = src[r · rs + c · cs] (K = rows):
+// dst[(c / 64) · rows · 64 + r · 64 + c % 64], columns past cols zero.
+inline void pack_panels(const float* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float* dst) {
+  for (int64_t c0 = 0; c0 < cols; c0 += kF32Panel) {
+    const int64_t w = std::min(kF32Panel, cols - c0);
+    float* panel = dst + (c0 / kF32Panel) * rows * kF32Panel;
+    copy_2d(src + c0 * cs, rs, cs, rows, w, panel, kF32Panel);
+    if (w < kF32Panel)
+      for (int64_t r = 0; r < rows; ++r) std::fill(panel + r * kF32Panel + w, panel + (r + 1) * kF32Panel, 0.0f);
+  }
+}
+
 #if ATTNSEG_HAVE_F32_GEMM
 // GCC 12 warns inside its own avx512fintrin.h that _mm512_undefined_ps() (`__m512 __Y = __Y;`,
 // the ignored pass-through of unmasked max/min/roundscale) "may be used uninitialized".
@@ -91,8 +127,9 @@ struct F32C {
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
 template <int ROWS>
-ATTNSEG_AVX512F void f32_gemm_block(int64_t k, const float* a, int64_t a_row, int64_t a_k, const float* b, float* c,
-                                    int64_t ldc, uint64_t cols_mask, bool accumulate, const float* c_scale) {
+ATTNSEG_AVX512F void f32_gemm_block(int64_t k, const float* a, int64_t a_row, int64_t a_k, int64_t a_panel,
+                                    const float* b, float* c, int64_t ldc, uint64_t cols_mask, bool accumulate,
+                                    const float* c_scale) {
   __m512 acc[ROWS][4];
   for (int r = 0; r < ROWS; ++r) {
     for (int v = 0; v < 4; ++v) {
@@ -101,17 +138,24 @@ ATTNSEG_AVX512F void f32_gemm_block(int64_t k, const float* a, int64_t a_row, in
       if (c_scale != nullptr) acc[r][v] = _mm512_mul_ps(acc[r][v], _mm512_maskz_loadu_ps(mask, c_scale + 16 * v));
     }
   }
-  for (int64_t p = 0; p < k; ++p) {
-    const float* b_row = b + p * kF32Panel;
-    const __m512 b0 = _mm512_loadu_ps(b_row), b1 = _mm512_loadu_ps(b_row + 16), b2 = _mm512_loadu_ps(b_row + 32),
-                 b3 = _mm512_loadu_ps(b_row + 48);
-    const float* a_col = a + p * a_k;
-    for (int r = 0; r < ROWS; ++r) {
-      const __m512 av = _mm512_set1_ps(a_col[r * a_row]);
-      acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
-      acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
-      acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
-      acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
+  // A in panels: the K loop runs one 64-wide panel of A at a time.
+  const int64_t k_chunk = a_panel != 0 ? kF32Panel : k;
+  for (int64_t k0 = 0; k0 < k; k0 += k_chunk) {
+    const float* a_chunk = a_panel != 0 ? a + (k0 / kF32Panel) * a_panel : a;
+    const float* b_chunk = b + k0 * kF32Panel;
+    const int64_t kk = std::min(k_chunk, k - k0);
+    for (int64_t p = 0; p < kk; ++p) {
+      const float* b_row = b_chunk + p * kF32Panel;
+      const __m512 b0 = _mm512_loadu_ps(b_row), b1 = _mm512_loadu_ps(b_row + 16), b2 = _mm512_loadu_ps(b_row + 32),
+                   b3 = _mm512_loadu_ps(b_row + 48);
+      const float* a_col = a_chunk + p * a_k;
+      for (int r = 0; r < ROWS; ++r) {
+        const __m512 av = _mm512_set1_ps(a_col[r * a_row]);
+        acc[r][0] = _mm512_fmadd_ps(av, b0, acc[r][0]);
+        acc[r][1] = _mm512_fmadd_ps(av, b1, acc[r][1]);
+        acc[r][2] = _mm512_fmadd_ps(av, b2, acc[r][2]);
+        acc[r][3] = _mm512_fmadd_ps(av, b3, acc[r][3]);
+      }
     }
   }
   for (int r = 0; r < ROWS; ++r)
@@ -119,8 +163,8 @@ ATTNSEG_AVX512F void f32_gemm_block(int64_t k, const float* a, int64_t a_row, in
       _mm512_mask_storeu_ps(c + r * ldc + 16 * v, static_cast<__mmask16>(cols_mask >> (16 * v)), acc[r][v]);
 }
 
-using F32GemmBlock = void (*)(int64_t, const float*, int64_t, int64_t, const float*, float*, int64_t, uint64_t, bool,
-                              const float*);
+using F32GemmBlock = void (*)(int64_t, const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t, uint64_t,
+                              bool, const float*);
 
 template <int... R>
 constexpr std::array<F32GemmBlock, sizeof...(R)> f32_block_table(std::integer_sequence<int, R...>) {
@@ -130,19 +174,31 @@ constexpr std::array<F32GemmBlock, sizeof...(R)> f32_block_table(std::integer_se
 // C = A · B (+ C), the layouts at the top of this file. With c_scale (N floats), accumulating
 // computes C(m, n) = C(m, n) · c_scale[n] + (A · B)(m, n): the online softmax's rescale of the
 // output columns, folded into the loads of C.
+// Block order. K ≤ 128: panels outer, so that a panel of B (≤ 32 KiB) stays in L1 while every row
+// block of A passes (S = Q Kᵀ at K = E = 64: 157 GFLOP/s against 149 the other way). Longer K:
+// row blocks outer, so that a block's 6 rows of A (6·K floats) stay in L1 while B streams from L2;
+// panels outer would re-read all of A once per panel, which, when A is the rows of a
+// channel-first tensor (512 rows of dOᵀ 36 KiB apart for N = 9,216), crowds the L2 sets those rows
+// map to: dVᵀ += dOᵀ P ran at 135 GFLOP/s that way and 156 this way (one thread of an Intel Xeon,
+// torch.mm 157-179 in the same runs).
 inline void f32_gemm(int64_t m, int64_t n, int64_t k, const F32A& a, const F32B& b, const F32C& c, bool accumulate,
                      const float* c_scale = nullptr) {
   static constexpr auto blocks = f32_block_table(std::make_integer_sequence<int, kF32Rows>());
-  for (int64_t n0 = 0; n0 < n; n0 += kF32Panel) {
-    const int64_t cols = std::min(kF32Panel, n - n0);
-    const uint64_t mask = cols == 64 ? ~uint64_t(0) : (uint64_t(1) << cols) - 1;
-    const float* panel = b.ptr + (n0 / kF32Panel) * b.panel_stride;
-    float* c_panel = c.ptr + (n0 / kF32Panel) * c.panel_stride;
-    for (int64_t m0 = 0; m0 < m; m0 += kF32Rows) {
-      const int rows = static_cast<int>(std::min<int64_t>(kF32Rows, m - m0));
-      blocks[rows - 1](k, a.ptr + m0 * a.row_stride, a.row_stride, a.k_stride, panel, c_panel + m0 * c.ld, c.ld, mask,
-                       accumulate, c_scale == nullptr ? nullptr : c_scale + n0);
-    }
+  const int64_t last_cols = n - (n - 1) / kF32Panel * kF32Panel;
+  const uint64_t last_mask = last_cols == 64 ? ~uint64_t(0) : (uint64_t(1) << last_cols) - 1;
+  const auto block = [&](int64_t m0, int64_t n0) {
+    const int rows = static_cast<int>(std::min<int64_t>(kF32Rows, m - m0));
+    blocks[rows - 1](k, a.ptr + m0 * a.row_stride, a.row_stride, a.k_stride, a.panel_stride,
+                     b.ptr + (n0 / kF32Panel) * b.panel_stride, c.ptr + (n0 / kF32Panel) * c.panel_stride + m0 * c.ld,
+                     c.ld, n0 + kF32Panel >= n ? last_mask : ~uint64_t(0), accumulate,
+                     c_scale == nullptr ? nullptr : c_scale + n0);
+  };
+  if (k <= 2 * kF32Panel) {
+    for (int64_t n0 = 0; n0 < n; n0 += kF32Panel)
+      for (int64_t m0 = 0; m0 < m; m0 += kF32Rows) block(m0, n0);
+  } else {
+    for (int64_t m0 = 0; m0 < m; m0 += kF32Rows)
+      for (int64_t n0 = 0; n0 < n; n0 += kF32Panel) block(m0, n0);
   }
 }
 
@@ -212,6 +268,43 @@ ATTNSEG_AVX512F inline void column_online_softmax(float* tile, int64_t keys, int
     for (int v = 0; v < 4; ++v) {
       const int64_t c = p * kF32Panel + 16 * v;
       _mm512_storeu_ps(col_sum + c, _mm512_fmadd_ps(_mm512_loadu_ps(col_sum + c), _mm512_loadu_ps(alpha + c), sum[v]));
+    }
+  }
+}
+
+// The backward's P = exp(S·scale − lse) in place on a tile of `panels` 64-key panels of `rows`
+// query rows each (panel stride rows · 64), whole panels (the zero pad columns give finite values
+// that no product reads). A row whose lse is +inf held a +inf logit: NaN throughout, as
+// recompute_probabilities (row_ops.h).
+ATTNSEG_AVX512F inline void recompute_probabilities_panels(float* tile, int64_t rows, int64_t panels, float scale_f,
+                                                           const float* lse) {
+  const __m512 scale = _mm512_set1_ps(scale_f);
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = tile + (p * rows + r) * kF32Panel;
+      if (lse[r] == std::numeric_limits<float>::infinity()) {
+        std::fill(row, row + kF32Panel, std::numeric_limits<float>::quiet_NaN());
+        continue;
+      }
+      const __m512 shift = _mm512_set1_ps(lse[r]);
+      for (int v = 0; v < 4; ++v)
+        _mm512_storeu_ps(row + 16 * v, exp16(_mm512_fmsub_ps(_mm512_loadu_ps(row + 16 * v), scale, shift)));
+    }
+  }
+}
+
+// dS = P ∘ (dP − delta) · scale, in place over dP, on tiles laid out as above.
+ATTNSEG_AVX512F inline void softmax_grad_panels(const float* p_tile, float* dp_tile, int64_t rows, int64_t panels,
+                                                const float* delta, float scale_f) {
+  const __m512 scale = _mm512_set1_ps(scale_f);
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t at = (p * rows + r) * kF32Panel;
+      const __m512 d = _mm512_set1_ps(delta[r]);
+      for (int v = 0; v < 4; ++v) {
+        const __m512 pv = _mm512_mul_ps(_mm512_loadu_ps(p_tile + at + 16 * v), scale);
+        _mm512_storeu_ps(dp_tile + at + 16 * v, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dp_tile + at + 16 * v), d)));
+      }
     }
   }
 }
