@@ -450,6 +450,14 @@ def test_low_precision_takes_low_precision_gemms_where_the_cpu_has_them(dtype):
     assert same != _cpu_has_lowp_gemm(dtype), "took the wrong path for this CPU"
 
 
+def _select(monkeypatch, variable, choices, name):
+    """Sets the environment variable to choice `name`, or skips saying why this CPU cannot run it."""
+    available = choices[name]()
+    if available is not True:
+        pytest.skip(available)
+    monkeypatch.setenv(variable, name)
+
+
 # ATTNSEG_CPU_LOWP_GEMM's engines, each where this CPU runs it (the skip says why not).
 ENGINES = {
     "brgemm": lambda: bool(_cpu_capabilities().get("amx_bf16")) or "needs AMX-BF16 (oneDNN's AMX GEMM)",
@@ -465,10 +473,7 @@ ENGINES = {
 def test_bf16_engines_match_reference(monkeypatch, engine, shape):
     """Every engine the CPU has meets the flash-attention criterion against fp64, forward and all
     gradients, on ragged tiles, an odd E (K padding) and a 512-wide Ev (two brgemm panels)."""
-    available = ENGINES[engine]()
-    if available is not True:
-        pytest.skip(available)
-    monkeypatch.setenv("ATTNSEG_CPU_LOWP_GEMM", engine)
+    _select(monkeypatch, "ATTNSEG_CPU_LOWP_GEMM", ENGINES, engine)
     b, nq, nk, e, ev = shape
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(b, n, w, generator=g).bfloat16() for n, w in ((nq, e), (nk, e), (nk, ev)))
@@ -521,10 +526,7 @@ def test_f32_kernels_match_reference(monkeypatch, kernel, v_layout, shape):
     that is not a multiple of the 6-row micro-kernel, E = 1 and E = 65 (two panels of K), a v that
     the avx512 kernels must first copy, and Nq = 2,100: three backward chunks of 1,024 queries,
     each in 256-row blocks, with the partial dQ of the key-block groups summed."""
-    available = F32_KERNELS[kernel]()
-    if available is not True:
-        pytest.skip(available)
-    monkeypatch.setenv("ATTNSEG_CPU_F32_KERNEL", kernel)
+    _select(monkeypatch, "ATTNSEG_CPU_F32_KERNEL", F32_KERNELS, kernel)
     b, nq, nk, e, ev = shape
     g = torch.Generator().manual_seed(11)
     leaves = [_channel_first(b, nq, e, g), _channel_first(b, nk, e, g), _channel_first(b, nk, ev, g)]
@@ -558,10 +560,7 @@ def test_f32_kernels_special_values(monkeypatch, kernel):
     logit poisons its query (also when another key block of that query holds +inf), a +inf logit
     gives NaN output and lse = +inf, a query whose logits are all -inf has NaN output (0/0) and
     lse = -inf, a -inf logit among finite ones is a zero probability."""
-    available = F32_KERNELS[kernel]()
-    if available is not True:
-        pytest.skip(available)
-    monkeypatch.setenv("ATTNSEG_CPU_F32_KERNEL", kernel)
+    _select(monkeypatch, "ATTNSEG_CPU_F32_KERNEL", F32_KERNELS, kernel)
     g = torch.Generator().manual_seed(7)
     b, nq, nk, e, ev = 1, 70, 300, 4, 9
     q, k, v = _channel_first(b, nq, e, g), _channel_first(b, nk, e, g), _channel_first(b, nk, ev, g)
@@ -615,9 +614,7 @@ def test_f32_avx512_backward_operand_layouts(monkeypatch, q_layout, do_layout):
     and lays out the other per chunk; with neither (a step slice), both. Every combination gives
     the fp64 reference's gradients (criterion of helpers.assert_matches_reference), into gradients
     of the inputs' layouts."""
-    if F32_KERNELS["avx512"]() is not True:
-        pytest.skip("needs AVX-512F/DQ")
-    monkeypatch.setenv("ATTNSEG_CPU_F32_KERNEL", "avx512")
+    _select(monkeypatch, "ATTNSEG_CPU_F32_KERNEL", F32_KERNELS, "avx512")
     g = torch.Generator().manual_seed(9)
     b, nq, nk, e, ev = 2, 1100, 530, 64, 80
 
