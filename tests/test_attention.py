@@ -611,9 +611,9 @@ def test_f32_kernel_override_errors_are_clear(monkeypatch):
 @pytest.mark.parametrize("q_layout", ["channel_first", "row_major", "strided"])
 def test_f32_avx512_backward_operand_layouts(monkeypatch, q_layout, do_layout):
     """The AVX-512 backward reads q's and dO's rows or transposed rows where the layout gives them
-    and lays out the other per chunk; with neither (a step slice), both. Every combination gives
-    the fp64 reference's gradients (criterion of helpers.assert_matches_reference), into gradients
-    of the inputs' layouts."""
+    and lays out the other per chunk (a step slice, with neither inner stride 1, reaches it as a
+    contiguous copy made by the op's gemm_ready). Every combination gives the fp64 reference's
+    gradients (criterion of helpers.assert_matches_reference), into gradients of the inputs' layouts."""
     _select(monkeypatch, "ATTNSEG_CPU_F32_KERNEL", F32_KERNELS, "avx512")
     g = torch.Generator().manual_seed(9)
     b, nq, nk, e, ev = 2, 1100, 530, 64, 80

@@ -22,7 +22,8 @@
 // also sees the enclosing parallel region). This library must be built with -fopenmp: the
 // `omp parallel` of at::parallel_for is a header template compiled here, serial without it.
 // Memory beyond inputs and outputs: per-thread tiles (below: 512 KiB, or two, in fp32), and for the
-// backward (groups − 1) x B x kBackwardChunk x E partial dQ buffers: independent of N.
+// backward (groups − 1) x B x kBackwardChunk x E partial dQ buffers: independent of N. (The
+// AVX-512 fp32 kernels below also keep O(N·E) operand copies; see them.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -109,7 +110,7 @@ void parallel_tasks(int64_t n_tasks, const MakeState& make_state, const Body& bo
 // are added into dq in group order, so dQ's bits do not depend on the thread count. dq: [B, Nq,
 // E] of acc_t, any strides (the low-precision kernels read dq_chunk as a contiguous c_rows x E).
 // before_chunk(c0, c_rows), when given, runs before each chunk's tasks (the fp32 AVX-512 kernel
-// lays out the chunk's dO rows there, once, for all of the chunk's tasks).
+// lays out the chunk's q and dO there, once, for all of the chunk's tasks); chunk: rows per chunk.
 template <typename acc_t, typename MakeState, typename Body>
 void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, at::Tensor& dq,
                        const MakeState& make_state, const Body& body,
@@ -246,8 +247,9 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
 //   column online softmax   (one query per column: max, exp, sum over the keys of the tile)
 //   Oᵀ = Oᵀ·α + V_jᵀ Pᵀ      (A: vᵀ's rows, unit stride along the keys; C: an Ev x kF32BlockM scratch;
 //                            the rescale by α = e^(m_old − m_new) folded into the GEMM's loads of C)
-// then Oᵀ /= l, written transposed into out's rows. Beyond inputs and outputs: k as rows (a copy
-// when k is not row-major, N·E) and per thread the tile, Oᵀ and Q_iᵀ (1.6 MiB at E = 64, Ev = 512).
+// then Oᵀ /= l, written transposed into out's rows. Beyond inputs and outputs: k as rows (a copy,
+// B·Nk·E, unless k's rows have unit stride) and per thread the tile, Oᵀ and Q_iᵀ (832 KiB at E = 64,
+// Ev = 512).
 // Tiles: 256 x 256, as the micro-kernel measured fastest (the Sᵀ panels, 256 KiB, and Oᵀ, 512 KiB
 // at Ev = 512, stay in a 2 MiB L2).
 constexpr int64_t kF32BlockM = 256, kF32BlockN = 256;
@@ -258,7 +260,7 @@ void attention_fwd_f32_avx512(const at::Tensor& q, const at::Tensor& k, const at
   const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1), e = q.size(2), ev = v_t.size(1);
   const int64_t q_blocks = ceil_div(nq, kF32BlockM);
   const float scale = static_cast<float>(scale_d);
-  const at::Tensor k_rows = k.contiguous();  // A of Sᵀ = K Qᵀ: [B, Nk, E]
+  const at::Tensor k_rows = k.stride(2) == 1 || e == 1 ? k : k.contiguous();  // A of Sᵀ = K Qᵀ: rows of E
   const float* q_ptr = q.data_ptr<float>();
   const int64_t sq_b = q.stride(0), sq_n = q.stride(1), sq_e = q.stride(2);
   const int64_t sv_b = v_t.stride(0), sv_e = v_t.stride(1);
@@ -295,11 +297,11 @@ void attention_fwd_f32_avx512(const at::Tensor& q, const at::Tensor& k, const at
     std::fill(o_t, o_t + ev * kF32BlockM, 0.0f);
     std::fill(t.col_max.begin(), t.col_max.end(), -std::numeric_limits<float>::infinity());
     std::fill(t.col_sum.begin(), t.col_sum.end(), 0.0f);
-    const float* k_b = k_rows.data_ptr<float>() + b * nk * e;
+    const float* k_b = k_rows.data_ptr<float>() + b * k_rows.stride(0);
     const float* v_b = v_t.data_ptr<float>() + b * sv_b;
     for (int64_t j0 = 0; j0 < nk; j0 += kF32BlockN) {
       const int64_t bn = std::min(kF32BlockN, nk - j0);
-      f32_gemm(bn, panels * kF32Panel, e, F32A{k_b + j0 * e, e, 1}, F32B{q_t, e * kF32Panel},
+      f32_gemm(bn, panels * kF32Panel, e, F32A{k_b + j0 * k_rows.stride(1), k_rows.stride(1), 1}, F32B{q_t, e * kF32Panel},
                F32C{tile, bn * kF32Panel, kF32Panel}, false);
       column_online_softmax(tile, bn, panels, scale, t.col_max.data(), t.col_sum.data(), t.alpha.data());
       f32_gemm(ev, panels * kF32Panel, bn, F32A{v_b + j0, sv_e, 1}, F32B{tile, bn * kF32Panel},
@@ -329,16 +331,20 @@ void attention_fwd_f32_avx512(const at::Tensor& q, const at::Tensor& k, const at
 //   dK_jᵀ += Q_iᵀ dS          A: qᵀ's rows
 //   dQ_i += dS K_j            A: dS's panels;  B: K in panels (once per call)
 // A channel-first tensor (the module's q and dO) gives its ᵀ rows as it lies, a row-major one its
-// rows; the other form is laid out per chunk, once for all of the chunk's tasks (dO: O(chunk·Ev))
-// or once per call (q: N·E). dKᵀ and dVᵀ go straight into channel-first gradients (else into
-// buffers copied at the end), dQ's rows into a buffer copied into dq's layout at the end (N·E).
+// rows; the other form is laid out per chunk, once for all of the chunk's tasks (ChunkRows:
+// O(chunk·E) for q, O(chunk·Ev) for dO). dKᵀ and dVᵀ go straight into channel-first gradients (else
+// into buffers copied at the end), dQ's rows into a buffer copied into dq's layout at the end.
+// Beyond inputs and outputs: K and Kᵀ in panels and dQ's rows (B·N·E each), the chunk layouts, the
+// partial dQ of the key-block groups ((groups − 1) x B x kF32BwdChunk x E: 4.25 MiB at N = 9,216,
+// E = 64) and per thread the two tiles and V_jᵀ's panels (2 MiB at Ev = 512).
 constexpr int64_t kF32BwdBlockN = 512, kF32BwdChunk = 1024;
 
 // The query-side operands of a chunk, for x [B, Nq, C] (q or dO): its rows (C along the
 // reduction) and its ᵀ rows (the queries along the reduction), each with unit stride along the
 // reduction. Where x's layout gives one (a channel-first x its ᵀ rows, a row-major x its rows), it is
 // read where it lies; the other is laid out per chunk (O(chunk · C) floats, once for all of the
-// chunk's tasks, so once per call in all), in 16 x 16 blocks.
+// chunk's tasks, so once per call in all), in 16 x 16 blocks. (After gemm_ready, x always has one
+// of the two; laying out both is there for any strides.)
 struct ChunkRows {
   const float* base;
   int64_t sb, sn, sc, batch, channels, chunk;
@@ -703,16 +709,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
       with_lowp_gemm(q.scalar_type(), engine, [&](const auto& gemm) { attention_fwd_lowp(gemm, q, k, v, scale, out, lse); });
       return {out, lse};
     }
+    // f32_kernel() also rejects a bad ATTNSEG_CPU_F32_KERNEL where the AVX-512 kernels are not built.
+    const bool v_channel_first = v.stride(1) == 1 || nk == 1;
+    if (q.scalar_type() == at::kFloat && f32_kernel(v_channel_first) == F32Kernel::kAvx512) {
 #if ATTNSEG_HAVE_F32_GEMM
-    if (q.scalar_type() == at::kFloat) {
-      const bool v_channel_first = v.stride(1) == 1 || nk == 1;
-      if (f32_kernel(v_channel_first) == F32Kernel::kAvx512) {
-        const at::Tensor v_t = v_channel_first ? v.transpose(1, 2) : v.transpose(1, 2).contiguous();
-        attention_fwd_f32_avx512(q, k, v_t, scale, out, lse);
-        return {out.to(q_in.scalar_type()), lse.to(stats_dtype(q_in.scalar_type()))};
-      }
-    }
+      const at::Tensor v_t = v_channel_first ? v.transpose(1, 2) : v.transpose(1, 2).contiguous();
+      attention_fwd_f32_avx512(q, k, v_t, scale, out, lse);
+      return {out.to(q_in.scalar_type()), lse.to(stats_dtype(q_in.scalar_type()))};
 #endif
+    }
     AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "attention_fwd_cpu",
                                [&] { attention_fwd_kernel<scalar_t>(q, k, v, scale, out, lse); });
   }
@@ -778,12 +783,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   at::Tensor dk = at::zeros_like(k_in, k.options());
   at::Tensor dv = at::zeros_like(v_in, v.options());
   if (run) {
-#if ATTNSEG_HAVE_F32_GEMM
     if (compute_dtype == at::kFloat && f32_kernel(v.stride(1) == 1 || nk == 1) == F32Kernel::kAvx512) {
+#if ATTNSEG_HAVE_F32_GEMM
       attention_bwd_f32_avx512(grad_out, delta, q, k, v, lse.contiguous(), scale, dq, dk, dv);
       return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
-    }
 #endif
+    }
     AT_DISPATCH_FLOATING_TYPES(compute_dtype, "attention_bwd_cpu", [&] {
       attention_bwd_kernel<scalar_t>(grad_out, delta, q, k, v, lse, scale, dq, dk, dv);
     });

@@ -14,7 +14,8 @@
 //            product): A(m, k) = a[(k / 64) · panel_stride + m · row_stride + k % 64].
 //   B(k, n) = b[(n / 64) · panel_stride + k · 64 + n % 64]: panels of 64 columns whose rows are
 //            contiguous (the micro-kernel streams a panel without cache-set conflicts); columns
-//            past N in the last panel must be readable (callers zero-pad them).
+//            past N in the last panel must be readable: they only feed lanes of C that are masked
+//            off (packed operands are zero-padded; a C written as panels leaves them stale).
 //   C(m, n) = c[(n / 64) · panel_stride + m · ld + n % 64]: a row-major C is panel_stride = 64;
 //            a C written as the B panels of the next product is panel_stride = rows · 64, ld = 64.
 // Micro-kernel: a 6 x 64 block of C in 24 zmm accumulators, the K loop innermost; one k is 4
@@ -55,8 +56,8 @@ inline bool cpu_has_avx512f() {
 enum class F32Kernel { kAten, kAvx512 };
 
 // Which fp32 kernels run (forward and backward): kAvx512 (this file) on a CPU with AVX-512F when v
-// is channel-first (v.stride(1) == 1: its transpose is the A operand of Oᵀ += Vᵀ Pᵀ without a
-// copy), else kAten (ATen's GEMM per tile). ATTNSEG_CPU_F32_KERNEL overrides it: auto, avx512 (any
+// is channel-first (v.stride(1) == 1, or Nk = 1: its transpose is the A operand of Oᵀ += Vᵀ Pᵀ
+// without a copy), else kAten (ATen's GEMM per tile). ATTNSEG_CPU_F32_KERNEL overrides it: auto, avx512 (any
 // layout; what the kernels need is copied) or aten. A kernel this CPU cannot run is an error, not
 // a silent fallback.
 inline F32Kernel f32_kernel(bool v_channel_first) {
@@ -273,8 +274,8 @@ ATTNSEG_AVX512F inline void column_online_softmax(float* tile, int64_t keys, int
 }
 
 // The backward's P = exp(S·scale − lse) in place on a tile of `panels` 64-key panels of `rows`
-// query rows each (panel stride rows · 64), whole panels (the zero pad columns give finite values
-// that no product reads). A row whose lse is +inf held a +inf logit: NaN throughout, as
+// query rows each (panel stride rows · 64), whole panels: the pad columns past the keys hold stale
+// values, any of them inf or NaN, which only masked-off lanes of the next products read. A row whose lse is +inf held a +inf logit: NaN throughout, as
 // recompute_probabilities (row_ops.h).
 ATTNSEG_AVX512F inline void recompute_probabilities_panels(float* tile, int64_t rows, int64_t panels, float scale_f,
                                                            const float* lse) {
