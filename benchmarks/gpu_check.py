@@ -595,7 +595,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cases = plan_cases(args.dtypes)
     if args.dry_run:
-        print_plan(cases, int(args.gpu_memory * GIB))
+        try:
+            print_plan(cases, int(args.gpu_memory * GIB))
+            sys.stdout.flush()
+        except BrokenPipeError:
+            # The reader stopped early (`--dry-run | head`): end quietly, as a Unix filter does, with
+            # stdout pointed at /dev/null so that the interpreter's own flush at exit cannot fail again.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if not torch.cuda.is_available():
         built = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"

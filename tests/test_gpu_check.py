@@ -106,6 +106,18 @@ def test_parse_junit_counts(tmp_path):
                       "failed_ids": ["tests.a::bad", "tests.a::err"]}
 
 
+def test_dry_run_into_a_closed_pipe_ends_quietly():
+    """`gpu_check.py --dry-run | head`: when the reader has closed the pipe, the plan stops with
+    exit status 0 and no BrokenPipeError traceback. The pipe is closed before the script writes
+    (it imports torch first), so that its first write already fails: no race with the pipe's buffer."""
+    proc = subprocess.Popen([sys.executable, str(_BENCHMARKS / "gpu_check.py"), "--dry-run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()
+    stderr = proc.stderr.read()
+    assert proc.wait(timeout=120) == 0, stderr
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr, stderr
+
+
 def test_dry_run_prints_the_plan():
     proc = subprocess.run([sys.executable, str(_BENCHMARKS / "gpu_check.py"), "--dry-run", "--dtypes", "float32"],
                           capture_output=True, text=True, timeout=120)
