@@ -238,6 +238,16 @@ void attention_fwd_kernel(const at::Tensor& q, const at::Tensor& k, const at::Te
   });
 }
 
+// Whether x [B, N, C] is channel-first: unit stride along N (a view of a convolution's [B, C, N]).
+bool channel_first(const at::Tensor& x) { return x.stride(1) == 1 || x.size(1) == 1; }
+
+// x.transpose(1, 2) ([B, C, N], unit stride along N) of x [B, N, C]: as it lies when x is
+// channel-first, else a copy.
+at::Tensor channel_rows(const at::Tensor& x) {
+  const at::Tensor t = x.transpose(1, 2);
+  return channel_first(x) ? t : t.contiguous();
+}
+
 #if ATTNSEG_HAVE_F32_GEMM
 // The fp32 forward on our AVX-512 GEMMs (f32_gemm.h), computed transposed so that a channel-first
 // v (a convolution's output, as PositionAttention passes it) is read where it lies: per task
@@ -284,16 +294,7 @@ void attention_fwd_f32_avx512(const at::Tensor& q, const at::Tensor& k, const at
     float* tile = t.tile.data_ptr<float>();
     float* o_t = t.o_t.data_ptr<float>();
     // Q_iᵀ as panels [panel][E][64], queries past bm zero.
-    const float* q_b = q_ptr + b * sq_b + i0 * sq_n;
-    for (int64_t p = 0; p < panels; ++p) {
-      for (int64_t d = 0; d < e; ++d) {
-        float* row = q_t + (p * e + d) * kF32Panel;
-        for (int64_t c = 0; c < kF32Panel; ++c) {
-          const int64_t i = p * kF32Panel + c;
-          row[c] = i < bm ? q_b[i * sq_n + d * sq_e] : 0.0f;
-        }
-      }
-    }
+    pack_panels(q_ptr + b * sq_b + i0 * sq_n, sq_e, sq_n, e, bm, q_t);
     std::fill(o_t, o_t + ev * kF32BlockM, 0.0f);
     std::fill(t.col_max.begin(), t.col_max.end(), -std::numeric_limits<float>::infinity());
     std::fill(t.col_sum.begin(), t.col_sum.end(), 0.0f);
@@ -354,7 +355,7 @@ struct ChunkRows {
   ChunkRows(const at::Tensor& x, int64_t chunk_rows)
       : base(x.data_ptr<float>()), sb(x.stride(0)), sn(x.stride(1)), sc(x.stride(2)), batch(x.size(0)),
         channels(x.size(2)), chunk(chunk_rows), has_rows(x.stride(2) == 1 || x.size(2) == 1),
-        has_t_rows(x.stride(1) == 1 || x.size(1) == 1), parts(int64_t(!has_rows) + int64_t(!has_t_rows)),
+        has_t_rows(channel_first(x)), parts(int64_t(!has_rows) + int64_t(!has_t_rows)),
         buffer(at::empty({batch * parts * chunk * channels}, x.options())) {}
   float* part(int64_t b, bool t) const {
     return buffer.data_ptr<float>() + (b * parts + (t && !has_rows ? 1 : 0)) * chunk * channels;
@@ -384,13 +385,6 @@ struct ChunkRows {
   int64_t t_rows_ld() const { return has_t_rows ? sc : chunk; }
 };
 
-// x.transpose(1, 2) ([B, C, N], unit stride along N) of x [B, N, C]: as it lies when x is
-// channel-first, else a copy.
-at::Tensor channel_rows(const at::Tensor& x) {
-  const at::Tensor t = x.transpose(1, 2);
-  return x.stride(1) == 1 || x.size(1) == 1 ? t : t.contiguous();
-}
-
 // delta, lse: fp32 [B, Nq] contiguous; dq, dk, dv zeroed, in any layout.
 void attention_bwd_f32_avx512(const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& q,
                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse, double scale_d,
@@ -411,15 +405,11 @@ void attention_bwd_f32_avx512(const at::Tensor& grad_out, const at::Tensor& delt
       const int64_t b = task / key_panels, j0 = (task % key_panels) * kF32Panel, keys = std::min(kF32Panel, nk - j0);
       const float* k_j = k.data_ptr<float>() + b * k.stride(0) + j0 * k.stride(1);
       pack_panels(k_j, k.stride(2), k.stride(1), e, keys, k_t_panels.data_ptr<float>() + b * k_t_panels.stride(0) + j0 * e);
-      for (int64_t p = 0; p < e_panels; ++p) {
-        const int64_t width = std::min(kF32Panel, e - p * kF32Panel);
-        float* dst = k_panels.data_ptr<float>() + b * k_panels.stride(0) + (p * nk + j0) * kF32Panel;
-        copy_2d(k_j + p * kF32Panel * k.stride(2), k.stride(1), k.stride(2), keys, width, dst, kF32Panel);
-        for (int64_t r = 0; r < keys; ++r) std::fill(dst + r * kF32Panel + width, dst + (r + 1) * kF32Panel, 0.0f);
-      }
+      pack_panels(k_j, k.stride(1), k.stride(2), keys, e, k_panels.data_ptr<float>() + b * k_panels.stride(0) + j0 * kF32Panel,
+                  nk * kF32Panel);
     }
   });
-  const bool dk_direct = dk.stride(1) == 1 || nk == 1, dv_direct = dv.stride(1) == 1 || nk == 1;
+  const bool dk_direct = channel_first(dk), dv_direct = channel_first(dv);
   at::Tensor dk_t = dk_direct ? dk.transpose(1, 2) : at::zeros({batch, e, nk}, f32);
   at::Tensor dv_t = dv_direct ? dv.transpose(1, 2) : at::zeros({batch, ev, nk}, f32);
   at::Tensor dq_rows = at::zeros({batch, nq, e}, f32);
@@ -710,11 +700,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
       return {out, lse};
     }
     // f32_kernel() also rejects a bad ATTNSEG_CPU_F32_KERNEL where the AVX-512 kernels are not built.
-    const bool v_channel_first = v.stride(1) == 1 || nk == 1;
-    if (q.scalar_type() == at::kFloat && f32_kernel(v_channel_first) == F32Kernel::kAvx512) {
+    if (q.scalar_type() == at::kFloat && f32_kernel(channel_first(v)) == F32Kernel::kAvx512) {
 #if ATTNSEG_HAVE_F32_GEMM
-      const at::Tensor v_t = v_channel_first ? v.transpose(1, 2) : v.transpose(1, 2).contiguous();
-      attention_fwd_f32_avx512(q, k, v_t, scale, out, lse);
+      attention_fwd_f32_avx512(q, k, channel_rows(v), scale, out, lse);
       return {out.to(q_in.scalar_type()), lse.to(stats_dtype(q_in.scalar_type()))};
 #endif
     }
@@ -783,7 +771,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   at::Tensor dk = at::zeros_like(k_in, k.options());
   at::Tensor dv = at::zeros_like(v_in, v.options());
   if (run) {
-    if (compute_dtype == at::kFloat && f32_kernel(v.stride(1) == 1 || nk == 1) == F32Kernel::kAvx512) {
+    if (compute_dtype == at::kFloat && f32_kernel(channel_first(v)) == F32Kernel::kAvx512) {
 #if ATTNSEG_HAVE_F32_GEMM
       attention_bwd_f32_avx512(grad_out, delta, q, k, v, lse.contiguous(), scale, dq, dk, dv);
       return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};

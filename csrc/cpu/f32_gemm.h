@@ -110,11 +110,14 @@ inline void copy_2d(const float* src, int64_t rs, int64_t cs, int64_t rows, int6
 }
 
 // The B-operand panels of the rows x cols matrix src(r, c) = src[r · rs + c · cs] (K = rows):
-// dst[(c / 64) · rows · 64 + r · 64 + c % 64], columns past cols zero.
-inline void pack_panels(const float* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float* dst) {
+// dst[(c / 64) · panel_stride + r · 64 + c % 64], columns past cols zero; panel_stride defaults to
+// rows · 64 (a slice of rows can be packed into a larger operand with that operand's stride).
+inline void pack_panels(const float* src, int64_t rs, int64_t cs, int64_t rows, int64_t cols, float* dst,
+                        int64_t panel_stride = -1) {
+  if (panel_stride < 0) panel_stride = rows * kF32Panel;
   for (int64_t c0 = 0; c0 < cols; c0 += kF32Panel) {
     const int64_t w = std::min(kF32Panel, cols - c0);
-    float* panel = dst + (c0 / kF32Panel) * rows * kF32Panel;
+    float* panel = dst + (c0 / kF32Panel) * panel_stride;
     copy_2d(src + c0 * cs, rs, cs, rows, w, panel, kF32Panel);
     if (w < kF32Panel)
       for (int64_t r = 0; r < rows; ++r) std::fill(panel + r * kF32Panel + w, panel + (r + 1) * kF32Panel, 0.0f);
