@@ -45,6 +45,9 @@ like with like (one multiply-add = 2 FLOPs; softmax and exponentials not counted
 "roofline" is the time the case's useful FLOPs would take at the GEMM throughput of its dtype,
 measured in the same run (``_common.GemmRoofline``: torch.mm of 2048 x 2048 matrices, same threads
 and device, before and after the sweep, the faster taken); "of roof" = roofline / median time.
+Since the recomputed S is not counted, a fused fwd+bwd row's "of roof" cannot exceed
+3(E + Ev) / (3(E + Ev) + E) even with every GEMM at torch.mm's rate and the softmax free (0.964 at
+E = 64, Ev = 512; 0.857 at E = Ev); the table's footer prints it.
 
     python benchmarks/attention_speed.py --device cpu --dtype bfloat16 --sizes 96x96 --impls native
 
@@ -97,6 +100,7 @@ IMPLS = ("triton", "native", "reference", "sdpa")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 BASELINE = "reference"
+FUSED_IMPLS = ("triton", "native")  # flash-attention kernels: the backward recomputes S = q kᵀ
 CASE_TIMEOUT_S = 1800.0
 FLOP_CONVENTION = ("useful FLOPs (the reference's matmuls, 1 multiply-add = 2 FLOPs, softmax not counted), "
                    "the same count for every row: fwd 2·B·N²·(E + Ev); fwd+bwd 3× that, "
@@ -131,6 +135,16 @@ class Case:
         if self.mode == "fwd":
             return forward
         return forward + 2 * self.batch * self.n * self.n * (2 * self.e + 2 * self.ev)
+
+    @property
+    def recompute_ceiling(self) -> float | None:
+        """The most "of roof" this case can show, for the fused impls' forward + backward: their
+        backward recomputes S = q kᵀ (2·B·N²·E FLOPs that useful_flop leaves out), so even at the
+        GEMM roofline the case takes (useful + recomputed) FLOPs: 3(E + Ev) / (3(E + Ev) + E).
+        None where nothing is recomputed (fwd, and the reference, which keeps P for its backward)."""
+        if self.mode == "fwd" or self.impl not in FUSED_IMPLS:
+            return None
+        return self.useful_flop / (self.useful_flop + 2 * self.batch * self.n * self.n * self.e)
 
     @property
     def label(self) -> str:
@@ -336,6 +350,7 @@ def csv_rows(results: list[CaseResult], roofline: GemmRoofline) -> list[dict]:
         "peak_mib": "" if r.peak_mib is None else f"{r.peak_mib:.3f}",
         "time_vs_reference": format_ratio(r.median_s, reference_time(results, r.case)),
         "roofline_s": "" if roofline.seconds(r.case.useful_flop) is None else f"{roofline.seconds(r.case.useful_flop):.6g}",
+        "recompute_ceiling": "" if r.case.recompute_ceiling is None else f"{r.case.recompute_ceiling:.6g}",
         "sdpa_kernel": r.sdpa_kernel or "", "times_s": " ".join(f"{t:.6g}" for t in r.times_s),
     } for r in results]
 
@@ -396,6 +411,11 @@ def main(argv=None) -> int:
                        table_rows(results, roofline), align="><<<>>>>>>"))
     print("vs ref: time / reference time, same size and mode (below 1 is faster)")
     print(roofline.describe())
+    ceilings = sorted({c for r in results if r.status == "ok" and (c := r.case.recompute_ceiling) is not None})
+    if ceilings:
+        print(f"fused fwd+bwd: the backward recomputes S = q kᵀ (2·B·N²·E FLOPs, not in the useful count), so "
+              f"'of roof' is at most {' / '.join(f'{c:.3f}' for c in ceilings)} here even at GEMM speed: "
+              f"3(E + Ev) / (3(E + Ev) + E)")
     notes = sorted({f"sdpa picked its {r.sdpa_kernel} kernel ({r.case.mode})" for r in results if r.sdpa_kernel})
     notes += [f"{r.case.label} failed: {r.detail or r.reason}" for r in results if r.status == "failed"]
     notes += [f"{r.case.label}: {len(r.times_s)} timed call(s), --time-budget reached"

@@ -517,15 +517,18 @@ def _channel_first(b, n, width, generator, scale=1.0):
 @pytest.mark.parametrize("kernel", list(F32_KERNELS))
 @pytest.mark.parametrize("v_layout", ["channel_first", "contiguous"])
 @pytest.mark.parametrize("shape", [(2, 300, 513, 64, 96), (1, 257, 255, 17, 513), (3, 1, 7, 1, 5), (1, 64, 256, 1, 6),
-                                   (2, 2100, 600, 65, 70)],
-                         ids=["ragged-3-key-blocks", "ragged-panels-odd-e", "tiny", "one-full-key-block", "3-chunks"])
+                                   (2, 2100, 600, 65, 70), (1, 300, 257, 200, 64)],
+                         ids=["ragged-3-key-blocks", "ragged-panels-odd-e", "tiny", "one-full-key-block", "3-chunks",
+                              "e-over-two-panels"])
 def test_f32_kernels_match_reference(monkeypatch, kernel, v_layout, shape):
     """Both fp32 kernels, forced, meet the fp32 criterion against fp64, forward, lse and all
     gradients: ragged query panels (300 = 256 + 44), key blocks of the forward (256) and the
     backward (512) with ragged ends (the forward's online rescale of the output columns), an Ev
     that is not a multiple of the 6-row micro-kernel, E = 1 and E = 65 (two panels of K), a v that
-    the avx512 kernels must first copy, and Nq = 2,100: three backward chunks of 1,024 queries,
-    each in 256-row blocks, with the partial dQ of the key-block groups summed."""
+    the avx512 kernels must first copy, Nq = 2,100: three backward chunks of 1,024 queries, each
+    in 256-row blocks, with the partial dQ of the key-block groups summed, and E = 200 (the
+    non-local / OCR modules' wider keys): S = Q Kᵀ with K > 128 takes the GEMM's row-blocks-outer
+    order, and dQ, dKᵀ and K's panels span four 64-wide panels, the last ragged."""
     _select(monkeypatch, "ATTNSEG_CPU_F32_KERNEL", F32_KERNELS, kernel)
     b, nq, nk, e, ev = shape
     g = torch.Generator().manual_seed(11)
