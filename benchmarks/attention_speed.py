@@ -140,8 +140,10 @@ class Case:
     def recompute_ceiling(self) -> float | None:
         """The most "of roof" this case can show, for the fused impls' forward + backward: their
         backward recomputes S = q kᵀ (2·B·N²·E FLOPs that useful_flop leaves out), so even at the
-        GEMM roofline the case takes (useful + recomputed) FLOPs: 3(E + Ev) / (3(E + Ev) + E).
-        None where nothing is recomputed (fwd, and the reference, which keeps P for its backward)."""
+        GEMM roofline the case takes (useful + recomputed) FLOPs: 3(E + Ev) / (3(E + Ev) + E). That
+        is for S recomputed once, as the CPU kernels do; a GPU backward that recomputes S per
+        kernel sits lower still. None for fwd, for the reference (it keeps P for its backward) and
+        for sdpa (whether it recomputes depends on the kernel it picks)."""
         if self.mode == "fwd" or self.impl not in FUSED_IMPLS:
             return None
         return self.useful_flop / (self.useful_flop + 2 * self.batch * self.n * self.n * self.e)

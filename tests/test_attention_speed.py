@@ -34,7 +34,8 @@ def test_recompute_ceiling_is_useful_over_executed_flops():
     assert _case().recompute_ceiling == pytest.approx(1728 / 1792)
     assert _case(e=256, ev=256).recompute_ceiling == pytest.approx(6 / 7)
     assert _case(impl="triton", batch=4, side=32).recompute_ceiling == pytest.approx(1728 / 1792)
-    # nothing is recomputed in a forward, nor by the reference (it keeps P for its backward)
+    # nothing is recomputed in a forward, nor by the reference (it keeps P for its backward); sdpa's
+    # backward recomputes or not depending on the kernel it picks: no claim
     assert _case(mode="fwd").recompute_ceiling is None
     assert _case(impl="reference").recompute_ceiling is None
     assert _case(impl="sdpa").recompute_ceiling is None
