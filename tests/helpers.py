@@ -29,12 +29,30 @@ sign) is O(1e-2..1) relative. Magnitudes are floored at 1 because every input is
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
+from pathlib import Path
 
 import torch
 
 FP64_TOL = 1e-10
 ATOL_ULPS = 8.0
+
+
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def load_benchmark(name: str):
+    """benchmarks/<name>.py imported as module ``name`` (benchmarks/ is not a package; its
+    scripts import _common beside them, so benchmarks/ goes on sys.path)."""
+    if str(BENCHMARKS) not in sys.path:
+        sys.path.insert(0, str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file executes
+    spec.loader.exec_module(module)
+    return module
 
 
 def magnitude(t: torch.Tensor) -> float:

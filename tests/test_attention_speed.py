@@ -4,18 +4,10 @@ CPU run that prints it."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from helpers import load_benchmark
 
-_BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(_BENCHMARKS))  # attention_speed imports _common beside it
-_spec = importlib.util.spec_from_file_location("attention_speed", _BENCHMARKS / "attention_speed.py")
-speed = importlib.util.module_from_spec(_spec)
-sys.modules["attention_speed"] = speed  # dataclasses look their module up while the file executes
-_spec.loader.exec_module(speed)
+speed = load_benchmark("attention_speed")
 
 
 def _case(impl="native", mode="fwd+bwd", e=64, ev=512, batch=1, side=96):

@@ -4,7 +4,6 @@ without CUDA."""
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -12,12 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
-_BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
-sys.path.insert(0, str(_BENCHMARKS))  # gpu_check imports _common beside it
-_spec = importlib.util.spec_from_file_location("gpu_check", _BENCHMARKS / "gpu_check.py")
-gc = importlib.util.module_from_spec(_spec)
-sys.modules["gpu_check"] = gc  # dataclasses look their module up while the file executes
-_spec.loader.exec_module(gc)
+from helpers import BENCHMARKS, load_benchmark
+
+gc = load_benchmark("gpu_check")
 import _common  # noqa: E402  (benchmarks/_common.py, beside gpu_check)
 
 GIB = 1024**3
@@ -110,7 +106,7 @@ def test_dry_run_into_a_closed_pipe_ends_quietly():
     """`gpu_check.py --dry-run | head`: when the reader has closed the pipe, the plan stops with
     exit status 0 and no BrokenPipeError traceback. The pipe is closed before the script writes
     (it imports torch first), so that its first write already fails: no race with the pipe's buffer."""
-    proc = subprocess.Popen([sys.executable, str(_BENCHMARKS / "gpu_check.py"), "--dry-run"],
+    proc = subprocess.Popen([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--dry-run"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     proc.stdout.close()
     stderr = proc.stderr.read()
@@ -119,7 +115,7 @@ def test_dry_run_into_a_closed_pipe_ends_quietly():
 
 
 def test_dry_run_prints_the_plan():
-    proc = subprocess.run([sys.executable, str(_BENCHMARKS / "gpu_check.py"), "--dry-run", "--dtypes", "float32"],
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--dry-run", "--dtypes", "float32"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "56 cases" in proc.stdout and "skipped: would need 96 GiB" in proc.stdout
@@ -127,7 +123,7 @@ def test_dry_run_prints_the_plan():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
 def test_without_cuda_it_fails_fast_and_says_why():
-    proc = subprocess.run([sys.executable, str(_BENCHMARKS / "gpu_check.py")],
+    proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "no CUDA device" in proc.stderr and "--dry-run" in proc.stderr

@@ -4,18 +4,13 @@ out by hand, and (slow-ish, needs nvcc) one real compile for sm_80."""
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "benchmarks" / "kernel_report.py"
-_spec = importlib.util.spec_from_file_location("kernel_report", _PATH)
-kr = importlib.util.module_from_spec(_spec)
-sys.modules["kernel_report"] = kr  # dataclasses look their module up while the file executes
-_spec.loader.exec_module(kr)
+from helpers import load_benchmark
+
+kr = load_benchmark("kernel_report")
 
 # A kernel in cuobjdump's format: a prologue, a main loop (0x0040-0x0100) holding an inner
 # load loop (0x0050-0x0070, a one-block self loop) and leaving through the `CALL.REL.NOINC` exit
