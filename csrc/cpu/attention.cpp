@@ -334,10 +334,12 @@ void attention_fwd_f32_avx512(const at::Tensor& q, const at::Tensor& k, const at
 // A channel-first tensor (the module's q and dO) gives its ᵀ rows as it lies, a row-major one its
 // rows; the other form is laid out per chunk, once for all of the chunk's tasks (ChunkRows:
 // O(chunk·E) for q, O(chunk·Ev) for dO). dKᵀ and dVᵀ go straight into channel-first gradients (else
-// into buffers copied at the end), dQ's rows into a buffer copied into dq's layout at the end.
-// Beyond inputs and outputs: K and Kᵀ in panels and dQ's rows (B·N·E each), the chunk layouts, the
-// partial dQ of the key-block groups ((groups − 1) x B x kF32BwdChunk x E: 4.25 MiB at N = 9,216,
-// E = 64) and per thread the two tiles and V_jᵀ's panels (2 MiB at Ev = 512).
+// into buffers copied at the end), dQ's rows into a row-major dq directly, else into a buffer
+// copied into dq's layout at the end.
+// Beyond inputs and outputs: K and Kᵀ in panels and, unless dq is row-major, dQ's rows (B·N·E
+// each), the chunk layouts, the partial dQ of the key-block groups ((groups − 1) x B x
+// kF32BwdChunk x E: 4.25 MiB at N = 9,216, E = 64) and per thread the two tiles and V_jᵀ's panels
+// (2 MiB at Ev = 512).
 constexpr int64_t kF32BwdBlockN = 512, kF32BwdChunk = 1024;
 
 // The query-side operands of a chunk, for x [B, Nq, C] (q or dO): its rows (C along the
@@ -412,7 +414,8 @@ void attention_bwd_f32_avx512(const at::Tensor& grad_out, const at::Tensor& delt
   const bool dk_direct = channel_first(dk), dv_direct = channel_first(dv);
   at::Tensor dk_t = dk_direct ? dk.transpose(1, 2) : at::zeros({batch, e, nk}, f32);
   at::Tensor dv_t = dv_direct ? dv.transpose(1, 2) : at::zeros({batch, ev, nk}, f32);
-  at::Tensor dq_rows = at::zeros({batch, nq, e}, f32);
+  // dQ's rows: C of dQ_i += dS K_j, contiguous c_rows x E per chunk; dq itself where it is laid out so
+  at::Tensor dq_rows = dq.is_contiguous() ? dq : at::zeros({batch, nq, e}, f32);
 
   const auto lay_out_chunk = [&](int64_t c0, int64_t c_rows) {
     q_chunk.lay_out(c0, c_rows);
@@ -464,7 +467,7 @@ void attention_bwd_f32_avx512(const at::Tensor& grad_out, const at::Tensor& delt
       }
     }
   }, lay_out_chunk, kF32BwdChunk);
-  dq.copy_(dq_rows);
+  if (!dq_rows.is_same(dq)) dq.copy_(dq_rows);
   if (!dk_direct) dk.copy_(dk_t.transpose(1, 2));
   if (!dv_direct) dv.copy_(dv_t.transpose(1, 2));
 }
