@@ -610,6 +610,38 @@ def test_f32_kernel_override_errors_are_clear(monkeypatch):
 
 
 @requires_native
+@pytest.mark.parametrize("layout", ["channel_first", "row_major"])
+def test_f32_avx512_backward_writes_every_gradient_element(monkeypatch, layout):
+    """The AVX-512 backward allocates its gradients, partial dQ and dQ row buffer uninitialized and
+    writes each element before adding to it (dKᵀ, dVᵀ: the first query block; dQ: each task's first
+    key block). With deterministic algorithms on, PyTorch fills uninitialized memory with NaN, so an
+    element added to before it was written would come out NaN. Several query chunks (1,024 rows)
+    with a ragged last one, three key-block groups, B = 2; channel-first inputs take the dQ row
+    buffer and write dKᵀ, dVᵀ in place, row-major ones dq directly and dKᵀ, dVᵀ through buffers."""
+    _select(monkeypatch, "ATTNSEG_CPU_F32_KERNEL", F32_KERNELS, "avx512")
+    assert torch.utils.deterministic.fill_uninitialized_memory
+    g = torch.Generator().manual_seed(12)
+    b, nq, nk, e, ev = 2, 2100, 1300, 24, 40
+    make = (lambda n, w: _channel_first(b, n, w, g)) if layout == "channel_first" else (
+        lambda n, w: torch.randn(b, n, w, generator=g))
+    q, k, v, grad_out = make(nq, e), make(nk, e), make(nk, ev), make(nq, ev)
+    out, lse = torch.ops.attnseg.attention_fwd(q, k, v, 0.2)
+    was_deterministic = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.isnan(torch.empty(64)).all(), "uninitialized memory is not NaN-filled here"
+        grads = torch.ops.attnseg.attention_bwd(grad_out, None, q, k, v, out, lse, 0.2)
+    finally:
+        torch.use_deterministic_algorithms(was_deterministic)
+    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
+    out64 = torch.softmax(0.2 * leaves[0] @ leaves[1].transpose(1, 2), -1) @ leaves[2]
+    grads64 = torch.autograd.grad(out64, leaves, grad_out.double())
+    for name, grad, g64 in zip("qkv", grads, grads64):
+        assert torch.isfinite(grad).all(), f"d{name} has elements that were added to before being written"
+        torch.testing.assert_close(grad.double(), g64, rtol=1e-4, atol=1e-5 * g64.abs().max().item())
+
+
+@requires_native
 @pytest.mark.parametrize("do_layout", ["channel_first", "row_major", "strided"])
 @pytest.mark.parametrize("q_layout", ["channel_first", "row_major", "strided"])
 def test_f32_avx512_backward_operand_layouts(monkeypatch, q_layout, do_layout):

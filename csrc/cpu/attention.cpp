@@ -35,6 +35,7 @@
 #include <functional>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "../common/checks.h"
 #include "f32_gemm.h"
@@ -102,51 +103,75 @@ void parallel_tasks(int64_t n_tasks, const MakeState& make_state, const Body& bo
   });
 }
 
+// How the tasks' dQ shares reach dq (backward_schedule). By default group 0 adds into dq's own rows
+// and the other groups into partial buffers zeroed before each chunk. first_writes: each task's
+// first key block writes its share (C = dS K, no add), so that nothing needs zeroing, dq included.
+// row_buffer: group 0 works in a row-major chunk buffer instead of dq, which then may have any
+// strides: the chunk's sum is written into dq's layout (no B x Nq x E copy of dq).
+struct DqPlan {
+  bool first_writes = false;
+  bool row_buffer = false;
+};
+
 // The backward's schedule, shared by the fp32/fp64 and the low-precision kernels. The queries go
 // in chunks of kBackwardChunk rows; per chunk, B x groups tasks run in parallel: task (b, g) runs
 // the key blocks [g·k_blocks/groups, (g + 1)·k_blocks/groups) of batch b over the chunk's rows,
 // calling body(state, b, kb_begin, kb_end, c0, c_rows, dq_chunk) with dq_chunk its c_rows x E
-// share of dQ: rows c0.. of dq itself for g = 0, a zeroed partial buffer otherwise. The partials
-// are added into dq in group order, so dQ's bits do not depend on the thread count. dq: [B, Nq,
-// E] of acc_t, any strides (the low-precision kernels read dq_chunk as a contiguous c_rows x E).
-// before_chunk(c0, c_rows), when given, runs before each chunk's tasks (the fp32 AVX-512 kernel
-// lays out the chunk's q and dO there, once, for all of the chunk's tasks); chunk: rows per chunk.
+// share of dQ: rows c0.. of dq itself (or the row buffer, see DqPlan) for g = 0, a partial buffer
+// otherwise. The partials are added in group order, so dQ's bits do not depend on the thread
+// count. dq: [B, Nq, E] of acc_t, any strides (the low-precision kernels read dq_chunk as a
+// contiguous c_rows x E, as does the row buffer). before_chunk(c0, c_rows), when given, runs before
+// each chunk's tasks (the fp32 AVX-512 kernel lays out the chunk's q and dO there, once, for all of
+// the chunk's tasks); chunk: rows per chunk.
 template <typename acc_t, typename MakeState, typename Body>
 void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, at::Tensor& dq,
                        const MakeState& make_state, const Body& body,
                        const std::function<void(int64_t, int64_t)>& before_chunk = {},
-                       int64_t chunk = kBackwardChunk) {
+                       int64_t chunk = kBackwardChunk, DqPlan plan = {}) {
   const int64_t e = dq.size(2);
   const int64_t k_blocks = ceil_div(nk, block_n);
   const int64_t groups = std::min(k_blocks, std::max<int64_t>(1, ceil_div(kBackwardTasks, batch)));
   const int64_t chunk_rows = std::min(nq, chunk);
   at::Tensor partial = groups > 1 ? at::empty({groups - 1, batch, chunk_rows, e}, dq.options()) : at::Tensor();
+  at::Tensor first = plan.row_buffer ? at::empty({batch, chunk_rows, e}, dq.options()) : at::Tensor();
   for (int64_t c0 = 0; c0 < nq; c0 += chunk_rows) {
     const int64_t c_rows = std::min(chunk_rows, nq - c0);
-    if (groups > 1) partial.zero_();
+    if (!plan.first_writes) {
+      if (partial.defined()) partial.zero_();
+      if (first.defined()) first.zero_();
+    }
     if (before_chunk) before_chunk(c0, c_rows);
     parallel_tasks(batch * groups, make_state, [&](auto& state, int64_t task) {
       const int64_t b = task / groups, g = task % groups;
-      at::Tensor dq_chunk = g == 0 ? dq[b].narrow(0, c0, c_rows) : partial[g - 1][b].narrow(0, 0, c_rows);
+      at::Tensor dq_chunk = g > 0            ? partial[g - 1][b].narrow(0, 0, c_rows)
+                            : first.defined() ? first[b].narrow(0, 0, c_rows)
+                                              : dq[b].narrow(0, c0, c_rows);
       body(state, b, g * k_blocks / groups, (g + 1) * k_blocks / groups, c0, c_rows, dq_chunk);
     });
-    if (groups == 1) continue;
-    // dq[b, c0 + r] += partial[0][b][r] + partial[1][b][r] + ... in that order, rows split over threads.
+    if (groups == 1 && !first.defined()) continue;
+    // dq[b, c0 + r] = first[b][r] (or itself) + partial[0][b][r] + partial[1][b][r] + ... in that
+    // order, rows split over threads.
     acc_t* const dq_ptr = dq.data_ptr<acc_t>();
     const int64_t sb = dq.stride(0), sn = dq.stride(1), se = dq.stride(2);
-    const acc_t* const partial_ptr = partial.data_ptr<acc_t>();
+    const acc_t* const partial_ptr = partial.defined() ? partial.data_ptr<acc_t>() : nullptr;
+    const acc_t* const first_ptr = first.defined() ? first.data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, batch * c_rows, 16, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sum(se == 1 ? 0 : e);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / c_rows, r = row % c_rows;
         acc_t* const out = dq_ptr + b * sb + (c0 + r) * sn;
+        acc_t* const acc = se == 1 ? out : sum.data();
+        if (first_ptr != nullptr) {
+          std::copy(first_ptr + (b * chunk_rows + r) * e, first_ptr + (b * chunk_rows + r + 1) * e, acc);
+        } else if (se != 1) {
+          for (int64_t d = 0; d < e; ++d) acc[d] = out[d * se];
+        }
         for (int64_t g = 1; g < groups; ++g) {
           const acc_t* const in = partial_ptr + (((g - 1) * batch + b) * chunk_rows + r) * e;
-          if (se == 1) {
-            for (int64_t d = 0; d < e; ++d) out[d] += in[d];
-          } else {
-            for (int64_t d = 0; d < e; ++d) out[d * se] += in[d];
-          }
+          for (int64_t d = 0; d < e; ++d) acc[d] += in[d];
         }
+        if (se != 1)
+          for (int64_t d = 0; d < e; ++d) out[d * se] = acc[d];
       }
     });
   }
@@ -334,12 +359,12 @@ void attention_fwd_f32_avx512(const at::Tensor& q, const at::Tensor& k, const at
 // A channel-first tensor (the module's q and dO) gives its ᵀ rows as it lies, a row-major one its
 // rows; the other form is laid out per chunk, once for all of the chunk's tasks (ChunkRows:
 // O(chunk·E) for q, O(chunk·Ev) for dO). dKᵀ and dVᵀ go straight into channel-first gradients (else
-// into buffers copied at the end), dQ's rows into a row-major dq directly, else into a buffer
-// copied into dq's layout at the end.
-// Beyond inputs and outputs: K and Kᵀ in panels and, unless dq is row-major, dQ's rows (B·N·E
-// each), the chunk layouts, the partial dQ of the key-block groups ((groups − 1) x B x
-// kF32BwdChunk x E: 4.25 MiB at N = 9,216, E = 64) and per thread the two tiles and V_jᵀ's panels
-// (2 MiB at Ev = 512).
+// into buffers copied at the end), dQ's rows into a row-major dq directly, else into a chunk's
+// rows added with the partials into dq's layout after each chunk (DqPlan). Nothing is zeroed.
+// Beyond inputs and outputs: K and Kᵀ in panels (B·N·E each), the chunk layouts, the partial dQ of
+// the key-block groups ((groups − 1) x B x kF32BwdChunk x E: 4.25 MiB at N = 9,216, E = 64; one
+// more chunk unless dq is row-major) and per thread the two tiles and V_jᵀ's panels (2 MiB at Ev =
+// 512).
 constexpr int64_t kF32BwdBlockN = 512, kF32BwdChunk = 1024;
 
 // The query-side operands of a chunk, for x [B, Nq, C] (q or dO): its rows (C along the
@@ -387,7 +412,8 @@ struct ChunkRows {
   int64_t t_rows_ld() const { return has_t_rows ? sc : chunk; }
 };
 
-// delta, lse: fp32 [B, Nq] contiguous; dq, dk, dv zeroed, in any layout.
+// delta, lse: fp32 [B, Nq] contiguous; dq, dk, dv in any layout, overwritten (need not be zeroed);
+// B, Nq, Nk > 0.
 void attention_bwd_f32_avx512(const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& q,
                               const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse, double scale_d,
                               at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
@@ -411,11 +437,14 @@ void attention_bwd_f32_avx512(const at::Tensor& grad_out, const at::Tensor& delt
                   nk * kF32Panel);
     }
   });
+  // Every gradient element is written before it is added to (the first query block writes dKᵀ
+  // and dVᵀ, each task's first key block its dQ share: DqPlan::first_writes), so nothing is zeroed.
   const bool dk_direct = channel_first(dk), dv_direct = channel_first(dv);
-  at::Tensor dk_t = dk_direct ? dk.transpose(1, 2) : at::zeros({batch, e, nk}, f32);
-  at::Tensor dv_t = dv_direct ? dv.transpose(1, 2) : at::zeros({batch, ev, nk}, f32);
-  // dQ's rows: C of dQ_i += dS K_j, contiguous c_rows x E per chunk; dq itself where it is laid out so
-  at::Tensor dq_rows = dq.is_contiguous() ? dq : at::zeros({batch, nq, e}, f32);
+  at::Tensor dk_t = dk_direct ? dk.transpose(1, 2) : at::empty({batch, e, nk}, f32);
+  at::Tensor dv_t = dv_direct ? dv.transpose(1, 2) : at::empty({batch, ev, nk}, f32);
+  // dQ_i += dS K_j needs a row-major C: dq itself when it is laid out so, else a chunk's rows
+  // (DqPlan::row_buffer), added with the groups' partials into dq's layout after each chunk.
+  const DqPlan dq_plan{/*first_writes=*/true, /*row_buffer=*/!dq.is_contiguous()};
 
   const auto lay_out_chunk = [&](int64_t c0, int64_t c_rows) {
     q_chunk.lay_out(c0, c_rows);
@@ -431,7 +460,7 @@ void attention_bwd_f32_avx512(const at::Tensor& grad_out, const at::Tensor& delt
     const int64_t tile = kBackwardChunk * kF32BwdBlockN;
     return Scratch{at::zeros({tile}, f32), at::zeros({tile}, f32), at::empty({kF32BwdBlockN * std::max<int64_t>(ev, 1)}, f32)};
   };
-  backward_schedule<float>(batch, nq, nk, kF32BwdBlockN, dq_rows, make_scratch,
+  backward_schedule<float>(batch, nq, nk, kF32BwdBlockN, dq, make_scratch,
                            [&](Scratch& t, int64_t b, int64_t kb_begin, int64_t kb_end, int64_t c0, int64_t c_rows,
                                at::Tensor& dq_chunk_t) {
     float* p = t.p.data_ptr<float>();
@@ -456,18 +485,17 @@ void attention_bwd_f32_avx512(const at::Tensor& grad_out, const at::Tensor& delt
                  F32B{k_t_b + (j0 / kF32Panel) * e * kF32Panel, e * kF32Panel}, F32C{p, tile_panel, kF32Panel}, false);
         recompute_probabilities_panels(p, rows, panels, scale, lse_ptr + b * nq + i0);
         f32_gemm(ev, bn, rows, F32A{do_t_i, do_chunk.t_rows_ld(), 1}, F32B{p, tile_panel},
-                 F32C{dv_t_b + j0, kF32Panel, dv_t.stride(1)}, true);
+                 F32C{dv_t_b + j0, kF32Panel, dv_t.stride(1)}, /*accumulate=*/i0 > 0);
         f32_gemm(rows, bn, ev, F32A{do_rows_i, do_chunk.rows_ld(), 1}, F32B{v_panels, ev * kF32Panel},
                  F32C{ds, tile_panel, kF32Panel}, false);
         softmax_grad_panels(p, ds, rows, panels, delta_ptr + b * nq + i0, scale);
         f32_gemm(e, bn, rows, F32A{q_t_i, q_chunk.t_rows_ld(), 1}, F32B{ds, tile_panel},
-                 F32C{dk_t_b + j0, kF32Panel, dk_t.stride(1)}, true);
+                 F32C{dk_t_b + j0, kF32Panel, dk_t.stride(1)}, /*accumulate=*/i0 > 0);
         f32_gemm(rows, e, bn, F32A{ds, kF32Panel, 1, tile_panel}, F32B{k_b + j0 * kF32Panel, nk * kF32Panel},
-                 F32C{dq_i, kF32Panel, e}, true);
+                 F32C{dq_i, kF32Panel, e}, /*accumulate=*/kb > kb_begin);
       }
     }
-  }, lay_out_chunk, kF32BwdChunk);
-  if (!dq_rows.is_same(dq)) dq.copy_(dq_rows);
+  }, lay_out_chunk, kF32BwdChunk, dq_plan);
   if (!dk_direct) dk.copy_(dk_t.transpose(1, 2));
   if (!dv_direct) dv.copy_(dv_t.transpose(1, 2));
 }
@@ -770,16 +798,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   const at::Tensor delta = softmax_delta(grad_out, out_in, grad_lse_in, compute_dtype);
   // Gradients in the inputs' layouts (empty_like rules, as the fake kernel): autograd then
   // accumulates them into channel-first leaves without another copy.
+  if (run && compute_dtype == at::kFloat && f32_kernel(channel_first(v)) == F32Kernel::kAvx512) {
+#if ATTNSEG_HAVE_F32_GEMM
+    at::Tensor dq = at::empty_like(q_in, q.options());
+    at::Tensor dk = at::empty_like(k_in, k.options());
+    at::Tensor dv = at::empty_like(v_in, v.options());
+    attention_bwd_f32_avx512(grad_out, delta, q, k, v, lse.contiguous(), scale, dq, dk, dv);
+    return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
+#endif
+  }
   at::Tensor dq = at::zeros_like(q_in, q.options());
   at::Tensor dk = at::zeros_like(k_in, k.options());
   at::Tensor dv = at::zeros_like(v_in, v.options());
   if (run) {
-    if (compute_dtype == at::kFloat && f32_kernel(channel_first(v)) == F32Kernel::kAvx512) {
-#if ATTNSEG_HAVE_F32_GEMM
-      attention_bwd_f32_avx512(grad_out, delta, q, k, v, lse.contiguous(), scale, dq, dk, dv);
-      return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
-#endif
-    }
     AT_DISPATCH_FLOATING_TYPES(compute_dtype, "attention_bwd_cpu", [&] {
       attention_bwd_kernel<scalar_t>(grad_out, delta, q, k, v, lse, scale, dq, dk, dv);
     });
