@@ -105,9 +105,10 @@ void parallel_tasks(int64_t n_tasks, const MakeState& make_state, const Body& bo
 
 // How the tasks' dQ shares reach dq (backward_schedule). By default group 0 adds into dq's own rows
 // and the other groups into partial buffers zeroed before each chunk. first_writes: each task's
-// first key block writes its share (C = dS K, no add), so that nothing needs zeroing, dq included.
-// row_buffer: group 0 works in a row-major chunk buffer instead of dq, which then may have any
-// strides: the chunk's sum is written into dq's layout (no B x Nq x E copy of dq).
+// first key block writes its share (C = dS K, no add), so that neither dq nor the partials need
+// zeroing. row_buffer: group 0 works in a contiguous chunk of rows instead of dq's rows, and the
+// chunk's sum is written into dq's layout: for a body that needs row-major dQ rows when dq is not
+// contiguous (no B x Nq x E copy of dq).
 struct DqPlan {
   bool first_writes = false;
   bool row_buffer = false;
@@ -119,10 +120,10 @@ struct DqPlan {
 // calling body(state, b, kb_begin, kb_end, c0, c_rows, dq_chunk) with dq_chunk its c_rows x E
 // share of dQ: rows c0.. of dq itself (or the row buffer, see DqPlan) for g = 0, a partial buffer
 // otherwise. The partials are added in group order, so dQ's bits do not depend on the thread
-// count. dq: [B, Nq, E] of acc_t, any strides (the low-precision kernels read dq_chunk as a
-// contiguous c_rows x E, as does the row buffer). before_chunk(c0, c_rows), when given, runs before
-// each chunk's tasks (the fp32 AVX-512 kernel lays out the chunk's q and dO there, once, for all of
-// the chunk's tasks); chunk: rows per chunk.
+// count. dq: [B, Nq, E] of acc_t, any strides (the low-precision and fp32 AVX-512 bodies need
+// dq_chunk contiguous, c_rows x E: a contiguous dq, or the row buffer). before_chunk(c0, c_rows),
+// when given, runs before each chunk's tasks (the fp32 AVX-512 kernel lays out the chunk's q and
+// dO there, once, for all of the chunk's tasks); chunk: rows per chunk.
 template <typename acc_t, typename MakeState, typename Body>
 void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, at::Tensor& dq,
                        const MakeState& make_state, const Body& body,
@@ -133,36 +134,36 @@ void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, a
   const int64_t groups = std::min(k_blocks, std::max<int64_t>(1, ceil_div(kBackwardTasks, batch)));
   const int64_t chunk_rows = std::min(nq, chunk);
   at::Tensor partial = groups > 1 ? at::empty({groups - 1, batch, chunk_rows, e}, dq.options()) : at::Tensor();
-  at::Tensor first = plan.row_buffer ? at::empty({batch, chunk_rows, e}, dq.options()) : at::Tensor();
+  at::Tensor group0_rows = plan.row_buffer ? at::empty({batch, chunk_rows, e}, dq.options()) : at::Tensor();
   for (int64_t c0 = 0; c0 < nq; c0 += chunk_rows) {
     const int64_t c_rows = std::min(chunk_rows, nq - c0);
     if (!plan.first_writes) {
       if (partial.defined()) partial.zero_();
-      if (first.defined()) first.zero_();
+      if (group0_rows.defined()) group0_rows.zero_();
     }
     if (before_chunk) before_chunk(c0, c_rows);
     parallel_tasks(batch * groups, make_state, [&](auto& state, int64_t task) {
       const int64_t b = task / groups, g = task % groups;
       at::Tensor dq_chunk = g > 0            ? partial[g - 1][b].narrow(0, 0, c_rows)
-                            : first.defined() ? first[b].narrow(0, 0, c_rows)
+                            : group0_rows.defined() ? group0_rows[b].narrow(0, 0, c_rows)
                                               : dq[b].narrow(0, c0, c_rows);
       body(state, b, g * k_blocks / groups, (g + 1) * k_blocks / groups, c0, c_rows, dq_chunk);
     });
-    if (groups == 1 && !first.defined()) continue;
-    // dq[b, c0 + r] = first[b][r] (or itself) + partial[0][b][r] + partial[1][b][r] + ... in that
-    // order, rows split over threads.
+    if (groups == 1 && !group0_rows.defined()) continue;
+    // dq[b, c0 + r] = group0_rows[b][r] (or itself) + partial[0][b][r] + partial[1][b][r] + ... in
+    // that order, rows split over threads.
     acc_t* const dq_ptr = dq.data_ptr<acc_t>();
     const int64_t sb = dq.stride(0), sn = dq.stride(1), se = dq.stride(2);
     const acc_t* const partial_ptr = partial.defined() ? partial.data_ptr<acc_t>() : nullptr;
-    const acc_t* const first_ptr = first.defined() ? first.data_ptr<acc_t>() : nullptr;
+    const acc_t* const group0_ptr = group0_rows.defined() ? group0_rows.data_ptr<acc_t>() : nullptr;
     at::parallel_for(0, batch * c_rows, 16, [&](int64_t begin, int64_t end) {
       std::vector<acc_t> sum(se == 1 ? 0 : e);
       for (int64_t row = begin; row < end; ++row) {
         const int64_t b = row / c_rows, r = row % c_rows;
         acc_t* const out = dq_ptr + b * sb + (c0 + r) * sn;
         acc_t* const acc = se == 1 ? out : sum.data();
-        if (first_ptr != nullptr) {
-          std::copy(first_ptr + (b * chunk_rows + r) * e, first_ptr + (b * chunk_rows + r + 1) * e, acc);
+        if (group0_ptr != nullptr) {
+          std::copy(group0_ptr + (b * chunk_rows + r) * e, group0_ptr + (b * chunk_rows + r + 1) * e, acc);
         } else if (se != 1) {
           for (int64_t d = 0; d < e; ++d) acc[d] = out[d * se];
         }
@@ -359,12 +360,12 @@ void attention_fwd_f32_avx512(const at::Tensor& q, const at::Tensor& k, const at
 // A channel-first tensor (the module's q and dO) gives its ᵀ rows as it lies, a row-major one its
 // rows; the other form is laid out per chunk, once for all of the chunk's tasks (ChunkRows:
 // O(chunk·E) for q, O(chunk·Ev) for dO). dKᵀ and dVᵀ go straight into channel-first gradients (else
-// into buffers copied at the end), dQ's rows into a row-major dq directly, else into a chunk's
-// rows added with the partials into dq's layout after each chunk (DqPlan). Nothing is zeroed.
-// Beyond inputs and outputs: K and Kᵀ in panels (B·N·E each), the chunk layouts, the partial dQ of
-// the key-block groups ((groups − 1) x B x kF32BwdChunk x E: 4.25 MiB at N = 9,216, E = 64; one
-// more chunk unless dq is row-major) and per thread the two tiles and V_jᵀ's panels (2 MiB at Ev =
-// 512).
+// into buffers copied at the end), dQ's rows into a contiguous dq directly, else into a chunk's
+// rows added with the partials into dq's layout after each chunk (DqPlan). No gradient or dQ
+// buffer is zeroed. Beyond inputs and outputs: K and Kᵀ in panels (B·N·E each), the chunk layouts,
+// the partial dQ of the key-block groups ((groups − 1) x B x kF32BwdChunk x E: 4.25 MiB at
+// N = 9,216, E = 64; one more chunk unless dq is contiguous) and per thread the two tiles and
+// V_jᵀ's panels (2 MiB at Ev = 512).
 constexpr int64_t kF32BwdBlockN = 512, kF32BwdChunk = 1024;
 
 // The query-side operands of a chunk, for x [B, Nq, C] (q or dO): its rows (C along the
@@ -438,11 +439,12 @@ void attention_bwd_f32_avx512(const at::Tensor& grad_out, const at::Tensor& delt
     }
   });
   // Every gradient element is written before it is added to (the first query block writes dKᵀ
-  // and dVᵀ, each task's first key block its dQ share: DqPlan::first_writes), so nothing is zeroed.
+  // and dVᵀ, each task's first key block its dQ share: DqPlan::first_writes), so no gradient or
+  // dQ buffer is zeroed.
   const bool dk_direct = channel_first(dk), dv_direct = channel_first(dv);
   at::Tensor dk_t = dk_direct ? dk.transpose(1, 2) : at::empty({batch, e, nk}, f32);
   at::Tensor dv_t = dv_direct ? dv.transpose(1, 2) : at::empty({batch, ev, nk}, f32);
-  // dQ_i += dS K_j needs a row-major C: dq itself when it is laid out so, else a chunk's rows
+  // dQ_i += dS K_j needs a row-major C: dq itself when it is contiguous, else a chunk's rows
   // (DqPlan::row_buffer), added with the groups' partials into dq's layout after each chunk.
   const DqPlan dq_plan{/*first_writes=*/true, /*row_buffer=*/!dq.is_contiguous()};
 
