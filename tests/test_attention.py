@@ -641,12 +641,9 @@ def test_f32_avx512_backward_writes_every_gradient_element(monkeypatch, layout, 
         grads = torch.ops.attnseg.attention_bwd(grad_out, None, q, k, v, out, lse, 0.2)
     finally:
         torch.use_deterministic_algorithms(was[0], warn_only=was[1])
-    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    out64 = torch.softmax(0.2 * leaves[0] @ leaves[1].transpose(1, 2), -1) @ leaves[2]
-    grads64 = torch.autograd.grad(out64, leaves, grad_out.double())
-    leaves32 = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    out32 = torch.softmax(0.2 * leaves32[0] @ leaves32[1].transpose(1, 2), -1) @ leaves32[2]
-    grads32 = torch.autograd.grad(out32, leaves32, grad_out)
+    no_lse_grad = torch.zeros_like(lse)
+    grads64 = helpers.reference_attention_grads(q.double(), k.double(), v.double(), 0.2, grad_out, no_lse_grad)[2:]
+    grads32 = helpers.reference_attention_grads(q, k, v, 0.2, grad_out, no_lse_grad)[2:]
     for name, grad, g64, g32 in zip("qkv", grads, grads64, grads32):
         assert_matches_reference(f"d{name}", grad, g64, g32, reduction=max(nq, nk, ev))
 
@@ -674,12 +671,9 @@ def test_f32_avx512_backward_operand_layouts(monkeypatch, q_layout, do_layout):
     k, v = _channel_first(b, nk, e, g), _channel_first(b, nk, ev, g)
     out, lse = torch.ops.attnseg.attention_fwd(q, k, v, 0.125)
     grads = torch.ops.attnseg.attention_bwd(grad_out, None, q, k, v, out, lse, 0.125)
-    leaves = [t.detach().double().requires_grad_(True) for t in (q, k, v)]
-    out64 = torch.softmax(0.125 * leaves[0] @ leaves[1].transpose(1, 2), -1) @ leaves[2]
-    grads64 = torch.autograd.grad(out64, leaves, grad_out.double())
-    leaves32 = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    out32 = torch.softmax(0.125 * leaves32[0] @ leaves32[1].transpose(1, 2), -1) @ leaves32[2]
-    grads32 = torch.autograd.grad(out32, leaves32, grad_out)
+    no_lse_grad = torch.zeros_like(lse)
+    grads64 = helpers.reference_attention_grads(q.double(), k.double(), v.double(), 0.125, grad_out, no_lse_grad)[2:]
+    grads32 = helpers.reference_attention_grads(q, k, v, 0.125, grad_out, no_lse_grad)[2:]
     for name, x, grad, g64, g32 in zip("qkv", (q, k, v), grads, grads64, grads32):
         assert grad.stride() == torch.empty_like(x).stride(), f"d{name} is not in {name}'s layout"
         assert_matches_reference(f"d{name}", grad, g64, g32, reduction=max(nq, nk, ev))
