@@ -399,7 +399,7 @@ def test_reference_backend_lse_and_out(scale):
 def test_bitwise_deterministic_across_thread_counts(layout):
     """The CPU kernels' task split never depends on the thread count: outputs and gradients
     are bitwise identical with 1 and 2 threads, and across repeated calls. Row-major inputs take
-    the ATen-GEMM kernels, channel-first ones the AVX-512 kernels where the CPU has AVX-512 (two
+    the ATen-GEMM kernels, channel-first ones our own (AVX-512 or AVX2) where the CPU has them (two
     query chunks there, three key-block groups, dQ through the row buffer)."""
     g = torch.Generator().manual_seed(3)
     if layout == "row_major":
@@ -505,14 +505,18 @@ def test_engine_override_errors_are_clear(monkeypatch, value, message):
 
 
 # ---------------------------------------------------------------------------------------------
-# The fp32 kernels (ATTNSEG_CPU_F32_KERNEL): forward and backward on our AVX-512 GEMMs
-# (csrc/cpu/f32_gemm.h), or on ATen's GEMM per tile. `auto` takes the first for a channel-first v.
+# The fp32 kernels (ATTNSEG_CPU_F32_KERNEL): forward and backward on our own GEMMs
+# (csrc/cpu/f32_gemm.h: AVX-512, or AVX2 + FMA), or on ATen's GEMM per tile. `auto` takes ours for a
+# channel-first v, the widest this CPU runs. A CPU with AVX-512 runs the AVX2 ones too.
 # ---------------------------------------------------------------------------------------------
 
 F32_KERNELS = {
     "avx512": lambda: bool(_cpu_capabilities().get("avx512_dq")) or "needs AVX-512F/DQ",
+    "avx2": lambda: (bool(_cpu_capabilities().get("avx2")) and bool(_cpu_capabilities().get("fma3"))) or "needs AVX2 and FMA",
     "aten": lambda: True,
 }
+# Our own kernels (the tests of their operand layouts and uninitialized buffers run on each).
+OWN_F32_KERNELS = ["avx512", "avx2"]
 
 
 def _channel_first(b, n, width, generator, scale=1.0):
@@ -531,7 +535,7 @@ def test_f32_kernels_match_reference(monkeypatch, kernel, v_layout, shape):
     gradients: ragged query panels (300 = 256 + 44), key blocks of the forward (256) and the
     backward (512) with ragged ends (the forward's online rescale of the output columns), an Ev
     that is not a multiple of the 6-row micro-kernel, E = 1 and E = 65 (two panels of K), a v that
-    the avx512 kernels must first copy, Nq = 2,100: three backward chunks of 1,024 queries, each
+    our kernels must first copy, Nq = 2,100: three backward chunks of 1,024 queries, each
     in 256-row blocks, with the partial dQ of the key-block groups summed, and E = 200 (the
     non-local / OCR modules' wider keys): S = Q Kᵀ with K > 128 takes the GEMM's row-blocks-outer
     order, and dQ, dKᵀ and K's panels span four 64-wide panels, the last ragged."""
@@ -545,11 +549,13 @@ def test_f32_kernels_match_reference(monkeypatch, kernel, v_layout, shape):
 
 
 @requires_native
-def test_f32_auto_takes_avx512_for_channel_first_v(monkeypatch):
-    """`auto` runs the AVX-512 kernel where the CPU has it and v is channel-first (bitwise its
-    forced result, and not the ATen kernel's), and the ATen kernel for a row-major v."""
-    if F32_KERNELS["avx512"]() is not True:
-        pytest.skip("needs AVX-512F/DQ")
+def test_f32_auto_takes_own_kernel_for_channel_first_v(monkeypatch):
+    """`auto` runs our kernel for a channel-first v, the AVX-512 one where the CPU has AVX-512, else
+    the AVX2 one (bitwise its forced result, and not the ATen kernel's), and the ATen kernel for a
+    row-major v."""
+    own = next((name for name in OWN_F32_KERNELS if F32_KERNELS[name]() is True), None)
+    if own is None:
+        pytest.skip("needs AVX-512F/DQ or AVX2 with FMA")
     g = torch.Generator().manual_seed(3)
     q, k, v = _channel_first(1, 300, 64, g), _channel_first(1, 600, 64, g), _channel_first(1, 600, 96, g)
 
@@ -557,7 +563,7 @@ def test_f32_auto_takes_avx512_for_channel_first_v(monkeypatch):
         monkeypatch.setenv("ATTNSEG_CPU_F32_KERNEL", kernel)
         return torch.ops.attnseg.attention_fwd(q, k, v_, 0.125)[0]
 
-    assert torch.equal(run("auto", v), run("avx512", v))
+    assert torch.equal(run("auto", v), run(own, v))
     assert not torch.equal(run("auto", v), run("aten", v)), "the two kernels agree bitwise: the test cannot tell them apart"
     assert torch.equal(run("auto", v.contiguous()), run("aten", v.contiguous()))
 
@@ -611,22 +617,23 @@ def test_f32_kernel_override_errors_are_clear(monkeypatch):
     """An unknown ATTNSEG_CPU_F32_KERNEL is an error naming the variable and its choices."""
     monkeypatch.setenv("ATTNSEG_CPU_F32_KERNEL", "bogus")
     q = torch.randn(1, 8, 4)
-    with pytest.raises(RuntimeError, match="ATTNSEG_CPU_F32_KERNEL must be auto, avx512 or aten, got 'bogus'"):
+    with pytest.raises(RuntimeError, match="ATTNSEG_CPU_F32_KERNEL must be auto, avx512, avx2 or aten, got 'bogus'"):
         torch.ops.attnseg.attention_fwd(q, q, q, 0.5)
 
 
 @requires_native
+@pytest.mark.parametrize("kernel", OWN_F32_KERNELS)
 @pytest.mark.parametrize("layout", ["channel_first", "row_major"])
 @pytest.mark.parametrize("shape", [(2, 2100, 1300, 24, 40), (1, 700, 300, 3, 40)], ids=["chunks-groups", "one-group"])
-def test_f32_avx512_backward_writes_every_gradient_element(monkeypatch, layout, shape):
-    """The AVX-512 backward allocates its gradients, partial dQ and dQ row buffer uninitialized and
+def test_f32_own_backward_writes_every_gradient_element(monkeypatch, kernel, layout, shape):
+    """Our fp32 backward (AVX-512 or AVX2) allocates its gradients, partial dQ and dQ row buffer uninitialized and
     writes each element before adding to it (dKᵀ, dVᵀ: the first query block; dQ: each task's first
     key block). With deterministic algorithms on, PyTorch fills uninitialized memory with NaN, so an
     element added to before it was written would come out NaN (checked by assert_matches_reference).
     Shapes: three query chunks of up to 1,024 rows, the last ragged, and three key-block groups at
     B = 2; one chunk and one group with E = 3. Channel-first inputs take the dQ row buffer and write
     dKᵀ, dVᵀ in place; row-major ones write dq directly and dKᵀ, dVᵀ through buffers."""
-    _select(monkeypatch, "ATTNSEG_CPU_F32_KERNEL", F32_KERNELS, "avx512")
+    _select(monkeypatch, "ATTNSEG_CPU_F32_KERNEL", F32_KERNELS, kernel)
     assert torch.utils.deterministic.fill_uninitialized_memory
     g = torch.Generator().manual_seed(12)
     b, nq, nk, e, ev = shape
@@ -649,14 +656,15 @@ def test_f32_avx512_backward_writes_every_gradient_element(monkeypatch, layout, 
 
 
 @requires_native
+@pytest.mark.parametrize("kernel", OWN_F32_KERNELS)
 @pytest.mark.parametrize("do_layout", ["channel_first", "row_major", "strided"])
 @pytest.mark.parametrize("q_layout", ["channel_first", "row_major", "strided"])
-def test_f32_avx512_backward_operand_layouts(monkeypatch, q_layout, do_layout):
-    """The AVX-512 backward reads q's and dO's rows or transposed rows where the layout gives them
+def test_f32_own_backward_operand_layouts(monkeypatch, kernel, q_layout, do_layout):
+    """Our fp32 backward (AVX-512 or AVX2) reads q's and dO's rows or transposed rows where the layout gives them
     and lays out the other per chunk (a step slice, with neither inner stride 1, reaches it as a
     contiguous copy made by the op's gemm_ready). Every combination gives the fp64 reference's
     gradients (criterion of helpers.assert_matches_reference), into gradients of the inputs' layouts."""
-    _select(monkeypatch, "ATTNSEG_CPU_F32_KERNEL", F32_KERNELS, "avx512")
+    _select(monkeypatch, "ATTNSEG_CPU_F32_KERNEL", F32_KERNELS, kernel)
     g = torch.Generator().manual_seed(9)
     b, nq, nk, e, ev = 2, 1100, 530, 64, 80
 

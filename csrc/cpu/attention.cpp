@@ -5,7 +5,7 @@
 //                                    m' = max(m, rowmax(S·scale)); P = exp(S·scale − m')
 //                                    l = l·e^(m−m') + rowsum(P);   O_i = O_i·e^(m−m') + P V_j
 //   O_i /= l,  lse_i = m + log l.
-// (fp32 on a CPU with AVX-512 and a channel-first v: attention_fwd_f32_avx512, the same algorithm
+// (fp32 on a CPU with AVX-512 or AVX2 and a channel-first v: attention_fwd_f32, the same algorithm
 // computed transposed on our own GEMMs, f32_gemm.h.)
 // Backward (flash-attention-2 order), per chunk of queries, per (batch, group of key blocks):
 //   for each key block j in the group, for each query block i in the chunk:
@@ -23,7 +23,7 @@
 // `omp parallel` of at::parallel_for is a header template compiled here, serial without it.
 // Memory beyond inputs and outputs: per-thread tiles (below: 512 KiB, or two, in fp32), and for the
 // backward (groups − 1) x B x kBackwardChunk x E partial dQ buffers: independent of N. (The
-// AVX-512 fp32 kernels below also keep O(N·E) operand copies; see them.)
+// fp32 kernels on our own GEMMs below also keep O(N·E) operand copies; see them.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -120,9 +120,9 @@ struct DqPlan {
 // calling body(state, b, kb_begin, kb_end, c0, c_rows, dq_chunk) with dq_chunk its c_rows x E
 // share of dQ: rows c0.. of dq itself (or the row buffer, see DqPlan) for g = 0, a partial buffer
 // otherwise. The partials are added in group order, so dQ's bits do not depend on the thread
-// count. dq: [B, Nq, E] of acc_t, any strides (the low-precision and fp32 AVX-512 bodies need
+// count. dq: [B, Nq, E] of acc_t, any strides (the low-precision and our fp32 bodies need
 // dq_chunk contiguous, c_rows x E: a contiguous dq, or the row buffer). before_chunk(c0, c_rows),
-// when given, runs before each chunk's tasks (the fp32 AVX-512 kernel lays out the chunk's q and
+// when given, runs before each chunk's tasks (our fp32 kernel lays out the chunk's q and
 // dO there, once, for all of the chunk's tasks); chunk: rows per chunk.
 template <typename acc_t, typename MakeState, typename Body>
 void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, at::Tensor& dq,
@@ -275,7 +275,7 @@ at::Tensor channel_rows(const at::Tensor& x) {
 }
 
 #if ATTNSEG_HAVE_F32_GEMM
-// The fp32 forward on our AVX-512 GEMMs (f32_gemm.h), computed transposed so that a channel-first
+// The fp32 forward on our GEMMs (f32_gemm.h: AVX-512 or AVX2, `ops`), computed transposed so that a channel-first
 // v (a convolution's output, as PositionAttention passes it) is read where it lies: per task
 // (batch, block of kF32BlockM queries), per block of kF32BlockN keys,
 //   Sᵀ = K_j Q_iᵀ           (A: K's rows; B: Q_iᵀ, packed once per task into 64-query panels;
@@ -291,8 +291,8 @@ at::Tensor channel_rows(const at::Tensor& x) {
 constexpr int64_t kF32BlockM = 256, kF32BlockN = 256;
 
 // v_t: [B, Ev, Nk] with unit stride along Nk (v.transpose(1, 2) of a channel-first v).
-void attention_fwd_f32_avx512(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_t, double scale_d,
-                              at::Tensor& out, at::Tensor& lse) {
+void attention_fwd_f32(const F32Ops& ops, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_t,
+                       double scale_d, at::Tensor& out, at::Tensor& lse) {
   const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1), e = q.size(2), ev = v_t.size(1);
   const int64_t q_blocks = ceil_div(nq, kF32BlockM);
   const float scale = static_cast<float>(scale_d);
@@ -328,10 +328,10 @@ void attention_fwd_f32_avx512(const at::Tensor& q, const at::Tensor& k, const at
     const float* v_b = v_t.data_ptr<float>() + b * sv_b;
     for (int64_t j0 = 0; j0 < nk; j0 += kF32BlockN) {
       const int64_t bn = std::min(kF32BlockN, nk - j0);
-      f32_gemm(bn, panels * kF32Panel, e, F32A{k_b + j0 * k_rows.stride(1), k_rows.stride(1), 1}, F32B{q_t, e * kF32Panel},
+      f32_gemm(ops, bn, panels * kF32Panel, e, F32A{k_b + j0 * k_rows.stride(1), k_rows.stride(1), 1}, F32B{q_t, e * kF32Panel},
                F32C{tile, bn * kF32Panel, kF32Panel}, false);
-      column_online_softmax(tile, bn, panels, scale, t.col_max.data(), t.col_sum.data(), t.alpha.data());
-      f32_gemm(ev, panels * kF32Panel, bn, F32A{v_b + j0, sv_e, 1}, F32B{tile, bn * kF32Panel},
+      ops.column_online_softmax(tile, bn, panels, scale, t.col_max.data(), t.col_sum.data(), t.alpha.data());
+      f32_gemm(ops, ev, panels * kF32Panel, bn, F32A{v_b + j0, sv_e, 1}, F32B{tile, bn * kF32Panel},
                F32C{o_t, kF32Panel, kF32BlockM}, true, t.alpha.data());
     }
     // out[i0 + i][c] = Oᵀ[c][i] / l_i; lse_i = m_i + log l_i (normalize_rows' semantics).
@@ -345,7 +345,7 @@ void attention_fwd_f32_avx512(const at::Tensor& q, const at::Tensor& k, const at
   });
 }
 
-// The fp32 backward on our AVX-512 GEMMs, flash-attention-2 order on backward_schedule's tasks
+// The fp32 backward on our GEMMs (AVX-512 or AVX2, `ops`), flash-attention-2 order on backward_schedule's tasks
 // (batch, group of key blocks), over chunks of kF32BwdChunk queries, each in blocks of
 // kBackwardChunk rows. The P and dP / dS tiles are 64-key panels of a block's rows
 // ([bn / 64][rows][64]), so that they are the B operands of the key-side products as written:
@@ -415,9 +415,9 @@ struct ChunkRows {
 
 // delta, lse: fp32 [B, Nq] contiguous; dq, dk, dv in any layout, overwritten (need not be zeroed);
 // B, Nq, Nk > 0.
-void attention_bwd_f32_avx512(const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& q,
-                              const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse, double scale_d,
-                              at::Tensor& dq, at::Tensor& dk, at::Tensor& dv) {
+void attention_bwd_f32(const F32Ops& ops, const at::Tensor& grad_out, const at::Tensor& delta, const at::Tensor& q,
+                       const at::Tensor& k, const at::Tensor& v, const at::Tensor& lse, double scale_d, at::Tensor& dq,
+                       at::Tensor& dk, at::Tensor& dv) {
   const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1), e = q.size(2), ev = v.size(2);
   const float scale = static_cast<float>(scale_d);
   const auto f32 = q.options();
@@ -483,17 +483,17 @@ void attention_bwd_f32_avx512(const at::Tensor& grad_out, const at::Tensor& delt
         const float* do_rows_i = do_chunk.rows(b, i0, c0);
         const float* do_t_i = do_chunk.t_rows(b, i0, c0);
         float* dq_i = dq_chunk_t.data_ptr<float>() + (i0 - c0) * e;  // the chunk's dQ: c_rows x E, row-major
-        f32_gemm(rows, bn, e, F32A{q_rows_i, q_chunk.rows_ld(), 1},
+        f32_gemm(ops, rows, bn, e, F32A{q_rows_i, q_chunk.rows_ld(), 1},
                  F32B{k_t_b + (j0 / kF32Panel) * e * kF32Panel, e * kF32Panel}, F32C{p, tile_panel, kF32Panel}, false);
-        recompute_probabilities_panels(p, rows, panels, scale, lse_ptr + b * nq + i0);
-        f32_gemm(ev, bn, rows, F32A{do_t_i, do_chunk.t_rows_ld(), 1}, F32B{p, tile_panel},
+        ops.recompute_probabilities_panels(p, rows, panels, scale, lse_ptr + b * nq + i0);
+        f32_gemm(ops, ev, bn, rows, F32A{do_t_i, do_chunk.t_rows_ld(), 1}, F32B{p, tile_panel},
                  F32C{dv_t_b + j0, kF32Panel, dv_t.stride(1)}, /*accumulate=*/i0 > 0);
-        f32_gemm(rows, bn, ev, F32A{do_rows_i, do_chunk.rows_ld(), 1}, F32B{v_panels, ev * kF32Panel},
+        f32_gemm(ops, rows, bn, ev, F32A{do_rows_i, do_chunk.rows_ld(), 1}, F32B{v_panels, ev * kF32Panel},
                  F32C{ds, tile_panel, kF32Panel}, false);
-        softmax_grad_panels(p, ds, rows, panels, delta_ptr + b * nq + i0, scale);
-        f32_gemm(e, bn, rows, F32A{q_t_i, q_chunk.t_rows_ld(), 1}, F32B{ds, tile_panel},
+        ops.softmax_grad_panels(p, ds, rows, panels, delta_ptr + b * nq + i0, scale);
+        f32_gemm(ops, e, bn, rows, F32A{q_t_i, q_chunk.t_rows_ld(), 1}, F32B{ds, tile_panel},
                  F32C{dk_t_b + j0, kF32Panel, dk_t.stride(1)}, /*accumulate=*/i0 > 0);
-        f32_gemm(rows, e, bn, F32A{ds, kF32Panel, 1, tile_panel}, F32B{k_b + j0 * kF32Panel, nk * kF32Panel},
+        f32_gemm(ops, rows, e, bn, F32A{ds, kF32Panel, 1, tile_panel}, F32B{k_b + j0 * kF32Panel, nk * kF32Panel},
                  F32C{dq_i, kF32Panel, e}, /*accumulate=*/kb > kb_begin);
       }
     }
@@ -732,10 +732,11 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
       with_lowp_gemm(q.scalar_type(), engine, [&](const auto& gemm) { attention_fwd_lowp(gemm, q, k, v, scale, out, lse); });
       return {out, lse};
     }
-    // f32_kernel() also rejects a bad ATTNSEG_CPU_F32_KERNEL where the AVX-512 kernels are not built.
-    if (q.scalar_type() == at::kFloat && f32_kernel(channel_first(v)) == F32Kernel::kAvx512) {
+    // f32_kernel() also rejects a bad ATTNSEG_CPU_F32_KERNEL where our kernels are not built.
+    const F32Kernel f32 = q.scalar_type() == at::kFloat ? f32_kernel(channel_first(v)) : F32Kernel::kAten;
+    if (f32 != F32Kernel::kAten) {
 #if ATTNSEG_HAVE_F32_GEMM
-      attention_fwd_f32_avx512(q, k, channel_rows(v), scale, out, lse);
+      attention_fwd_f32(f32_ops(f32), q, k, channel_rows(v), scale, out, lse);
       return {out.to(q_in.scalar_type()), lse.to(stats_dtype(q_in.scalar_type()))};
 #endif
     }
@@ -800,12 +801,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   const at::Tensor delta = softmax_delta(grad_out, out_in, grad_lse_in, compute_dtype);
   // Gradients in the inputs' layouts (empty_like rules, as the fake kernel): autograd then
   // accumulates them into channel-first leaves without another copy.
-  if (run && compute_dtype == at::kFloat && f32_kernel(channel_first(v)) == F32Kernel::kAvx512) {
+  const F32Kernel f32 = compute_dtype == at::kFloat ? f32_kernel(channel_first(v)) : F32Kernel::kAten;
+  if (run && f32 != F32Kernel::kAten) {
 #if ATTNSEG_HAVE_F32_GEMM
     at::Tensor dq = at::empty_like(q_in, q.options());
     at::Tensor dk = at::empty_like(k_in, k.options());
     at::Tensor dv = at::empty_like(v_in, v.options());
-    attention_bwd_f32_avx512(grad_out, delta, q, k, v, lse.contiguous(), scale, dq, dk, dv);
+    attention_bwd_f32(f32_ops(f32), grad_out, delta, q, k, v, lse.contiguous(), scale, dq, dk, dv);
     return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
 #endif
   }

@@ -1,4 +1,5 @@
-// fp32 GEMMs and the softmax passes of the CPU attention kernels, on AVX-512 (FMA).
+// fp32 GEMMs and the softmax passes of the CPU attention kernels, on AVX-512 (FMA) or on AVX2 + FMA
+// (the same layouts and block order; F32Ops picks the set once per op call).
 //
 // Why not ATen's GEMM per tile (the fp32 kernel before this one): MKL's sgemm packs its operands
 // on every call, and the attention tiles are small and oddly shaped (K = E = 64 for S, a
@@ -21,6 +22,9 @@
 // Micro-kernel: a 6 x 64 block of C in 24 zmm accumulators, the K loop innermost; one k is 4
 // loads of B, 6 broadcasts of A and 24 FMAs (the order of the blocks: see f32_gemm). Ragged N:
 // masked loads and stores of C; ragged M: the row count is a template parameter (1..6).
+// AVX2 (16 ymm registers): the same 6 x 64 block as four 6 x 16 strips, one after the other, each
+// in 12 ymm accumulators (one k: 2 loads of B, 6 broadcasts, 12 FMAs); the block's 6 rows of A
+// are read once per strip, from L1 after the first. Strips wholly past N are skipped.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -37,6 +41,7 @@
 #include <immintrin.h>
 #define ATTNSEG_HAVE_F32_GEMM 1
 #define ATTNSEG_AVX512F __attribute__((target("avx512f,avx512dq,fma")))
+#define ATTNSEG_AVX2_FMA __attribute__((target("avx2,fma")))
 #else
 #define ATTNSEG_HAVE_F32_GEMM 0
 #endif
@@ -53,23 +58,40 @@ inline bool cpu_has_avx512f() {
 #endif
 }
 
-enum class F32Kernel { kAten, kAvx512 };
+// Whether this CPU runs the AVX2 kernels below (AVX2 and FMA: Intel since Haswell, AMD since Zen).
+inline bool cpu_has_avx2_fma() {
+#if ATTNSEG_HAVE_F32_GEMM
+  static const bool has = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return has;
+#else
+  return false;
+#endif
+}
 
-// Which fp32 kernels run (forward and backward): kAvx512 (this file) on a CPU with AVX-512F when v
-// is channel-first (v.stride(1) == 1, or Nk = 1: its transpose is the A operand of Oᵀ += Vᵀ Pᵀ
-// without a copy), else kAten (ATen's GEMM per tile). ATTNSEG_CPU_F32_KERNEL overrides it: auto, avx512 (any
-// layout; what the kernels need is copied) or aten. A kernel this CPU cannot run is an error, not
-// a silent fallback.
+enum class F32Kernel { kAten, kAvx512, kAvx2 };
+
+// Which fp32 kernels run (forward and backward): ours (this file) when v is channel-first
+// (v.stride(1) == 1, or Nk = 1: its transpose is the A operand of Oᵀ += Vᵀ Pᵀ without a copy), on
+// AVX-512F where the CPU has it, else on AVX2 + FMA; else kAten (ATen's GEMM per tile).
+// ATTNSEG_CPU_F32_KERNEL overrides it: auto, avx512 or avx2 (any layout; what the kernels need is
+// copied) or aten. A kernel this CPU cannot run is an error, not a silent fallback.
 inline F32Kernel f32_kernel(bool v_channel_first) {
   const char* env = std::getenv("ATTNSEG_CPU_F32_KERNEL");
   const std::string choice = env != nullptr && *env != '\0' ? env : "auto";
-  if (choice == "auto") return cpu_has_avx512f() && v_channel_first ? F32Kernel::kAvx512 : F32Kernel::kAten;
+  if (choice == "auto") {
+    if (!v_channel_first) return F32Kernel::kAten;
+    return cpu_has_avx512f() ? F32Kernel::kAvx512 : cpu_has_avx2_fma() ? F32Kernel::kAvx2 : F32Kernel::kAten;
+  }
   if (choice == "aten") return F32Kernel::kAten;
   if (choice == "avx512") {
-    TORCH_CHECK(cpu_has_avx512f(), "ATTNSEG_CPU_F32_KERNEL=avx512: this CPU has no AVX-512F; use auto or aten");
+    TORCH_CHECK(cpu_has_avx512f(), "ATTNSEG_CPU_F32_KERNEL=avx512: this CPU has no AVX-512F; use auto, avx2 or aten");
     return F32Kernel::kAvx512;
   }
-  TORCH_CHECK(false, "ATTNSEG_CPU_F32_KERNEL must be auto, avx512 or aten, got '", choice, "'");
+  if (choice == "avx2") {
+    TORCH_CHECK(cpu_has_avx2_fma(), "ATTNSEG_CPU_F32_KERNEL=avx2: this CPU has no AVX2 with FMA; use auto or aten");
+    return F32Kernel::kAvx2;
+  }
+  TORCH_CHECK(false, "ATTNSEG_CPU_F32_KERNEL must be auto, avx512, avx2 or aten, got '", choice, "'");
 }
 
 constexpr int64_t kF32Panel = 64;  // columns per B (and panel-laid C) panel
@@ -165,45 +187,6 @@ ATTNSEG_AVX512F void f32_gemm_block(int64_t k, const float* a, int64_t a_row, in
   for (int r = 0; r < ROWS; ++r)
     for (int v = 0; v < 4; ++v)
       _mm512_mask_storeu_ps(c + r * ldc + 16 * v, static_cast<__mmask16>(cols_mask >> (16 * v)), acc[r][v]);
-}
-
-using F32GemmBlock = void (*)(int64_t, const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t, uint64_t,
-                              bool, const float*);
-
-template <int... R>
-constexpr std::array<F32GemmBlock, sizeof...(R)> f32_block_table(std::integer_sequence<int, R...>) {
-  return {&f32_gemm_block<R + 1>...};
-}
-
-// C = A · B (+ C), the layouts at the top of this file. With c_scale (N floats), accumulating
-// computes C(m, n) = C(m, n) · c_scale[n] + (A · B)(m, n): the online softmax's rescale of the
-// output columns, folded into the loads of C.
-// Block order. K ≤ 128: panels outer, so that a panel of B (≤ 32 KiB) stays in L1 while every row
-// block of A passes (S = Q Kᵀ at K = E = 64: 157 GFLOP/s against 149 the other way). Longer K:
-// row blocks outer, so that a block's 6 rows of A (6·K floats) stay in L1 while B streams from L2;
-// panels outer would re-read all of A once per panel, which, when A is the rows of a
-// channel-first tensor (512 rows of dOᵀ 36 KiB apart for N = 9,216), crowds the L2 sets those rows
-// map to: dVᵀ += dOᵀ P ran at 135 GFLOP/s that way and 156 this way (one thread of an Intel Xeon,
-// torch.mm 157-179 in the same runs).
-inline void f32_gemm(int64_t m, int64_t n, int64_t k, const F32A& a, const F32B& b, const F32C& c, bool accumulate,
-                     const float* c_scale = nullptr) {
-  static constexpr auto blocks = f32_block_table(std::make_integer_sequence<int, kF32Rows>());
-  const int64_t last_cols = n - (n - 1) / kF32Panel * kF32Panel;
-  const uint64_t last_mask = last_cols == 64 ? ~uint64_t(0) : (uint64_t(1) << last_cols) - 1;
-  const auto block = [&](int64_t m0, int64_t n0) {
-    const int rows = static_cast<int>(std::min<int64_t>(kF32Rows, m - m0));
-    blocks[rows - 1](k, a.ptr + m0 * a.row_stride, a.row_stride, a.k_stride, a.panel_stride,
-                     b.ptr + (n0 / kF32Panel) * b.panel_stride, c.ptr + (n0 / kF32Panel) * c.panel_stride + m0 * c.ld,
-                     c.ld, n0 + kF32Panel >= n ? last_mask : ~uint64_t(0), accumulate,
-                     c_scale == nullptr ? nullptr : c_scale + n0);
-  };
-  if (k <= 2 * kF32Panel) {
-    for (int64_t n0 = 0; n0 < n; n0 += kF32Panel)
-      for (int64_t m0 = 0; m0 < m; m0 += kF32Rows) block(m0, n0);
-  } else {
-    for (int64_t m0 = 0; m0 < m; m0 += kF32Rows)
-      for (int64_t n0 = 0; n0 < n; n0 += kF32Panel) block(m0, n0);
-  }
 }
 
 // exp(x) for 16 floats: the same contract as exp_poly (row_ops.h): Cody-Waite reduction
@@ -310,6 +293,237 @@ ATTNSEG_AVX512F inline void softmax_grad_panels(const float* p_tile, float* dp_t
         _mm512_storeu_ps(dp_tile + at + 16 * v, _mm512_mul_ps(pv, _mm512_sub_ps(_mm512_loadu_ps(dp_tile + at + 16 * v), d)));
       }
     }
+  }
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// AVX2 + FMA: the micro-kernel in 6 x 16 strips (see the top of this file) and the same passes
+// with the semantics of the AVX-512 ones above.
+
+// The lanes of 8 columns whose bits are set in `bits` (bit i: column i), as a maskload/maskstore mask.
+ATTNSEG_AVX2_FMA inline __m256i lanes8(uint32_t bits) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+  return _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(bits)), bit), bit);
+}
+
+// 8 floats at p, or only the lanes of `mask` (the others 0) unless `full`.
+ATTNSEG_AVX2_FMA inline __m256 load8(const float* p, bool full, __m256i mask) {
+  return full ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, mask);
+}
+
+template <int ROWS>
+ATTNSEG_AVX2_FMA void f32_gemm_block_avx2(int64_t k, const float* a, int64_t a_row, int64_t a_k, int64_t a_panel,
+                                          const float* b, float* c, int64_t ldc, uint64_t cols_mask, bool accumulate,
+                                          const float* c_scale) {
+  const int64_t k_chunk = a_panel != 0 ? kF32Panel : k;
+  for (int s = 0; s < 4; ++s) {
+    const auto strip = static_cast<uint32_t>((cols_mask >> (16 * s)) & 0xffff);
+    if (strip == 0) break;  // cols_mask is a prefix: the strips after this one are past N too
+    const bool full = strip == 0xffff;
+    const __m256i mask[2] = {lanes8(strip & 0xff), lanes8(strip >> 8)};
+    float* c_strip = c + 16 * s;
+    __m256 acc[ROWS][2];
+    for (int r = 0; r < ROWS; ++r) {
+      for (int h = 0; h < 2; ++h) {
+        acc[r][h] = accumulate ? load8(c_strip + r * ldc + 8 * h, full, mask[h]) : _mm256_setzero_ps();
+        if (c_scale != nullptr) acc[r][h] = _mm256_mul_ps(acc[r][h], load8(c_scale + 16 * s + 8 * h, full, mask[h]));
+      }
+    }
+    for (int64_t k0 = 0; k0 < k; k0 += k_chunk) {
+      const float* a_chunk = a_panel != 0 ? a + (k0 / kF32Panel) * a_panel : a;
+      const float* b_chunk = b + k0 * kF32Panel + 16 * s;
+      const int64_t kk = std::min(k_chunk, k - k0);
+      for (int64_t p = 0; p < kk; ++p) {
+        const float* b_row = b_chunk + p * kF32Panel;
+        const __m256 b0 = _mm256_loadu_ps(b_row), b1 = _mm256_loadu_ps(b_row + 8);
+        const float* a_col = a_chunk + p * a_k;
+        for (int r = 0; r < ROWS; ++r) {
+          const __m256 av = _mm256_broadcast_ss(a_col + r * a_row);
+          acc[r][0] = _mm256_fmadd_ps(av, b0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(av, b1, acc[r][1]);
+        }
+      }
+    }
+    for (int r = 0; r < ROWS; ++r) {
+      for (int h = 0; h < 2; ++h) {
+        float* out = c_strip + r * ldc + 8 * h;
+        if (full) {
+          _mm256_storeu_ps(out, acc[r][h]);
+        } else {
+          _mm256_maskstore_ps(out, mask[h], acc[r][h]);
+        }
+      }
+    }
+  }
+}
+
+// exp(x) for 8 floats: exp16's computation (and exp_poly's contract) in AVX2, 2^n put into the
+// exponent bits. (GCC's vectorisation of exp_poly ran the backward's P pass at 2.0 ns an element
+// on one core of an AMD EPYC of the first generation (Zen); this, 1.6-1.7; Estrin's order for the
+// polynomial, 1.7.)
+ATTNSEG_AVX2_FMA inline __m256 exp8(__m256 x) {
+  const __m256 hi = _mm256_set1_ps(88.37626f), lo = _mm256_set1_ps(-87.33654f);
+  // min/max return their second operand when either is NaN: a NaN x passes through (and, as n,
+  // converts to the integer 0x80000000, whose exponent bits make 2^n = 1: NaN · 1).
+  const __m256 xc = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));
+  y = _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), y);
+  return _mm256_blendv_ps(y, _mm256_set1_ps(std::numeric_limits<float>::infinity()), _mm256_cmp_ps(x, hi, _CMP_GT_OQ));
+}
+
+// column_online_softmax on AVX2, in two halves of 32 columns per panel (4 ymm of maxima and 4 of
+// NaN flags stay in registers).
+ATTNSEG_AVX2_FMA inline void column_online_softmax_avx2(float* tile, int64_t keys, int64_t panels, float scale_f,
+                                                        float* col_max, float* col_sum, float* alpha) {
+  const __m256 scale = _mm256_set1_ps(scale_f), neg_inf = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
+  constexpr int kHalf = 32;
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int h = 0; h < kF32Panel / kHalf; ++h) {
+      float* cols = tile + p * keys * kF32Panel + h * kHalf;
+      __m256 mx[4] = {neg_inf, neg_inf, neg_inf, neg_inf};
+      __m256 nan[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+      for (int64_t r = 0; r < keys; ++r) {
+        for (int v = 0; v < 4; ++v) {
+          const __m256 s = _mm256_mul_ps(_mm256_loadu_ps(cols + r * kF32Panel + 8 * v), scale);
+          nan[v] = _mm256_or_ps(nan[v], _mm256_cmp_ps(s, s, _CMP_UNORD_Q));
+          mx[v] = _mm256_max_ps(mx[v], s);
+        }
+      }
+      __m256 shift[4], sum[4];
+      for (int v = 0; v < 4; ++v) {
+        const int64_t c = p * kF32Panel + h * kHalf + 8 * v;
+        const __m256 m_old = _mm256_loadu_ps(col_max + c);
+        // m_new = NaN where the block holds one, else std::max(m_old, block max), which keeps a NaN m_old
+        __m256 m_new = _mm256_blendv_ps(m_old, mx[v], _mm256_cmp_ps(m_old, mx[v], _CMP_LT_OQ));
+        m_new = _mm256_blendv_ps(m_new, _mm256_set1_ps(std::numeric_limits<float>::quiet_NaN()), nan[v]);
+        shift[v] = _mm256_andnot_ps(_mm256_cmp_ps(m_new, neg_inf, _CMP_EQ_OQ), m_new);
+        _mm256_storeu_ps(alpha + c, exp8(_mm256_sub_ps(m_old, shift[v])));
+        _mm256_storeu_ps(col_max + c, m_new);
+        sum[v] = _mm256_setzero_ps();
+      }
+      for (int64_t r = 0; r < keys; ++r) {
+        for (int v = 0; v < 4; ++v) {
+          float* s = cols + r * kF32Panel + 8 * v;
+          const __m256 e = exp8(_mm256_fmsub_ps(_mm256_loadu_ps(s), scale, shift[v]));
+          _mm256_storeu_ps(s, e);
+          sum[v] = _mm256_add_ps(sum[v], e);
+        }
+      }
+      for (int v = 0; v < 4; ++v) {
+        const int64_t c = p * kF32Panel + h * kHalf + 8 * v;
+        _mm256_storeu_ps(col_sum + c, _mm256_fmadd_ps(_mm256_loadu_ps(col_sum + c), _mm256_loadu_ps(alpha + c), sum[v]));
+      }
+    }
+  }
+}
+
+// recompute_probabilities_panels on AVX2.
+ATTNSEG_AVX2_FMA inline void recompute_probabilities_panels_avx2(float* tile, int64_t rows, int64_t panels,
+                                                                 float scale_f, const float* lse) {
+  const __m256 scale = _mm256_set1_ps(scale_f);
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* row = tile + (p * rows + r) * kF32Panel;
+      if (lse[r] == std::numeric_limits<float>::infinity()) {
+        std::fill(row, row + kF32Panel, std::numeric_limits<float>::quiet_NaN());
+        continue;
+      }
+      const __m256 shift = _mm256_set1_ps(lse[r]);
+      for (int v = 0; v < kF32Panel / 8; ++v)
+        _mm256_storeu_ps(row + 8 * v, exp8(_mm256_fmsub_ps(_mm256_loadu_ps(row + 8 * v), scale, shift)));
+    }
+  }
+}
+
+// softmax_grad_panels on AVX2.
+ATTNSEG_AVX2_FMA inline void softmax_grad_panels_avx2(const float* p_tile, float* dp_tile, int64_t rows, int64_t panels,
+                                                      const float* delta, float scale_f) {
+  const __m256 scale = _mm256_set1_ps(scale_f);
+  for (int64_t p = 0; p < panels; ++p) {
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t at = (p * rows + r) * kF32Panel;
+      const __m256 d = _mm256_set1_ps(delta[r]);
+      for (int v = 0; v < kF32Panel / 8; ++v) {
+        const __m256 pv = _mm256_mul_ps(_mm256_loadu_ps(p_tile + at + 8 * v), scale);
+        _mm256_storeu_ps(dp_tile + at + 8 * v, _mm256_mul_ps(pv, _mm256_sub_ps(_mm256_loadu_ps(dp_tile + at + 8 * v), d)));
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One ISA's micro-kernel (by row count 1..6) and passes, picked once per op call (f32_ops).
+using F32GemmBlock = void (*)(int64_t, const float*, int64_t, int64_t, int64_t, const float*, float*, int64_t, uint64_t,
+                              bool, const float*);
+struct F32Ops {
+  std::array<F32GemmBlock, kF32Rows> blocks;
+  void (*column_online_softmax)(float* tile, int64_t keys, int64_t panels, float scale, float* col_max,
+                                float* col_sum, float* alpha);
+  void (*recompute_probabilities_panels)(float* tile, int64_t rows, int64_t panels, float scale, const float* lse);
+  void (*softmax_grad_panels)(const float* p_tile, float* dp_tile, int64_t rows, int64_t panels, const float* delta,
+                              float scale);
+};
+
+template <int... R>
+constexpr std::array<F32GemmBlock, sizeof...(R)> avx512_blocks(std::integer_sequence<int, R...>) {
+  return {&f32_gemm_block<R + 1>...};
+}
+template <int... R>
+constexpr std::array<F32GemmBlock, sizeof...(R)> avx2_blocks(std::integer_sequence<int, R...>) {
+  return {&f32_gemm_block_avx2<R + 1>...};
+}
+
+// kernel: kAvx512 or kAvx2 (what f32_kernel() chose).
+inline const F32Ops& f32_ops(F32Kernel kernel) {
+  TORCH_INTERNAL_ASSERT(kernel == F32Kernel::kAvx512 || kernel == F32Kernel::kAvx2);
+  static const F32Ops avx512{avx512_blocks(std::make_integer_sequence<int, kF32Rows>()), &column_online_softmax,
+                             &recompute_probabilities_panels, &softmax_grad_panels};
+  static const F32Ops avx2{avx2_blocks(std::make_integer_sequence<int, kF32Rows>()), &column_online_softmax_avx2,
+                           &recompute_probabilities_panels_avx2, &softmax_grad_panels_avx2};
+  return kernel == F32Kernel::kAvx512 ? avx512 : avx2;
+}
+
+// C = A · B (+ C), the layouts at the top of this file. With c_scale (N floats), accumulating
+// computes C(m, n) = C(m, n) · c_scale[n] + (A · B)(m, n): the online softmax's rescale of the
+// output columns, folded into the loads of C.
+// Block order. K ≤ 128: panels outer, so that a panel of B (≤ 32 KiB) stays in L1 while every row
+// block of A passes (S = Q Kᵀ at K = E = 64: 157 GFLOP/s against 149 the other way). Longer K:
+// row blocks outer, so that a block's 6 rows of A (6·K floats) stay in L1 while B streams from L2;
+// panels outer would re-read all of A once per panel, which, when A is the rows of a
+// channel-first tensor (512 rows of dOᵀ 36 KiB apart for N = 9,216), crowds the L2 sets those rows
+// map to: dVᵀ += dOᵀ P ran at 135 GFLOP/s that way and 156 this way (one thread of an Intel Xeon,
+// torch.mm 157-179 in the same runs).
+inline void f32_gemm(const F32Ops& ops, int64_t m, int64_t n, int64_t k, const F32A& a, const F32B& b, const F32C& c,
+                     bool accumulate, const float* c_scale = nullptr) {
+  const auto& blocks = ops.blocks;
+  const int64_t last_cols = n - (n - 1) / kF32Panel * kF32Panel;
+  const uint64_t last_mask = last_cols == 64 ? ~uint64_t(0) : (uint64_t(1) << last_cols) - 1;
+  const auto block = [&](int64_t m0, int64_t n0) {
+    const int rows = static_cast<int>(std::min<int64_t>(kF32Rows, m - m0));
+    blocks[rows - 1](k, a.ptr + m0 * a.row_stride, a.row_stride, a.k_stride, a.panel_stride,
+                     b.ptr + (n0 / kF32Panel) * b.panel_stride, c.ptr + (n0 / kF32Panel) * c.panel_stride + m0 * c.ld,
+                     c.ld, n0 + kF32Panel >= n ? last_mask : ~uint64_t(0), accumulate,
+                     c_scale == nullptr ? nullptr : c_scale + n0);
+  };
+  if (k <= 2 * kF32Panel) {
+    for (int64_t n0 = 0; n0 < n; n0 += kF32Panel)
+      for (int64_t m0 = 0; m0 < m; m0 += kF32Rows) block(m0, n0);
+  } else {
+    for (int64_t m0 = 0; m0 < m; m0 += kF32Rows)
+      for (int64_t n0 = 0; n0 < n; n0 += kF32Panel) block(m0, n0);
   }
 }
 
