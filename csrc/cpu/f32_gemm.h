@@ -296,7 +296,6 @@ ATTNSEG_AVX512F inline void softmax_grad_panels(const float* p_tile, float* dp_t
   }
 }
 
-
 // ---------------------------------------------------------------------------------------------
 // AVX2 + FMA: the micro-kernel in 6 x 16 strips (see the top of this file) and the same passes
 // with the semantics of the AVX-512 ones above.
