@@ -37,6 +37,8 @@
 #include <string>
 #include <utility>
 
+#include "row_ops.h"
+
 #if defined(__GNUC__) && defined(__x86_64__)
 #include <immintrin.h>
 #define ATTNSEG_HAVE_F32_GEMM 1
@@ -193,19 +195,15 @@ ATTNSEG_AVX512F void f32_gemm_block(int64_t k, const float* a, int64_t a_row, in
 // x = n·ln2 + r, exp(r) by its degree-6 polynomial, 2^n applied by vscalefps. exp(-inf) = 0, NaN
 // stays NaN, x < -87.3 gives 0 (no denormals), x > 88.37 gives +inf.
 ATTNSEG_AVX512F inline __m512 exp16(__m512 x) {
-  const __m512 hi = _mm512_set1_ps(88.37626f), lo = _mm512_set1_ps(-87.33654f);
+  const __m512 hi = _mm512_set1_ps(ExpPoly::kHi), lo = _mm512_set1_ps(ExpPoly::kLo);
   // min/max return their second operand when either is NaN: a NaN x passes through.
   const __m512 xc = _mm512_max_ps(lo, _mm512_min_ps(hi, x));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(ExpPoly::kLog2e)),
                                         _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(ExpPoly::kLn2Hi), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(ExpPoly::kLn2Lo), r);
+  __m512 p = _mm512_set1_ps(ExpPoly::kQ[0]);
+  for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(ExpPoly::kQ[i]));
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   __m512 y = _mm512_scalef_ps(p, n);
   y = _mm512_mask_mov_ps(y, _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ), _mm512_setzero_ps());
@@ -362,20 +360,16 @@ ATTNSEG_AVX2_FMA void f32_gemm_block_avx2(int64_t k, const float* a, int64_t a_r
 // on one core of an AMD EPYC of the first generation (Zen); this, 1.6-1.7; Estrin's order for the
 // polynomial, 1.7.)
 ATTNSEG_AVX2_FMA inline __m256 exp8(__m256 x) {
-  const __m256 hi = _mm256_set1_ps(88.37626f), lo = _mm256_set1_ps(-87.33654f);
+  const __m256 hi = _mm256_set1_ps(ExpPoly::kHi), lo = _mm256_set1_ps(ExpPoly::kLo);
   // min/max return their second operand when either is NaN: a NaN x passes through (and, as n,
   // converts to the integer 0x80000000, whose exponent bits make 2^n = 1: NaN · 1).
   const __m256 xc = _mm256_max_ps(lo, _mm256_min_ps(hi, x));
-  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(ExpPoly::kLog2e)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(ExpPoly::kLn2Hi), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(ExpPoly::kLn2Lo), r);
+  __m256 p = _mm256_set1_ps(ExpPoly::kQ[0]);
+  for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(ExpPoly::kQ[i]));
   p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   const __m256i two_n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
   __m256 y = _mm256_mul_ps(p, _mm256_castsi256_ps(two_n));

@@ -18,25 +18,32 @@
 
 namespace attnseg::cpu {
 
+// The constants of exp_poly below, shared with its AVX-512 and AVX2 twins (exp16, exp8 in
+// f32_gemm.h): the clamp, log2(e), ln 2 split in two for the reduction, and the coefficients of
+// exp(r) = 1 + r + r²·q(r), q's highest first (Horner).
+struct ExpPoly {
+  static constexpr float kHi = 88.37626f, kLo = -87.33654f;
+  static constexpr float kLog2e = 1.44269504088896341f;
+  static constexpr float kLn2Hi = 0.693359375f, kLn2Lo = -2.12194440e-4f;
+  static constexpr float kQ[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                  4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+};
+
 // exp(x) for float, Cody-Waite range reduction (x = n·ln2 + r, |r| <= ln2/2) and a degree-6
 // polynomial for exp(r): relative error about 2e-7 (two float ulps). exp(-inf) = 0, NaN stays
 // NaN, x < -87.3 gives 0 (the float denormal range is flushed), x > 88.37 gives +inf.
 __attribute__((always_inline)) inline float exp_poly(float x) {
-  const float hi = 88.37626f, lo = -87.33654f;
+  const float hi = ExpPoly::kHi, lo = ExpPoly::kLo;
   float xc = x > hi ? hi : x;
   xc = xc < lo ? lo : xc;
   // round to nearest by adding and removing 1.5·2^23 (no libm call, so the loop vectorises)
   const float round_magic = 12582912.0f;
-  const float fn = (xc * 1.44269504088896341f + round_magic) - round_magic;
-  float r = xc - fn * 0.693359375f;
-  r = r - fn * -2.12194440e-4f;
+  const float fn = (xc * ExpPoly::kLog2e + round_magic) - round_magic;
+  float r = xc - fn * ExpPoly::kLn2Hi;
+  r = r - fn * ExpPoly::kLn2Lo;
   const float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
+  float p = ExpPoly::kQ[0];
+  for (int i = 1; i < 6; ++i) p = p * r + ExpPoly::kQ[i];
   p = p * r2 + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(fn) + 127) << 23;
   const float two_n = __builtin_bit_cast(float, bits);
