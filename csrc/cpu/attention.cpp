@@ -347,7 +347,7 @@ void attention_fwd_f32(const F32Ops& ops, const at::Tensor& q, const at::Tensor&
 
 // The fp32 backward on our GEMMs (AVX-512 or AVX2, `ops`), flash-attention-2 order on backward_schedule's tasks
 // (batch, group of key blocks), over chunks of kF32BwdChunk queries, each in blocks of
-// kBackwardChunk rows. The P and dP / dS tiles are 64-key panels of a block's rows
+// ops.bwd_rows rows (256 on AVX-512, 512 on AVX2). The P and dP / dS tiles are 64-key panels of a block's rows
 // ([bn / 64][rows][64]), so that they are the B operands of the key-side products as written:
 //   S = Q_i K_jᵀ              A: q's rows;  B: Kᵀ in panels (once per call)
 //   P = exp(S·scale − lse)
@@ -365,7 +365,7 @@ void attention_fwd_f32(const F32Ops& ops, const at::Tensor& q, const at::Tensor&
 // buffer is zeroed. Beyond inputs and outputs: K and Kᵀ in panels (B·N·E each), the chunk layouts,
 // the partial dQ of the key-block groups ((groups − 1) x B x kF32BwdChunk x E: 4.25 MiB at
 // N = 9,216, E = 64; one more chunk unless dq is contiguous) and per thread the two tiles and
-// V_jᵀ's panels (2 MiB at Ev = 512).
+// V_jᵀ's panels (at Ev = 512: 2 MiB on AVX-512, 3 MiB on AVX2).
 constexpr int64_t kF32BwdBlockN = 512, kF32BwdChunk = 1024;
 
 // The query-side operands of a chunk, for x [B, Nq, C] (q or dO): its rows (C along the
@@ -459,7 +459,7 @@ void attention_bwd_f32(const F32Ops& ops, const at::Tensor& grad_out, const at::
     at::Tensor p, ds, v_panels;  // P and dP / dS tiles (64-key panels of a block's rows), V_jᵀ's panels
   };
   const auto make_scratch = [&] {
-    const int64_t tile = kBackwardChunk * kF32BwdBlockN;
+    const int64_t tile = ops.bwd_rows * kF32BwdBlockN;
     return Scratch{at::zeros({tile}, f32), at::zeros({tile}, f32), at::empty({kF32BwdBlockN * std::max<int64_t>(ev, 1)}, f32)};
   };
   backward_schedule<float>(batch, nq, nk, kF32BwdBlockN, dq, make_scratch,
@@ -476,8 +476,8 @@ void attention_bwd_f32(const F32Ops& ops, const at::Tensor& grad_out, const at::
     for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
       const int64_t j0 = kb * kF32BwdBlockN, bn = std::min(kF32BwdBlockN, nk - j0), panels = ceil_div(bn, kF32Panel);
       pack_panels(v_t_b + j0, v_t.stride(1), 1, ev, bn, v_panels);
-      for (int64_t i0 = c0; i0 < c0 + c_rows; i0 += kBackwardChunk) {
-        const int64_t rows = std::min(kBackwardChunk, c0 + c_rows - i0), tile_panel = rows * kF32Panel;
+      for (int64_t i0 = c0; i0 < c0 + c_rows; i0 += ops.bwd_rows) {
+        const int64_t rows = std::min(ops.bwd_rows, c0 + c_rows - i0), tile_panel = rows * kF32Panel;
         const float* q_rows_i = q_chunk.rows(b, i0, c0);
         const float* q_t_i = q_chunk.t_rows(b, i0, c0);
         const float* do_rows_i = do_chunk.rows(b, i0, c0);
