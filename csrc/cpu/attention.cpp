@@ -353,7 +353,8 @@ void attention_fwd_f32(const F32Ops& ops, const at::Tensor& q, const at::Tensor&
 //   P = exp(S·scale − lse)
 //   dV_jᵀ += dO_iᵀ P          A: dOᵀ's rows (unit stride along the queries)
 //   dP = dO_i V_jᵀ            A: dO's rows;  B: V_jᵀ in panels (per task and chunk, reused by the
-//                            chunk's blocks: 1 MiB at Ev = 512; per 256-row chunk it cost 9 %)
+//                            chunk's blocks: 1 MiB at Ev = 512; per 256-row chunk it cost 9 %;
+//                            B's panels outer on AVX2: F32Ops::dp_panels_outer)
 //   dS = P ∘ (dP − delta) · scale
 //   dK_jᵀ += Q_iᵀ dS          A: qᵀ's rows
 //   dQ_i += dS K_j            A: dS's panels;  B: K in panels (once per call)
@@ -489,7 +490,7 @@ void attention_bwd_f32(const F32Ops& ops, const at::Tensor& grad_out, const at::
         f32_gemm(ops, ev, bn, rows, F32A{do_t_i, do_chunk.t_rows_ld(), 1}, F32B{p, tile_panel},
                  F32C{dv_t_b + j0, kF32Panel, dv_t.stride(1)}, /*accumulate=*/i0 > 0);
         f32_gemm(ops, rows, bn, ev, F32A{do_rows_i, do_chunk.rows_ld(), 1}, F32B{v_panels, ev * kF32Panel},
-                 F32C{ds, tile_panel, kF32Panel}, false);
+                 F32C{ds, tile_panel, kF32Panel}, false, nullptr, ops.dp_panels_outer);
         ops.softmax_grad_panels(p, ds, rows, panels, delta_ptr + b * nq + i0, scale);
         f32_gemm(ops, e, bn, rows, F32A{q_t_i, q_chunk.t_rows_ld(), 1}, F32B{ds, tile_panel},
                  F32C{dk_t_b + j0, kF32Panel, dk_t.stride(1)}, /*accumulate=*/i0 > 0);

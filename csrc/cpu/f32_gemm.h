@@ -493,6 +493,12 @@ struct F32Ops {
   // dVᵀ's and dKᵀ's accumulators; on a first-generation EPYC (Zen, 512 KiB L2) the backward ran
   // 2 % faster than with 256 (1 and 2 threads) and 7 % faster than with 128.
   int64_t bwd_rows;
+  // The backward's dP = dO_i V_jᵀ with B's panels outer (f32_gemm's panels_outer). Its B, V_jᵀ's
+  // panels (1 MiB at Ev = 512), stays in a 2 MiB L2 (AVX-512: false, f32_gemm's order by K); in a
+  // 512 KiB one it streamed from L3 once per 6 rows of A, so AVX2 (true) keeps each 128 KiB panel
+  // in L2 while dO's rows (contiguous) stream past it: on a first-generation EPYC the backward ran
+  // 3 % faster on 2 threads (2 % on one).
+  bool dp_panels_outer;
 };
 
 template <int... R>
@@ -508,9 +514,11 @@ constexpr std::array<F32GemmBlock, sizeof...(R)> avx2_blocks(std::integer_sequen
 inline const F32Ops& f32_ops(F32Kernel kernel) {
   TORCH_INTERNAL_ASSERT(kernel == F32Kernel::kAvx512 || kernel == F32Kernel::kAvx2);
   static const F32Ops avx512{avx512_blocks(std::make_integer_sequence<int, kF32Rows>()), &column_online_softmax,
-                             &recompute_probabilities_panels, &softmax_grad_panels, /*bwd_rows=*/256};
+                             &recompute_probabilities_panels, &softmax_grad_panels, /*bwd_rows=*/256,
+                             /*dp_panels_outer=*/false};
   static const F32Ops avx2{avx2_blocks(std::make_integer_sequence<int, kF32Rows>()), &column_online_softmax_avx2,
-                           &recompute_probabilities_panels_avx2, &softmax_grad_panels_avx2, /*bwd_rows=*/512};
+                           &recompute_probabilities_panels_avx2, &softmax_grad_panels_avx2, /*bwd_rows=*/512,
+                           /*dp_panels_outer=*/true};
   return kernel == F32Kernel::kAvx512 ? avx512 : avx2;
 }
 
@@ -523,9 +531,10 @@ inline const F32Ops& f32_ops(F32Kernel kernel) {
 // panels outer would re-read all of A once per panel, which, when A is the rows of a
 // channel-first tensor (512 rows of dOᵀ 36 KiB apart for N = 9,216), crowds the L2 sets those rows
 // map to: dVᵀ += dOᵀ P ran at 135 GFLOP/s that way and 156 this way (one thread of an Intel Xeon,
-// torch.mm 157-179 in the same runs).
+// torch.mm 157-179 in the same runs). panels_outer: panels outer whatever K is (for a B too large for
+// the L2 and an A whose rows are contiguous: F32Ops::dp_panels_outer).
 inline void f32_gemm(const F32Ops& ops, int64_t m, int64_t n, int64_t k, const F32A& a, const F32B& b, const F32C& c,
-                     bool accumulate, const float* c_scale = nullptr) {
+                     bool accumulate, const float* c_scale = nullptr, bool panels_outer = false) {
   const auto& blocks = ops.blocks;
   const int64_t last_cols = n - (n - 1) / kF32Panel * kF32Panel;
   const uint64_t last_mask = last_cols == 64 ? ~uint64_t(0) : (uint64_t(1) << last_cols) - 1;
@@ -536,7 +545,7 @@ inline void f32_gemm(const F32Ops& ops, int64_t m, int64_t n, int64_t k, const F
                      c.ld, n0 + kF32Panel >= n ? last_mask : ~uint64_t(0), accumulate,
                      c_scale == nullptr ? nullptr : c_scale + n0);
   };
-  if (k <= 2 * kF32Panel) {
+  if (k <= 2 * kF32Panel || panels_outer) {
     for (int64_t n0 = 0; n0 < n; n0 += kF32Panel)
       for (int64_t m0 = 0; m0 < m; m0 += kF32Rows) block(m0, n0);
   } else {
