@@ -10,6 +10,8 @@ One place for everything a benchmark script needs besides its own workload:
   docstring for the method), and :func:`check_memory_meter`, which validates it on tensors of
   known size.
 * :func:`measure_call`: warm-up, then repeats, each timed (and measured for memory).
+* :class:`GemmRoofline`: torch.mm's FLOP/s before and after a sweep; :class:`PairedGemmProbe` and
+  :func:`paired_of_roof`: the same read beside every call of a case, for hosts whose speed drifts.
 * :func:`parse_sizes`, :func:`parse_choices`: argparse types; :func:`machine_load_note`: a
   warning when other processes keep the cores busy.
 * :func:`format_table`, :func:`write_csv`, :func:`plot_loglog`, :func:`progress`: output.
@@ -466,6 +468,53 @@ def gemm_throughput(payload: dict) -> dict:
     measured = measure_call(lambda: torch.mm(a, b), meter, repeats=payload.get("repeats", 7), warmups=2,
                             cuda_events=device.type == "cuda")
     return {"flop_per_s": 2 * size**3 / measured.median_s, "times_s": measured.times_s, "size": size}
+
+
+PAIRED_GEMM_CALLS = 2  # a paired roofline reading: the faster of this many torch.mm calls
+
+
+class PairedGemmProbe:
+    """The GEMM roofline read beside each call of a case, in the case's own process: the roofline
+    for hosts whose speed drifts (shared or virtual machines, where torch.mm itself can read 30 %
+    apart from one minute to the next, so a roofline read before and after a sweep says little about
+    the minute a case ran in).
+
+    :meth:`read` takes the faster of ``calls`` torch.mm calls of ``GEMM_ROOFLINE_SIZE``² matrices
+    (dtype, device and threads as the case). Read it before every timed call and once after the
+    last (``readings`` then has one more entry than the calls); :meth:`ratios` gives each call the
+    faster of the two readings around it, the stricter roofline, so a slow spell that hit the GEMM
+    but not the call cannot lift the call's "of roof"."""
+
+    def __init__(self, device: torch.device, dtype: torch.dtype, calls: int = PAIRED_GEMM_CALLS):
+        self.a, self.b = (torch.randn(GEMM_ROOFLINE_SIZE, GEMM_ROOFLINE_SIZE, device=device).to(dtype)
+                          for _ in range(2))
+        # into a buffer made once: a 16 MiB result allocated and freed per reading would move glibc's
+        # mmap threshold and so change the case's own peak-memory reading
+        self.c = torch.mm(self.a, self.b)  # also the warm-up: thread pool, GEMM kernel selection
+        self.meter, self.calls = PeakMemoryMeter(device), calls
+        self.cuda_events = device.type == "cuda"
+        self.readings: list[float] = []  # FLOP/s
+        self.meter.synchronize()
+
+    def read(self) -> None:
+        fastest = min(_time_call(lambda: torch.mm(self.a, self.b, out=self.c), self.meter, self.cuda_events)
+                      for _ in range(self.calls))
+        self.readings.append(2 * GEMM_ROOFLINE_SIZE**3 / fastest)
+
+    def pair(self, times_s: list[float]) -> list[float]:
+        """The FLOP/s each of the last ``len(times_s)`` calls is judged against (see the class)."""
+        around = self.readings[-(len(times_s) + 1):]
+        if len(around) != len(times_s) + 1:
+            raise ValueError(f"need a reading before each of the {len(times_s)} calls, and one after the last, "
+                             f"have {len(self.readings)}")
+        return [max(before, after) for before, after in zip(around, around[1:])]
+
+
+def paired_of_roof(flop: float, times_s: list[float], paired_flop_per_s: list[float]) -> tuple[float, float]:
+    """(median roofline seconds, median "of roof") over calls, each call against its own paired
+    roofline (:class:`PairedGemmProbe`): the median of the per-call ratios, not a ratio of medians."""
+    roofs = [flop / rate for rate in paired_flop_per_s]
+    return statistics.median(roofs), statistics.median(roof / t for roof, t in zip(roofs, times_s))
 
 
 class GemmRoofline:

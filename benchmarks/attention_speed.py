@@ -49,6 +49,14 @@ Since the recomputed S is not counted, a fused fwd+bwd row's "of roof" cannot ex
 3(E + Ev) / (3(E + Ev) + E) even with every GEMM at torch.mm's rate and the softmax free (0.964 at
 E = 64, Ev = 512; 0.857 at E = Ev); the table's footer prints it.
 
+On a host whose speed drifts (a shared or virtual machine: torch.mm itself can read 30 % apart
+from one minute to the next) the sweep's two readings say little about the minute a case ran in.
+``--paired-roofline`` reads torch.mm (the faster of 2 calls) inside each case's process before
+every timed call and after the last, judges each call against the faster of the two readings
+around it, and shows the medians over the calls (``_common.PairedGemmProbe``):
+
+    python benchmarks/attention_speed.py --device cpu --sizes 96x96 --impls native --repeats 9 --paired-roofline
+
     python benchmarks/attention_speed.py --device cpu --dtype bfloat16 --sizes 96x96 --impls native
 
 Usage (from the repository root):
@@ -72,8 +80,11 @@ import torch
 import torch.nn.functional as F
 
 from _common import (
+    GEMM_ROOFLINE_SIZE,
+    PAIRED_GEMM_CALLS,
     GemmRoofline,
     IsolatedRunner,
+    PairedGemmProbe,
     PeakMemoryMeter,
     PlotPanel,
     attnseg_used_line,
@@ -85,6 +96,7 @@ from _common import (
     import_attnseg,
     machine_load_note,
     measure_call,
+    paired_of_roof,
     parse_choices,
     parse_sizes,
     plot_loglog,
@@ -124,6 +136,7 @@ class Case:
     repeats: int
     warmups: int
     time_budget_s: float
+    paired_roofline: bool = False
 
     @property
     def n(self) -> int:
@@ -209,15 +222,22 @@ def run_case(payload: dict) -> dict:
         def call():
             attend(q, k, v, case.scale).backward(grad_out)
 
-    def drop_grads():
+    probe = PairedGemmProbe(q.device, q.dtype) if case.paired_roofline else None
+
+    def before_each():  # outside the timing and the memory measurement
         for leaf in leaves:
             leaf.grad = None
+        if probe:
+            probe.read()
 
     meter = PeakMemoryMeter(torch.device(case.device))
-    measured = measure_call(call, meter, repeats=case.repeats, warmups=case.warmups, before_each=drop_grads,
+    measured = measure_call(call, meter, repeats=case.repeats, warmups=case.warmups, before_each=before_each,
                             time_budget_s=case.time_budget_s, cuda_events=case.device == "cuda")
+    if probe:
+        probe.read()
     kernel = sdpa_kernel_choice(q, k, v, case.scale) if case.impl == "sdpa" else None
-    return {"times_s": measured.times_s, "peak_mib": measured.peak_mib, "sdpa_kernel": kernel}
+    return {"times_s": measured.times_s, "peak_mib": measured.peak_mib, "sdpa_kernel": kernel,
+            "paired_flop_per_s": probe.pair(measured.times_s) if probe else []}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -234,10 +254,19 @@ class CaseResult:
     times_s: list[float] = dataclasses.field(default_factory=list)
     peak_mib: float | None = None
     sdpa_kernel: str | None = None
+    paired_flop_per_s: list[float] = dataclasses.field(default_factory=list)  # --paired-roofline
 
     @property
     def median_s(self) -> float | None:
         return statistics.median(self.times_s) if self.times_s else None
+
+    def roofline(self, sweep: GemmRoofline) -> tuple[float | None, float | None]:
+        """(roofline seconds, "of roof"): against the GEMM readings paired with this case's calls
+        when it has them (``--paired-roofline``), else against the sweep's roofline."""
+        if self.paired_flop_per_s:
+            return paired_of_roof(self.case.useful_flop, self.times_s, self.paired_flop_per_s)
+        roof_s = sweep.seconds(self.case.useful_flop)
+        return roof_s, (roof_s / self.median_s if roof_s and self.median_s else None)
 
     @property
     def tflops(self) -> float | None:
@@ -276,6 +305,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="stop repeating a case once its timed calls add up to this many seconds (default 60)")
     parser.add_argument("--quick", action="store_true",
                         help=f"CI/plumbing: sizes {QUICK_SIZES}, 1 warm-up, 1 repeat (unless given)")
+    parser.add_argument("--paired-roofline", action="store_true",
+                        help="also read torch.mm's FLOP/s before every timed call and after the last, in the "
+                             "case's process, and judge each call against the faster reading beside it: "
+                             "'of roof' is then the median of the per-call ratios. For hosts whose speed drifts "
+                             "(shared or virtual machines); each call costs about 4 extra 2048^3 GEMMs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default torch.get_num_threads())")
     parser.add_argument("--batch", type=int, default=1, help="B (default 1)")
     parser.add_argument("--e", type=int, default=64, help="E, the q/k channels (default 64)")
@@ -318,6 +352,7 @@ def run_all(results: list[CaseResult], args, runner: IsolatedRunner) -> None:
         result.status = "ok"
         result.times_s, result.peak_mib = outcome.result["times_s"], outcome.result["peak_mib"]
         result.sdpa_kernel = outcome.result["sdpa_kernel"]
+        result.paired_flop_per_s = outcome.result["paired_flop_per_s"]
         progress(f" {format_seconds(result.median_s)}")
 
 
@@ -332,17 +367,28 @@ def table_rows(results: list[CaseResult], roofline: GemmRoofline) -> list[list[s
     rows = []
     for r in results:
         c = r.case
-        roof_s = roofline.seconds(c.useful_flop)
+        roof_s, of_roof = r.roofline(roofline)
         measured = [format_seconds(r.median_s), f"{r.tflops:.3g}", format_mib(r.peak_mib),
                     format_ratio(r.median_s, reference_time(results, c)),
-                    format_seconds(roof_s) if roof_s else "-", format_ratio(roof_s, r.median_s)] \
+                    format_seconds(roof_s) if roof_s else "-", format_ratio(of_roof, 1.0)] \
             if r.status == "ok" else [f"failed: {r.reason}", "", "", "", "", ""]
         rows.append([f"{c.n:,}", f"{c.height}x{c.width}", c.mode, c.impl, *measured])
     return rows
 
 
 def csv_rows(results: list[CaseResult], roofline: GemmRoofline) -> list[dict]:
-    return [{
+    return [{**csv_row(r, results), **csv_roofline(r, roofline)} for r in results]
+
+
+def csv_roofline(r: CaseResult, roofline: GemmRoofline) -> dict:
+    roof_s, of_roof = r.roofline(roofline)
+    return {"roofline_s": "" if roof_s is None else f"{roof_s:.6g}", "of_roof": "" if of_roof is None else f"{of_roof:.6g}",
+            "roofline_paired": "yes" if r.paired_flop_per_s else "no",
+            "paired_gemm_flop_per_s": " ".join(f"{f:.6g}" for f in r.paired_flop_per_s)}
+
+
+def csv_row(r: CaseResult, results: list[CaseResult]) -> dict:
+    return {
         "n": r.case.n, "height": r.case.height, "width": r.case.width, "mode": r.case.mode, "impl": r.case.impl,
         "device": r.case.device, "dtype": r.case.dtype, "batch": r.case.batch, "e": r.case.e, "ev": r.case.ev,
         "scale": r.case.scale, "layout": r.case.layout, "threads": r.case.threads, "status": r.status,
@@ -351,10 +397,9 @@ def csv_rows(results: list[CaseResult], roofline: GemmRoofline) -> list[dict]:
         "useful_flop": r.case.useful_flop, "tflops": "" if r.tflops is None else f"{r.tflops:.6g}",
         "peak_mib": "" if r.peak_mib is None else f"{r.peak_mib:.3f}",
         "time_vs_reference": format_ratio(r.median_s, reference_time(results, r.case)),
-        "roofline_s": "" if roofline.seconds(r.case.useful_flop) is None else f"{roofline.seconds(r.case.useful_flop):.6g}",
         "recompute_ceiling": "" if r.case.recompute_ceiling is None else f"{r.case.recompute_ceiling:.6g}",
         "sdpa_kernel": r.sdpa_kernel or "", "times_s": " ".join(f"{t:.6g}" for t in r.times_s),
-    } for r in results]
+    }
 
 
 def write_plot(path: str, results: list[CaseResult], args) -> str | None:
@@ -385,7 +430,8 @@ def main(argv=None) -> int:
     skipped = {impl: skip_reason(impl, args.device) for impl in args.impls}
     impls = [impl for impl in args.impls if skipped[impl] is None]
     results = [CaseResult(Case(impl, mode, h, w, args.batch, args.e, args.ev, args.scale, args.layout, args.dtype,
-                               args.device, args.threads, args.repeats, args.warmups, args.time_budget))
+                               args.device, args.threads, args.repeats, args.warmups, args.time_budget,
+                               args.paired_roofline))
                for h, w in args.sizes for mode in args.modes for impl in impls]
 
     print(f"softmax(q k^T * scale) v: q, k [B, N, E], v [B, N, Ev]; B={args.batch} E={args.e} Ev={args.ev} "
@@ -413,6 +459,12 @@ def main(argv=None) -> int:
                        table_rows(results, roofline), align="><<<>>>>>>"))
     print("vs ref: time / reference time, same size and mode (below 1 is faster)")
     print(roofline.describe())
+    if args.paired_roofline:
+        print(f"paired roofline (--paired-roofline), used for the table: in each case's process torch.mm "
+              f"{args.dtype} {GEMM_ROOFLINE_SIZE}^3, the faster of {PAIRED_GEMM_CALLS} calls, read before every "
+              "timed call and after the last; each call's roofline time = the case's FLOPs / the faster of "
+              "the two readings around it; 'roofline' and 'of roof' = the medians over the calls of that "
+              "time and of roofline time / call time")
     ceilings = sorted({c for r in results if r.status == "ok" and (c := r.case.recompute_ceiling) is not None})
     if ceilings:
         print(f"fused fwd+bwd: the backward recomputes S = q kᵀ (2·B·N²·E FLOPs, not in the useful count), so "

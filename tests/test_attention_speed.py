@@ -4,10 +4,15 @@ CPU run that prints it."""
 
 from __future__ import annotations
 
+import csv
+import statistics
+import sys
+
 import pytest
 from helpers import load_benchmark
 
 speed = load_benchmark("attention_speed")
+common = sys.modules["_common"]  # the helpers the script imported (benchmarks/ is not a package)
 
 
 def _case(impl="native", mode="fwd+bwd", e=64, ev=512, batch=1, side=96):
@@ -39,3 +44,30 @@ def test_tiny_cpu_run_prints_the_ceiling(capsys):
     out = capsys.readouterr().out
     assert status == 0
     assert "'of roof' is at most 0.923 here" in out  # 3 · 64 / (3 · 64 + 16)
+
+
+def test_paired_roofline_judges_each_call_by_the_faster_reading_beside_it():
+    probe = common.PairedGemmProbe.__new__(common.PairedGemmProbe)  # readings without timing torch.mm
+    probe.readings = [9e9, 50e9, 40e9, 60e9, 20e9]  # a warm-up's reading first, then one around each call
+    paired = probe.pair([1.0, 2.0, 4.0])
+    assert paired == [50e9, 60e9, 60e9]
+    # call 2 took 2 s against 1.2e11 / 6e10 = 2 s of roofline: 1.0; calls 1 and 3, 2.4 and 0.5
+    roof_s, of_roof = common.paired_of_roof(1.2e11, [1.0, 2.0, 4.0], paired)
+    assert roof_s == pytest.approx(2.0) and of_roof == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="a reading before each of the 5 calls, and one after the last, have 5"):
+        probe.pair([1.0, 2.0, 4.0, 8.0, 16.0])
+
+
+def test_tiny_cpu_run_with_a_paired_roofline(tmp_path, capsys):
+    csv_path = tmp_path / "speed.csv"
+    status = speed.main(["--device", "cpu", "--sizes", "8x8", "--impls", "native", "--modes", "fwd",
+                         "--repeats", "3", "--warmups", "1", "--paired-roofline", "--csv", str(csv_path)])
+    out = capsys.readouterr().out
+    assert status == 0
+    assert "paired roofline (--paired-roofline), used for the table" in out
+    row = next(csv.DictReader(csv_path.open()))
+    readings = [float(f) for f in row["paired_gemm_flop_per_s"].split()]
+    times = [float(t) for t in row["times_s"].split()]
+    assert row["roofline_paired"] == "yes" and len(readings) == len(times) == 3 and min(readings) > 0
+    expected = statistics.median(int(row["useful_flop"]) / f / t for f, t in zip(readings, times))
+    assert float(row["of_roof"]) == pytest.approx(expected, rel=1e-5)
