@@ -395,17 +395,19 @@ def test_reference_backend_lse_and_out(scale):
 
 
 @requires_native
+@pytest.mark.parametrize("nk", [1500, 19], ids=["key-block-groups", "few-keys-row-parts"])
 @pytest.mark.parametrize("layout", ["row_major", "channel_first"])
-def test_bitwise_deterministic_across_thread_counts(layout):
+def test_bitwise_deterministic_across_thread_counts(layout, nk):
     """The CPU kernels' task split never depends on the thread count: outputs and gradients
     are bitwise identical with 1 and 2 threads, and across repeated calls. Row-major inputs take
     the ATen-GEMM kernels, channel-first ones our own (AVX-512 or AVX2) where the CPU has them (two
-    query chunks there, three key-block groups, dQ through the row buffer)."""
+    query chunks there, three key-block groups, dQ through the row buffer; with 19 keys, one group
+    and each chunk's rows in four parts, their dK and dV summed at the end)."""
     g = torch.Generator().manual_seed(3)
     if layout == "row_major":
-        q, k, v = (torch.randn(2, n, w, generator=g) for n, w in ((1100, 64), (1500, 64), (1500, 96)))
+        q, k, v = (torch.randn(2, n, w, generator=g) for n, w in ((1100, 64), (nk, 64), (nk, 96)))
     else:
-        q, k, v = (_channel_first(2, n, w, g) for n, w in ((1100, 64), (1500, 64), (1500, 96)))
+        q, k, v = (_channel_first(2, n, w, g) for n, w in ((1100, 64), (nk, 64), (nk, 96)))
     q, k, v = (t.requires_grad_(True) for t in (q, k, v))
     saved = torch.get_num_threads()
     results = []
@@ -527,9 +529,9 @@ def _channel_first(b, n, width, generator, scale=1.0):
 @pytest.mark.parametrize("kernel", list(F32_KERNELS))
 @pytest.mark.parametrize("v_layout", ["channel_first", "contiguous"])
 @pytest.mark.parametrize("shape", [(2, 300, 513, 64, 96), (1, 257, 255, 17, 513), (3, 1, 7, 1, 5), (1, 64, 256, 1, 6),
-                                   (2, 2100, 600, 65, 70), (1, 300, 257, 200, 64)],
+                                   (2, 2100, 600, 65, 70), (1, 300, 257, 200, 64), (2, 1100, 19, 64, 96)],
                          ids=["ragged-3-key-blocks", "ragged-panels-odd-e", "tiny", "one-full-key-block", "3-chunks",
-                              "e-over-two-panels"])
+                              "e-over-two-panels", "few-keys-row-parts"])
 def test_f32_kernels_match_reference(monkeypatch, kernel, v_layout, shape):
     """Both fp32 kernels, forced, meet the fp32 criterion against fp64, forward, lse and all
     gradients: ragged query panels (300 = 256 + 44), key blocks of the forward (256) and the
@@ -538,7 +540,9 @@ def test_f32_kernels_match_reference(monkeypatch, kernel, v_layout, shape):
     our kernels must first copy, Nq = 2,100: three backward chunks of 1,024 queries, each
     in 256-row blocks, with the partial dQ of the key-block groups summed, and E = 200 (the
     non-local / OCR modules' wider keys): S = Q Kᵀ with K > 128 takes the GEMM's row-blocks-outer
-    order, and dQ, dKᵀ and K's panels span four 64-wide panels, the last ragged."""
+    order, and dQ, dKᵀ and K's panels span four 64-wide panels, the last ragged. Few keys split
+    the chunks' rows into parts with dKᵀ and dVᵀ of their own (Nk = 600: 2 parts; Nk = 19, as
+    HRNet-OCR's object regions: 4 parts, and the second chunk's 76 rows leave two parts empty)."""
     _select(monkeypatch, "ATTNSEG_CPU_F32_KERNEL", F32_KERNELS, kernel)
     b, nq, nk, e, ev = shape
     g = torch.Generator().manual_seed(11)

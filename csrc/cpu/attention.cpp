@@ -11,8 +11,10 @@
 //   for each key block j in the group, for each query block i in the chunk:
 //     P = exp(Q_i K_jᵀ·scale − lse_i); dV_j += Pᵀ dO_i; dP = dO_i V_jᵀ; dS = P ∘ (dP − delta_i)
 //     dK_j += scale · dSᵀ Q_i;  dQ_i(group) += scale · dS K_j
-//   then the chunk's dQ = Σ_group dQ(group), summed in group order. The number of groups
-//   depends on the shape only (never on the thread count), so the gradients are bitwise
+//   then the chunk's dQ = Σ_group dQ(group), summed in group order. With few key blocks (few
+//   keys), the fp32 kernel also splits each chunk's rows into parts, tasks of their own, each
+//   with its own dK and dV, summed in part order at the end. The numbers of groups and parts
+//   depend on the shape only (never on the thread count), so the gradients are bitwise
 //   repeatable whatever torch.get_num_threads() is.
 //
 // Threads: independent tasks handed out dynamically (parallel_tasks); each task's GEMMs run
@@ -83,6 +85,7 @@ constexpr int64_t kBackwardTasks = 64;
 constexpr int64_t kBackwardChunk = kBlockM;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+constexpr int64_t kRowPanel = 64;  // the backward splits a chunk's rows into parts of whole 64-row panels
 
 // Runs body(state, task) for task = 0 .. n_tasks − 1 on torch's threads, each thread taking the
 // next task from a shared counter (dynamic scheduling: a thread slowed by another process on
@@ -114,24 +117,55 @@ struct DqPlan {
   bool row_buffer = false;
 };
 
+// Groups of key blocks the backward splits the keys into: a task each per chunk of queries (and batch).
+int64_t backward_groups(int64_t batch, int64_t nk, int64_t block_n) {
+  return std::min(ceil_div(nk, block_n), std::max<int64_t>(1, ceil_div(kBackwardTasks, batch)));
+}
+
+// The rows of one backward task: part `part` of its chunk's rows, [i_begin, i_end).
+struct RowPart {
+  int64_t part, i_begin, i_end;
+};
+
+// Parts each chunk's rows are split into, for shapes whose key blocks are too few to keep the
+// threads busy (few keys: HRNet-OCR's K object regions): B x groups x parts tasks per chunk instead
+// of B x groups. Each part other than the first accumulates its own dKᵀ and dVᵀ (B x Nk x (E + Ev)
+// floats), added in part order at the end, so the parts are at most the tasks kBackwardTasks asks
+// for, parts of at least kMinPartRows rows, and (parts − 1)·Nk ≤ the chunk's rows: those buffers
+// never outgrow the chunk's own (O(chunk · (E + Ev))). Shapes only, never the thread count, like the
+// groups. 1 for DANet's crops (N ≥ 2,048: Nk > the chunk). On 2 threads of a first-generation EPYC
+// (Zen), the fp32 backward at N = 9,216, E = Ev = 256 took 0.76 of its time with a single part at
+// K = 19 (4 parts) and 0.62 at K = 150 (4 parts; paired medians); at N = 576-1,024 (2 parts) the
+// same as with one. 128-row parts were slower (each part packs its key block's V_jᵀ again: 1.11 at
+// N = 256), 512-row parts no faster.
+constexpr int64_t kMinPartRows = 256;
+int64_t backward_row_parts(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, int64_t chunk) {
+  const int64_t chunk_rows = std::min(nq, chunk);
+  const int64_t by_tasks = ceil_div(kBackwardTasks, batch * backward_groups(batch, nk, block_n));
+  return std::max<int64_t>(1, std::min({by_tasks, chunk_rows / kMinPartRows, 1 + chunk_rows / nk}));
+}
+
 // The backward's schedule, shared by the fp32/fp64 and the low-precision kernels. The queries go
-// in chunks of kBackwardChunk rows; per chunk, B x groups tasks run in parallel: task (b, g) runs
-// the key blocks [g·k_blocks/groups, (g + 1)·k_blocks/groups) of batch b over the chunk's rows,
-// calling body(state, b, kb_begin, kb_end, c0, c_rows, dq_chunk) with dq_chunk its c_rows x E
-// share of dQ: rows c0.. of dq itself (or the row buffer, see DqPlan) for g = 0, a partial buffer
-// otherwise. The partials are added in group order, so dQ's bits do not depend on the thread
-// count. dq: [B, Nq, E] of acc_t, any strides (the low-precision and our fp32 bodies need
-// dq_chunk contiguous, c_rows x E: a contiguous dq, or the row buffer). before_chunk(c0, c_rows),
-// when given, runs before each chunk's tasks (our fp32 kernel lays out the chunk's q and
-// dO there, once, for all of the chunk's tasks); chunk: rows per chunk.
+// in chunks of kBackwardChunk rows; per chunk, B x groups x row_parts tasks run in parallel: task
+// (b, g, r) runs the key blocks [g·k_blocks/groups, (g + 1)·k_blocks/groups) of batch b over part
+// r of the chunk's rows (whole 64-row panels, as even as they go; a part past a short last chunk's
+// rows is no task), calling body(state, b, kb_begin, kb_end, c0, c_rows, dq_chunk, RowPart) with
+// dq_chunk the group's c_rows x E share of the chunk's dQ: rows c0.. of dq itself (or the row
+// buffer, see DqPlan) for g = 0, a partial buffer otherwise (the parts write disjoint rows of it).
+// The partials are added in group order, so dQ's bits do not depend on the thread count. A body
+// that takes row_parts > 1 keeps each part's dKᵀ and dVᵀ apart (backward_row_parts). dq: [B, Nq, E]
+// of acc_t, any strides (the low-precision and our fp32 bodies need dq_chunk contiguous, c_rows x E:
+// a contiguous dq, or the row buffer). before_chunk(c0, c_rows), when given, runs before each
+// chunk's tasks (our fp32 kernel lays out the chunk's q and dO there, once, for all of the chunk's
+// tasks); chunk: rows per chunk.
 template <typename acc_t, typename MakeState, typename Body>
 void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, at::Tensor& dq,
                        const MakeState& make_state, const Body& body,
                        const std::function<void(int64_t, int64_t)>& before_chunk = {},
-                       int64_t chunk = kBackwardChunk, DqPlan plan = {}) {
+                       int64_t chunk = kBackwardChunk, DqPlan plan = {}, int64_t row_parts = 1) {
   const int64_t e = dq.size(2);
   const int64_t k_blocks = ceil_div(nk, block_n);
-  const int64_t groups = std::min(k_blocks, std::max<int64_t>(1, ceil_div(kBackwardTasks, batch)));
+  const int64_t groups = backward_groups(batch, nk, block_n);
   const int64_t chunk_rows = std::min(nq, chunk);
   at::Tensor partial = groups > 1 ? at::empty({groups - 1, batch, chunk_rows, e}, dq.options()) : at::Tensor();
   at::Tensor group0_rows = plan.row_buffer ? at::empty({batch, chunk_rows, e}, dq.options()) : at::Tensor();
@@ -142,37 +176,55 @@ void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, a
       if (group0_rows.defined()) group0_rows.zero_();
     }
     if (before_chunk) before_chunk(c0, c_rows);
-    parallel_tasks(batch * groups, make_state, [&](auto& state, int64_t task) {
-      const int64_t b = task / groups, g = task % groups;
+    const int64_t panels = ceil_div(c_rows, kRowPanel);
+    parallel_tasks(batch * groups * row_parts, make_state, [&](auto& state, int64_t task) {
+      const int64_t b = task / (groups * row_parts), g = task / row_parts % groups, r = task % row_parts;
+      const RowPart part{r, c0 + r * panels / row_parts * kRowPanel,
+                         std::min(c0 + c_rows, c0 + (r + 1) * panels / row_parts * kRowPanel)};
+      if (part.i_begin >= part.i_end) return;
       at::Tensor dq_chunk = g > 0            ? partial[g - 1][b].narrow(0, 0, c_rows)
                             : group0_rows.defined() ? group0_rows[b].narrow(0, 0, c_rows)
                                               : dq[b].narrow(0, c0, c_rows);
-      body(state, b, g * k_blocks / groups, (g + 1) * k_blocks / groups, c0, c_rows, dq_chunk);
+      body(state, b, g * k_blocks / groups, (g + 1) * k_blocks / groups, c0, c_rows, dq_chunk, part);
     });
     if (groups == 1 && !group0_rows.defined()) continue;
     // dq[b, c0 + r] = group0_rows[b][r] (or itself) + partial[0][b][r] + partial[1][b][r] + ... in
-    // that order, rows split over threads.
+    // that order, in blocks of kSumRows rows over the threads. The sums are made in contiguous rows
+    // (the row buffer; dq's own when its rows are; else a copy) and reach a strided dq by copy_2d:
+    // a channel-first dq (the modules') written an element at a time, E lines N floats apart per
+    // row, took ~130 ms of a 330 ms backward at HRNet-OCR's N = 32,768, K = 19, E = 256.
+    constexpr int64_t kSumRows = 64;
     acc_t* const dq_ptr = dq.data_ptr<acc_t>();
     const int64_t sb = dq.stride(0), sn = dq.stride(1), se = dq.stride(2);
     const acc_t* const partial_ptr = partial.defined() ? partial.data_ptr<acc_t>() : nullptr;
-    const acc_t* const group0_ptr = group0_rows.defined() ? group0_rows.data_ptr<acc_t>() : nullptr;
-    at::parallel_for(0, batch * c_rows, 16, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> sum(se == 1 ? 0 : e);
-      for (int64_t row = begin; row < end; ++row) {
-        const int64_t b = row / c_rows, r = row % c_rows;
-        acc_t* const out = dq_ptr + b * sb + (c0 + r) * sn;
-        acc_t* const acc = se == 1 ? out : sum.data();
+    acc_t* const group0_ptr = group0_rows.defined() ? group0_rows.data_ptr<acc_t>() : nullptr;
+    const int64_t row_blocks = ceil_div(c_rows, kSumRows);
+    at::parallel_for(0, batch * row_blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> copy(se == 1 || group0_ptr != nullptr ? 0 : kSumRows * e);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / row_blocks, r0 = task % row_blocks * kSumRows, rows = std::min(kSumRows, c_rows - r0);
+        acc_t* const out = dq_ptr + b * sb + (c0 + r0) * sn;
+        acc_t* acc = copy.data();
+        int64_t ld = e;
         if (group0_ptr != nullptr) {
-          std::copy(group0_ptr + (b * chunk_rows + r) * e, group0_ptr + (b * chunk_rows + r + 1) * e, acc);
-        } else if (se != 1) {
-          for (int64_t d = 0; d < e; ++d) acc[d] = out[d * se];
+          acc = group0_ptr + (b * chunk_rows + r0) * e;
+        } else if (se == 1) {
+          acc = out, ld = sn;
+        } else {
+          copy_2d<acc_t>(out, sn, se, rows, e, acc, e);
         }
         for (int64_t g = 1; g < groups; ++g) {
-          const acc_t* const in = partial_ptr + (((g - 1) * batch + b) * chunk_rows + r) * e;
-          for (int64_t d = 0; d < e; ++d) acc[d] += in[d];
+          const acc_t* const in = partial_ptr + (((g - 1) * batch + b) * chunk_rows + r0) * e;
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t d = 0; d < e; ++d) acc[r * ld + d] += in[r * e + d];
         }
-        if (se != 1)
-          for (int64_t d = 0; d < e; ++d) out[d * se] = acc[d];
+        if (acc == out) continue;
+        if (sn == 1) {  // a channel-first dq: out(r, d) = out[d · se + r], the transpose of acc
+          copy_2d<acc_t>(acc, 1, ld, e, rows, out, se);
+        } else {
+          for (int64_t r = 0; r < rows; ++r)
+            for (int64_t d = 0; d < e; ++d) out[r * sn + d * se] = acc[r * ld + d];
+        }
       }
     });
   }
@@ -345,10 +397,11 @@ void attention_fwd_f32(const F32Ops& ops, const at::Tensor& q, const at::Tensor&
   });
 }
 
-// The fp32 backward on our GEMMs (AVX-512 or AVX2, `ops`), flash-attention-2 order on backward_schedule's tasks
-// (batch, group of key blocks), over chunks of kF32BwdChunk queries, each in blocks of
-// ops.bwd_rows rows (256 on AVX-512, 512 on AVX2). The P and dP / dS tiles are 64-key panels of a block's rows
-// ([bn / 64][rows][64]), so that they are the B operands of the key-side products as written:
+// The fp32 backward on our GEMMs (AVX-512 or AVX2, `ops`), flash-attention-2 order on backward_schedule's
+// tasks (batch, group of key blocks, part of the chunk's rows: backward_row_parts), over chunks of
+// kF32BwdChunk queries, each in blocks of ops.bwd_rows rows (256 on AVX-512, 512 on AVX2). The P
+// and dP / dS tiles are 64-key panels of a block's rows ([bn / 64][rows][64]), so that they are the
+// B operands of the key-side products as written:
 //   S = Q_i K_jᵀ              A: q's rows;  B: Kᵀ in panels (once per call)
 //   P = exp(S·scale − lse)
 //   dV_jᵀ += dO_iᵀ P          A: dOᵀ's rows (unit stride along the queries)
@@ -365,8 +418,9 @@ void attention_fwd_f32(const F32Ops& ops, const at::Tensor& q, const at::Tensor&
 // rows added with the partials into dq's layout after each chunk (DqPlan). No gradient or dQ
 // buffer is zeroed. Beyond inputs and outputs: K and Kᵀ in panels (B·N·E each), the chunk layouts,
 // the partial dQ of the key-block groups ((groups − 1) x B x kF32BwdChunk x E: 4.25 MiB at
-// N = 9,216, E = 64; one more chunk unless dq is contiguous) and per thread the two tiles and
-// V_jᵀ's panels (at Ev = 512: 2 MiB on AVX-512, 3 MiB on AVX2).
+// N = 9,216, E = 64; one more chunk unless dq is contiguous), the row parts' dKᵀ and dVᵀ (few keys
+// only: (parts − 1) x B x Nk x (E + Ev), (parts − 1)·Nk ≤ the chunk) and per thread the two tiles
+// and V_jᵀ's panels (at Ev = 512: 2 MiB on AVX-512, 3 MiB on AVX2).
 constexpr int64_t kF32BwdBlockN = 512, kF32BwdChunk = 1024;
 
 // The query-side operands of a chunk, for x [B, Nq, C] (q or dO): its rows (C along the
@@ -445,6 +499,10 @@ void attention_bwd_f32(const F32Ops& ops, const at::Tensor& grad_out, const at::
   const bool dk_direct = channel_first(dk), dv_direct = channel_first(dv);
   at::Tensor dk_t = dk_direct ? dk.transpose(1, 2) : at::empty({batch, e, nk}, f32);
   at::Tensor dv_t = dv_direct ? dv.transpose(1, 2) : at::empty({batch, ev, nk}, f32);
+  // Few keys: each chunk's rows in parts, parts 1.. with dKᵀ and dVᵀ of their own (backward_row_parts)
+  const int64_t row_parts = backward_row_parts(batch, nq, nk, kF32BwdBlockN, kF32BwdChunk);
+  at::Tensor dk_parts = row_parts > 1 ? at::empty({row_parts - 1, batch, e, nk}, f32) : at::Tensor();
+  at::Tensor dv_parts = row_parts > 1 ? at::empty({row_parts - 1, batch, ev, nk}, f32) : at::Tensor();
   // dQ_i += dS K_j needs a row-major C: dq itself when it is contiguous, else a chunk's rows
   // (DqPlan::row_buffer), added with the groups' partials into dq's layout after each chunk.
   const DqPlan dq_plan{/*first_writes=*/true, /*row_buffer=*/!dq.is_contiguous()};
@@ -464,21 +522,26 @@ void attention_bwd_f32(const F32Ops& ops, const at::Tensor& grad_out, const at::
     return Scratch{at::zeros({tile}, f32), at::zeros({tile}, f32), at::empty({kF32BwdBlockN * std::max<int64_t>(ev, 1)}, f32)};
   };
   backward_schedule<float>(batch, nq, nk, kF32BwdBlockN, dq, make_scratch,
-                           [&](Scratch& t, int64_t b, int64_t kb_begin, int64_t kb_end, int64_t c0, int64_t c_rows,
-                               at::Tensor& dq_chunk_t) {
+                           [&](Scratch& t, int64_t b, int64_t kb_begin, int64_t kb_end, int64_t c0, int64_t,
+                               at::Tensor& dq_chunk_t, const RowPart& part) {
     float* p = t.p.data_ptr<float>();
     float* ds = t.ds.data_ptr<float>();
     float* v_panels = t.v_panels.data_ptr<float>();
     const float* v_t_b = v_t.data_ptr<float>() + b * v_t.stride(0);
     const float* k_t_b = k_t_panels.data_ptr<float>() + b * k_t_panels.stride(0);
     const float* k_b = k_panels.data_ptr<float>() + b * k_panels.stride(0);
-    float* dk_t_b = dk_t.data_ptr<float>() + b * dk_t.stride(0);
-    float* dv_t_b = dv_t.data_ptr<float>() + b * dv_t.stride(0);
+    // part 0 into the gradients, part r > 0 into its own dKᵀ, dVᵀ; each first written by the
+    // part's first block of the first chunk
+    const at::Tensor& dk_dst = part.part == 0 ? dk_t : dk_parts[part.part - 1];
+    const at::Tensor& dv_dst = part.part == 0 ? dv_t : dv_parts[part.part - 1];
+    float* dk_t_b = dk_dst.data_ptr<float>() + b * dk_dst.stride(0);
+    float* dv_t_b = dv_dst.data_ptr<float>() + b * dv_dst.stride(0);
+    const int64_t first_row = c0 == 0 ? part.i_begin : -1;
     for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
       const int64_t j0 = kb * kF32BwdBlockN, bn = std::min(kF32BwdBlockN, nk - j0), panels = ceil_div(bn, kF32Panel);
       pack_panels(v_t_b + j0, v_t.stride(1), 1, ev, bn, v_panels);
-      for (int64_t i0 = c0; i0 < c0 + c_rows; i0 += ops.bwd_rows) {
-        const int64_t rows = std::min(ops.bwd_rows, c0 + c_rows - i0), tile_panel = rows * kF32Panel;
+      for (int64_t i0 = part.i_begin; i0 < part.i_end; i0 += ops.bwd_rows) {
+        const int64_t rows = std::min(ops.bwd_rows, part.i_end - i0), tile_panel = rows * kF32Panel;
         const float* q_rows_i = q_chunk.rows(b, i0, c0);
         const float* q_t_i = q_chunk.t_rows(b, i0, c0);
         const float* do_rows_i = do_chunk.rows(b, i0, c0);
@@ -488,17 +551,21 @@ void attention_bwd_f32(const F32Ops& ops, const at::Tensor& grad_out, const at::
                  F32B{k_t_b + (j0 / kF32Panel) * e * kF32Panel, e * kF32Panel}, F32C{p, tile_panel, kF32Panel}, false);
         ops.recompute_probabilities_panels(p, rows, panels, scale, lse_ptr + b * nq + i0);
         f32_gemm(ops, ev, bn, rows, F32A{do_t_i, do_chunk.t_rows_ld(), 1}, F32B{p, tile_panel},
-                 F32C{dv_t_b + j0, kF32Panel, dv_t.stride(1)}, /*accumulate=*/i0 > 0);
+                 F32C{dv_t_b + j0, kF32Panel, dv_dst.stride(1)}, /*accumulate=*/i0 != first_row);
         f32_gemm(ops, rows, bn, ev, F32A{do_rows_i, do_chunk.rows_ld(), 1}, F32B{v_panels, ev * kF32Panel},
                  F32C{ds, tile_panel, kF32Panel}, false, nullptr, ops.dp_panels_outer);
         ops.softmax_grad_panels(p, ds, rows, panels, delta_ptr + b * nq + i0, scale);
         f32_gemm(ops, e, bn, rows, F32A{q_t_i, q_chunk.t_rows_ld(), 1}, F32B{ds, tile_panel},
-                 F32C{dk_t_b + j0, kF32Panel, dk_t.stride(1)}, /*accumulate=*/i0 > 0);
+                 F32C{dk_t_b + j0, kF32Panel, dk_dst.stride(1)}, /*accumulate=*/i0 != first_row);
         f32_gemm(ops, rows, e, bn, F32A{ds, kF32Panel, 1, tile_panel}, F32B{k_b + j0 * kF32Panel, nk * kF32Panel},
                  F32C{dq_i, kF32Panel, e}, /*accumulate=*/kb > kb_begin);
       }
     }
-  }, lay_out_chunk, kF32BwdChunk, dq_plan);
+  }, lay_out_chunk, kF32BwdChunk, dq_plan, row_parts);
+  for (int64_t r = 0; r + 1 < row_parts; ++r) {  // in part order: the sums' bits are the shape's alone
+    dk_t.add_(dk_parts[r]);
+    dv_t.add_(dv_parts[r]);
+  }
   if (!dk_direct) dk.copy_(dk_t.transpose(1, 2));
   if (!dv_direct) dv.copy_(dv_t.transpose(1, 2));
 }
@@ -518,7 +585,7 @@ void attention_bwd_kernel(const at::Tensor& grad_out, const at::Tensor& delta, c
   };
   backward_schedule<scalar_t>(batch, nq, nk, block_n, dq, make_tiles,
                               [&](std::pair<at::Tensor, at::Tensor>& tiles, int64_t b, int64_t kb_begin, int64_t kb_end,
-                                  int64_t c0, int64_t c_rows, at::Tensor& dq_chunk) {
+                                  int64_t c0, int64_t c_rows, at::Tensor& dq_chunk, const RowPart&) {
     at::Tensor& p_tile = tiles.first;
     at::Tensor& dp_tile = tiles.second;
     for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
@@ -666,7 +733,7 @@ void attention_bwd_lowp(const LowpGemm<T>& gemm, const at::Tensor& grad_out, con
   };
   backward_schedule<float>(batch, nq, nk, kBlockN, dq, make_scratch,
                            [&](Scratch& t, int64_t b, int64_t kb_begin, int64_t kb_end, int64_t c0, int64_t c_rows,
-                               at::Tensor& dq_chunk_t) {
+                               at::Tensor& dq_chunk_t, const RowPart&) {
     float* dq_chunk = dq_chunk_t.data_ptr<float>();
     float* dk_t_b = batch_ptr<float>(dk_t, b);
     float* dv_t_b = batch_ptr<float>(dv_t, b);
