@@ -133,7 +133,7 @@ struct RowPart {
 // floats), added in part order at the end, so the parts are at most the tasks kBackwardTasks asks
 // for, parts of at least kMinPartRows rows, and (parts − 1)·Nk ≤ the chunk's rows: those buffers
 // never outgrow the chunk's own (O(chunk · (E + Ev))). Shapes only, never the thread count, like the
-// groups. 1 for DANet's crops (N ≥ 2,048: Nk > the chunk). On 2 threads of a first-generation EPYC
+// groups. 1 for DANet's crops (Nk > 1,024, the chunk). On 2 threads of a first-generation EPYC
 // (Zen), the fp32 backward at N = 9,216, E = Ev = 256 took 0.76 of its time with a single part at
 // K = 19 (4 parts) and 0.62 at K = 150 (4 parts; paired medians); at N = 576-1,024 (2 parts) the
 // same as with one. 128-row parts were slower (each part packs its key block's V_jᵀ again: 1.11 at
