@@ -480,10 +480,10 @@ class PairedGemmProbe:
     the minute a case ran in).
 
     :meth:`read` takes the faster of ``calls`` torch.mm calls of ``GEMM_ROOFLINE_SIZE``² matrices
-    (dtype, device and threads as the case). Read it before every timed call and once after the
-    last (``readings`` then has one more entry than the calls); :meth:`ratios` gives each call the
-    faster of the two readings around it, the stricter roofline, so a slow spell that hit the GEMM
-    but not the call cannot lift the call's "of roof"."""
+    (dtype, device and threads as the case) into a result buffer made once. Read it before every
+    timed call and once after the last; :meth:`pair` gives each call the faster of the two readings
+    around it, the stricter roofline, so a slow spell that hit the GEMM but not the call cannot lift
+    the call's "of roof"."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, calls: int = PAIRED_GEMM_CALLS):
         self.a, self.b = (torch.randn(GEMM_ROOFLINE_SIZE, GEMM_ROOFLINE_SIZE, device=device).to(dtype)

@@ -49,6 +49,8 @@ Since the recomputed S is not counted, a fused fwd+bwd row's "of roof" cannot ex
 3(E + Ev) / (3(E + Ev) + E) even with every GEMM at torch.mm's rate and the softmax free (0.964 at
 E = 64, Ev = 512; 0.857 at E = Ev); the table's footer prints it.
 
+    python benchmarks/attention_speed.py --device cpu --dtype bfloat16 --sizes 96x96 --impls native
+
 On a host whose speed drifts (a shared or virtual machine: torch.mm itself can read 30 % apart
 from one minute to the next) the sweep's two readings say little about the minute a case ran in.
 ``--paired-roofline`` reads torch.mm (the faster of 2 calls) inside each case's process before
@@ -56,8 +58,6 @@ every timed call and after the last, judges each call against the faster of the 
 around it, and shows the medians over the calls (``_common.PairedGemmProbe``):
 
     python benchmarks/attention_speed.py --device cpu --sizes 96x96 --impls native --repeats 9 --paired-roofline
-
-    python benchmarks/attention_speed.py --device cpu --dtype bfloat16 --sizes 96x96 --impls native
 
 Usage (from the repository root):
 
