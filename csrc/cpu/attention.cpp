@@ -134,9 +134,9 @@ struct RowPart {
 // for, parts of at least kMinPartRows rows, and (parts − 1)·Nk ≤ the chunk's rows: those buffers
 // never outgrow the chunk's own (O(chunk · (E + Ev))). Shapes only, never the thread count, like the
 // groups. 1 for DANet's crops (Nk > 1,024, the chunk). On 2 threads of a first-generation EPYC
-// (Zen), the fp32 backward at N = 9,216, E = Ev = 256 took 0.76 of its time with a single part at
-// K = 19 (4 parts) and 0.62 at K = 150 (4 parts; paired medians); at N = 576-1,024 (2 parts) the
-// same as with one. 128-row parts were slower (each part packs its key block's V_jᵀ again: 1.11 at
+// (Zen), the fp32 backward at N = 9,216, E = Ev = 256 took 0.76 of the single part's time at
+// K = 19 and 0.62 at K = 150 (4 parts each; paired medians); at N = 576-1,024 (2 parts) the same
+// as with one. 128-row parts were slower (each part packs its key block's V_jᵀ again: 1.11 at
 // N = 256), 512-row parts no faster.
 constexpr int64_t kMinPartRows = 256;
 int64_t backward_row_parts(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, int64_t chunk) {
