@@ -399,10 +399,12 @@ def test_reference_backend_lse_and_out(scale):
 @pytest.mark.parametrize("layout", ["row_major", "channel_first"])
 def test_bitwise_deterministic_across_thread_counts(layout, nk):
     """The CPU kernels' task split never depends on the thread count: outputs and gradients
-    are bitwise identical with 1 and 2 threads, and across repeated calls. Row-major inputs take
+    are bitwise identical with 1, 2 and 7 threads, and across repeated calls. Row-major inputs take
     the ATen-GEMM kernels, channel-first ones our own (AVX-512 or AVX2) where the CPU has them (two
     query chunks there, three key-block groups, dQ through the row buffer; with 19 keys, one group
-    and each chunk's rows in four parts, their dK and dV summed at the end)."""
+    and each chunk's rows in four parts, their dK and dV summed at the end). 7 threads are more
+    than a chunk's 6 or 8 backward tasks, so the pipelined schedule runs the next chunk's tasks
+    beside the last ones of the previous chunk (each waiting for its own predecessors)."""
     g = torch.Generator().manual_seed(3)
     if layout == "row_major":
         q, k, v = (torch.randn(2, n, w, generator=g) for n, w in ((1100, 64), (nk, 64), (nk, 96)))
@@ -412,7 +414,7 @@ def test_bitwise_deterministic_across_thread_counts(layout, nk):
     saved = torch.get_num_threads()
     results = []
     try:
-        for threads in (1, 2, 1, 2):
+        for threads in (1, 2, 1, 2, 7):
             torch.set_num_threads(threads)
             out = attnseg.attention(q, k, v, 0.125, backend="native")
             results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))

@@ -24,7 +24,8 @@
 // also sees the enclosing parallel region). This library must be built with -fopenmp: the
 // `omp parallel` of at::parallel_for is a header template compiled here, serial without it.
 // Memory beyond inputs and outputs: per-thread tiles (below: 512 KiB, or two, in fp32), and for the
-// backward (groups − 1) x B x kBackwardChunk x E partial dQ buffers: independent of N. (The
+// backward 2 x (groups − 1) x B x kBackwardChunk x E partial dQ buffers (two chunks' worth, as the
+// schedule is pipelined): independent of N. (The
 // fp32 kernels on our own GEMMs below also keep O(N·E) operand copies; see them.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -35,6 +36,7 @@
 #include <algorithm>
 #include <atomic>
 #include <functional>
+#include <thread>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -81,7 +83,7 @@ constexpr int64_t kBwdBlockN = 512;                    // keys per tile of the f
 // equal and many (8 groups of 4-5 blocks left a 2-thread machine 11 % idle at N = 9,216).
 constexpr int64_t kBackwardTasks = 64;
 // The backward visits the queries in chunks of this many rows, so that the per-group partial
-// dQ buffers are (groups − 1) x B x kBackwardChunk x E, whatever Nq is (2.2 MiB at N = 9,216).
+// dQ buffers are 2 x (groups − 1) x B x kBackwardChunk x E, whatever Nq is (two chunks in flight).
 constexpr int64_t kBackwardChunk = kBlockM;
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
@@ -145,89 +147,174 @@ int64_t backward_row_parts(int64_t batch, int64_t nq, int64_t nk, int64_t block_
   return std::max<int64_t>(1, std::min({by_tasks, chunk_rows / kMinPartRows, 1 + chunk_rows / nk}));
 }
 
+// Lays out piece (b, rows r0 .. r0 + rows of the chunk) of the chunk starting at query c0 (c_rows
+// rows): backward_schedule's per-chunk preparation (our fp32 kernel: q's and dO's missing forms).
+using ChunkLayout = std::function<void(int64_t c0, int64_t c_rows, int64_t b, int64_t r0, int64_t rows)>;
+
 // The backward's schedule, shared by the fp32/fp64 and the low-precision kernels. The queries go
-// in chunks of kBackwardChunk rows; per chunk, B x groups x row_parts tasks run in parallel: task
-// (b, g, r) runs the key blocks [g·k_blocks/groups, (g + 1)·k_blocks/groups) of batch b over part
-// r of the chunk's rows (whole 64-row panels, as even as they go; a part past a short last chunk's
-// rows is no task), calling body(state, b, kb_begin, kb_end, c0, c_rows, dq_chunk, RowPart) with
-// dq_chunk the group's c_rows x E share of the chunk's dQ: rows c0.. of dq itself (or the row
-// buffer, see DqPlan) for g = 0, a partial buffer otherwise (the parts write disjoint rows of it).
-// The partials are added in group order, so dQ's bits do not depend on the thread count. A body
-// that takes row_parts > 1 keeps each part's dKᵀ and dVᵀ apart (backward_row_parts). dq: [B, Nq, E]
-// of acc_t, any strides (the low-precision and our fp32 bodies need dq_chunk contiguous, c_rows x E:
-// a contiguous dq, or the row buffer). before_chunk(c0, c_rows), when given, runs before each
-// chunk's tasks (our fp32 kernel lays out the chunk's q and dO there, once, for all of the chunk's
-// tasks); chunk: rows per chunk.
+// in chunks of `chunk` rows; per chunk, B x groups x row_parts tasks: task (b, g, r) runs the key
+// blocks [g·k_blocks/groups, (g + 1)·k_blocks/groups) of batch b over part r of the chunk's rows
+// (whole 64-row panels, as even as they go; a part past a short last chunk's rows does nothing),
+// calling body(state, b, kb_begin, kb_end, c0, c_rows, dq_chunk, RowPart) with dq_chunk the
+// group's c_rows x E share of the chunk's dQ: rows c0.. of dq itself (or the row buffer, see
+// DqPlan) for g = 0, a partial buffer otherwise (the parts write disjoint rows of it). After a
+// chunk's tasks, its reduction adds the partials into dq in group order, so dQ's bits do not
+// depend on the thread count. A body that takes row_parts > 1 keeps each part's dKᵀ and dVᵀ apart
+// (backward_row_parts). dq: [B, Nq, E] of acc_t, any strides (the low-precision and our fp32
+// bodies need dq_chunk contiguous, c_rows x E: a contiguous dq, or the row buffer). lay_out, when
+// given, prepares each chunk before its tasks, in pieces of (batch, 64 rows) (our fp32 kernel
+// lays out the chunk's q and dO there, once for all of the chunk's tasks), into one of two slots,
+// chunk index % 2 (ChunkRows).
+//
+// Pipelined, with no barrier between chunks: the pieces of work (layout pieces, tasks, reduction
+// pieces) are taken by the threads in one fixed order, L(0) C(0) L(1) C(1) R(0) L(2) C(2) R(1) ...
+// C(last) R(last − 1) R(last), and each waits only for what it reads or overwrites: task (c, t)
+// for L(c), for task (c − 1, t) (the same dKᵀ and dVᵀ columns, so they add up in chunk order) and
+// for R(c − 2) (its partials' slot); L(c) for C(c − 2) (its slot); R(c) for C(c). Every wait is
+// on an earlier piece, so the threads always progress, and a lone thread runs them in order. A
+// thread that finishes its last task of chunk c goes on with chunk c + 1 instead of waiting for
+// the others: with a per-chunk barrier, 2.5-3 % of the thread time on 2 threads waited there at
+// N = 9,216, and with more threads than a chunk's tasks (18 at N = 9,216) most of them would. The
+// cost: two chunks' partials, row buffer and layouts instead of one.
 template <typename acc_t, typename MakeState, typename Body>
 void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, at::Tensor& dq,
-                       const MakeState& make_state, const Body& body,
-                       const std::function<void(int64_t, int64_t)>& before_chunk = {},
+                       const MakeState& make_state, const Body& body, const ChunkLayout& lay_out = {},
                        int64_t chunk = kBackwardChunk, DqPlan plan = {}, int64_t row_parts = 1) {
   const int64_t e = dq.size(2);
   const int64_t k_blocks = ceil_div(nk, block_n);
   const int64_t groups = backward_groups(batch, nk, block_n);
-  const int64_t chunk_rows = std::min(nq, chunk);
-  at::Tensor partial = groups > 1 ? at::empty({groups - 1, batch, chunk_rows, e}, dq.options()) : at::Tensor();
-  at::Tensor group0_rows = plan.row_buffer ? at::empty({batch, chunk_rows, e}, dq.options()) : at::Tensor();
-  for (int64_t c0 = 0; c0 < nq; c0 += chunk_rows) {
-    const int64_t c_rows = std::min(chunk_rows, nq - c0);
-    if (!plan.first_writes) {
-      if (partial.defined()) partial.zero_();
-      if (group0_rows.defined()) group0_rows.zero_();
+  const int64_t chunk_rows = std::min(nq, chunk), chunks = ceil_div(nq, chunk_rows);
+  const int64_t slots = std::min<int64_t>(chunks, 2);
+  // A body that adds into its dQ share (no DqPlan::first_writes) finds the buffers zeroed: here
+  // first, then by the reduction that has read them.
+  const auto buffer = [&](std::initializer_list<int64_t> size) {
+    return plan.first_writes ? at::empty(size, dq.options()) : at::zeros(size, dq.options());
+  };
+  at::Tensor partial = groups > 1 ? buffer({slots, groups - 1, batch, chunk_rows, e}) : at::Tensor();
+  at::Tensor group0_rows = plan.row_buffer ? buffer({slots, batch, chunk_rows, e}) : at::Tensor();
+  const bool reduces = groups > 1 || plan.row_buffer;
+  const int64_t tasks = batch * groups * row_parts;
+  constexpr int64_t kPieceRows = kRowPanel;  // rows of a layout or a reduction piece
+  const auto rows_of = [&](int64_t c) { return std::min(chunk_rows, nq - c * chunk_rows); };
+  const auto pieces = [&](int64_t c) { return batch * ceil_div(rows_of(c), kPieceRows); };
+
+  enum class Kind : uint8_t { kLayout, kTask, kReduce };
+  struct Step {
+    Kind kind;
+    int64_t chunk, index;
+  };
+  std::vector<Step> steps;
+  const auto add = [&](Kind kind, int64_t c, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) steps.push_back({kind, c, i});
+  };
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (c == 0 && lay_out) add(Kind::kLayout, 0, pieces(0));
+    add(Kind::kTask, c, tasks);
+    if (c > 0 && reduces) add(Kind::kReduce, c - 1, pieces(c - 1));
+    if (c + 1 < chunks && lay_out) add(Kind::kLayout, c + 1, pieces(c + 1));
+  }
+  if (reduces) add(Kind::kReduce, chunks - 1, pieces(chunks - 1));
+
+  std::vector<std::atomic<int64_t>> laid_out(chunks), tasks_done(chunks), reduced(chunks);
+  std::vector<std::atomic<bool>> task_done(chunks * tasks);
+  std::atomic<bool> failed{false};
+  // Waits until ready(); false if another step threw (the exception ends the call; this step is dropped).
+  const auto wait_for = [&](const auto& ready) {
+    while (!ready()) {
+      if (failed.load(std::memory_order_relaxed)) return false;
+      std::this_thread::yield();
     }
-    if (before_chunk) before_chunk(c0, c_rows);
-    const int64_t panels = ceil_div(c_rows, kRowPanel);
-    parallel_tasks(batch * groups * row_parts, make_state, [&](auto& state, int64_t task) {
-      const int64_t b = task / (groups * row_parts), g = task / row_parts % groups, r = task % row_parts;
-      const RowPart part{r, c0 + r * panels / row_parts * kRowPanel,
-                         std::min(c0 + c_rows, c0 + (r + 1) * panels / row_parts * kRowPanel)};
-      if (part.i_begin >= part.i_end) return;
-      at::Tensor dq_chunk = g > 0            ? partial[g - 1][b].narrow(0, 0, c_rows)
-                            : group0_rows.defined() ? group0_rows[b].narrow(0, 0, c_rows)
-                                              : dq[b].narrow(0, c0, c_rows);
-      body(state, b, g * k_blocks / groups, (g + 1) * k_blocks / groups, c0, c_rows, dq_chunk, part);
-    });
-    if (groups == 1 && !group0_rows.defined()) continue;
-    // dq[b, c0 + r] = group0_rows[b][r] (or itself) + partial[0][b][r] + partial[1][b][r] + ... in
-    // that order, in blocks of kSumRows rows over the threads. The sums are made in contiguous rows
-    // (the row buffer; dq's own when its rows are; else a copy) and reach a strided dq by copy_2d:
-    // a channel-first dq (the modules') written an element at a time, E lines N floats apart per
-    // row, took ~130 ms of a 330 ms backward at HRNet-OCR's N = 32,768, K = 19, E = 256.
-    constexpr int64_t kSumRows = 64;
-    acc_t* const dq_ptr = dq.data_ptr<acc_t>();
-    const int64_t sb = dq.stride(0), sn = dq.stride(1), se = dq.stride(2);
-    const acc_t* const partial_ptr = partial.defined() ? partial.data_ptr<acc_t>() : nullptr;
-    acc_t* const group0_ptr = group0_rows.defined() ? group0_rows.data_ptr<acc_t>() : nullptr;
-    const int64_t row_blocks = ceil_div(c_rows, kSumRows);
-    at::parallel_for(0, batch * row_blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> copy(se == 1 || group0_ptr != nullptr ? 0 : kSumRows * e);
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / row_blocks, r0 = task % row_blocks * kSumRows, rows = std::min(kSumRows, c_rows - r0);
-        acc_t* const out = dq_ptr + b * sb + (c0 + r0) * sn;
-        acc_t* acc = copy.data();
-        int64_t ld = e;
-        if (group0_ptr != nullptr) {
-          acc = group0_ptr + (b * chunk_rows + r0) * e;
-        } else if (se == 1) {
-          acc = out, ld = sn;
-        } else {
-          copy_2d<acc_t>(out, sn, se, rows, e, acc, e);
+    return true;
+  };
+  const auto all = [](const std::atomic<int64_t>& done, int64_t count) {
+    return [&done, count] { return done.load(std::memory_order_acquire) == count; };
+  };
+
+  const auto run_task = [&](auto& state, int64_t c, int64_t task) {
+    const int64_t c0 = c * chunk_rows, c_rows = rows_of(c), slot = c % slots, panels = ceil_div(c_rows, kRowPanel);
+    const int64_t b = task / (groups * row_parts), g = task / row_parts % groups, r = task % row_parts;
+    const RowPart part{r, c0 + r * panels / row_parts * kRowPanel,
+                       std::min(c0 + c_rows, c0 + (r + 1) * panels / row_parts * kRowPanel)};
+    if (part.i_begin >= part.i_end) return;
+    at::Tensor dq_chunk = g > 0                   ? partial[slot][g - 1][b].narrow(0, 0, c_rows)
+                          : group0_rows.defined() ? group0_rows[slot][b].narrow(0, 0, c_rows)
+                                                  : dq[b].narrow(0, c0, c_rows);
+    body(state, b, g * k_blocks / groups, (g + 1) * k_blocks / groups, c0, c_rows, dq_chunk, part);
+  };
+
+  // Reduction piece (b, rows r0..): dq[b, c0 + r] = group0_rows[b][r] (or itself) + partial[0][b][r]
+  // + partial[1][b][r] + ... in that order. The sums are made in contiguous rows (the row buffer;
+  // dq's own when its rows are; else a copy) and reach a strided dq by copy_2d: a channel-first dq
+  // (the modules') written an element at a time, E lines N floats apart per row, took ~130 ms of a
+  // 330 ms backward at HRNet-OCR's N = 32,768, K = 19, E = 256.
+  acc_t* const dq_ptr = dq.data_ptr<acc_t>();
+  const int64_t sb = dq.stride(0), sn = dq.stride(1), se = dq.stride(2);
+  const auto run_reduce = [&](int64_t c, int64_t piece) {
+    const int64_t c0 = c * chunk_rows, slot = c % slots, blocks = ceil_div(rows_of(c), kPieceRows);
+    const int64_t b = piece / blocks, r0 = piece % blocks * kPieceRows, rows = std::min(kPieceRows, rows_of(c) - r0);
+    acc_t* const out = dq_ptr + b * sb + (c0 + r0) * sn;
+    std::vector<acc_t> copy;
+    acc_t* acc = nullptr;
+    int64_t ld = e;
+    if (group0_rows.defined()) {
+      acc = group0_rows[slot][b].data_ptr<acc_t>() + r0 * e;
+    } else if (se == 1) {
+      acc = out, ld = sn;
+    } else {
+      copy.resize(rows * e);
+      acc = copy.data();
+      copy_2d<acc_t>(out, sn, se, rows, e, acc, e);
+    }
+    for (int64_t g = 1; g < groups; ++g) {
+      acc_t* const in = partial[slot][g - 1][b].data_ptr<acc_t>() + r0 * e;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t d = 0; d < e; ++d) acc[r * ld + d] += in[r * e + d];
+      if (!plan.first_writes) std::fill(in, in + rows * e, acc_t(0));
+    }
+    if (acc == out) return;
+    if (sn == 1) {  // a channel-first dq: out(r, d) = out[d · se + r], the transpose of acc
+      copy_2d<acc_t>(acc, 1, ld, e, rows, out, se);
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t d = 0; d < e; ++d) out[r * sn + d * se] = acc[r * ld + d];
+    }
+    if (group0_rows.defined() && !plan.first_writes) std::fill(acc, acc + rows * e, acc_t(0));
+  };
+
+  parallel_tasks(static_cast<int64_t>(steps.size()), make_state, [&](auto& state, int64_t s) {
+    const Step step = steps[s];
+    const int64_t c = step.chunk;
+    try {
+      switch (step.kind) {
+        case Kind::kLayout: {
+          if (c >= 2 && !wait_for(all(tasks_done[c - 2], tasks))) return;
+          const int64_t blocks = ceil_div(rows_of(c), kPieceRows), r0 = step.index % blocks * kPieceRows;
+          lay_out(c * chunk_rows, rows_of(c), step.index / blocks, r0, std::min(kPieceRows, rows_of(c) - r0));
+          laid_out[c].fetch_add(1, std::memory_order_acq_rel);
+          break;
         }
-        for (int64_t g = 1; g < groups; ++g) {
-          const acc_t* const in = partial_ptr + (((g - 1) * batch + b) * chunk_rows + r0) * e;
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t d = 0; d < e; ++d) acc[r * ld + d] += in[r * e + d];
+        case Kind::kTask: {
+          if (lay_out && !wait_for(all(laid_out[c], pieces(c)))) return;
+          if (c >= 1 && !wait_for([&] { return task_done[(c - 1) * tasks + step.index].load(std::memory_order_acquire); }))
+            return;
+          if (c >= 2 && reduces && !wait_for(all(reduced[c - 2], pieces(c - 2)))) return;
+          run_task(state, c, step.index);
+          task_done[c * tasks + step.index].store(true, std::memory_order_release);
+          tasks_done[c].fetch_add(1, std::memory_order_acq_rel);
+          break;
         }
-        if (acc == out) continue;
-        if (sn == 1) {  // a channel-first dq: out(r, d) = out[d · se + r], the transpose of acc
-          copy_2d<acc_t>(acc, 1, ld, e, rows, out, se);
-        } else {
-          for (int64_t r = 0; r < rows; ++r)
-            for (int64_t d = 0; d < e; ++d) out[r * sn + d * se] = acc[r * ld + d];
+        case Kind::kReduce: {
+          if (!wait_for(all(tasks_done[c], tasks))) return;
+          run_reduce(c, step.index);
+          reduced[c].fetch_add(1, std::memory_order_acq_rel);
+          break;
         }
       }
-    });
-  }
+    } catch (...) {
+      failed.store(true);
+      throw;
+    }
+  });
 }
 
 // A view ATen's GEMM reads without a copy: one of the two inner strides is 1 and the other a
@@ -416,11 +503,12 @@ void attention_fwd_f32(const F32Ops& ops, const at::Tensor& q, const at::Tensor&
 // O(chunk·E) for q, O(chunk·Ev) for dO). dKᵀ and dVᵀ go straight into channel-first gradients (else
 // into buffers copied at the end), dQ's rows into a contiguous dq directly, else into a chunk's
 // rows added with the partials into dq's layout after each chunk (DqPlan). No gradient or dQ
-// buffer is zeroed. Beyond inputs and outputs: K and Kᵀ in panels (B·N·E each), the chunk layouts,
-// the partial dQ of the key-block groups ((groups − 1) x B x kF32BwdChunk x E: 4.25 MiB at
-// N = 9,216, E = 64; one more chunk unless dq is contiguous), the row parts' dKᵀ and dVᵀ (few keys
-// only: (parts − 1) x B x Nk x (E + Ev), (parts − 1)·Nk ≤ the chunk) and per thread the two tiles
-// and V_jᵀ's panels (at Ev = 512: 2 MiB on AVX-512, 3 MiB on AVX2).
+// buffer is zeroed. Beyond inputs and outputs: K and Kᵀ in panels (B·N·E each), two chunks'
+// layouts and partial dQ of the key-block groups (the schedule is pipelined: 2 x (groups − 1) x B
+// x kF32BwdChunk x E, 8.5 MiB at N = 9,216, E = 64; two chunks of dQ's rows more unless dq is
+// contiguous), the row parts' dKᵀ and dVᵀ (few keys only: (parts − 1) x B x Nk x (E + Ev),
+// (parts − 1)·Nk ≤ the chunk) and per thread the two tiles and V_jᵀ's panels (at Ev = 512: 2 MiB
+// on AVX-512, 3 MiB on AVX2).
 constexpr int64_t kF32BwdBlockN = 512, kF32BwdChunk = 1024;
 
 // The query-side operands of a chunk, for x [B, Nq, C] (q or dO): its rows (C along the
@@ -428,42 +516,39 @@ constexpr int64_t kF32BwdBlockN = 512, kF32BwdChunk = 1024;
 // reduction. Where x's layout gives one (a channel-first x its ᵀ rows, a row-major x its rows), it is
 // read where it lies; the other is laid out per chunk (O(chunk · C) floats, once for all of the
 // chunk's tasks, so once per call in all), in 16 x 16 blocks. (After gemm_ready, x always has one
-// of the two; laying out both is there for any strides.)
+// of the two; laying out both is there for any strides.) Two slots, chunk index % 2, as
+// backward_schedule lays out a chunk while the previous one's tasks still read theirs.
 struct ChunkRows {
   const float* base;
-  int64_t sb, sn, sc, batch, channels, chunk;
+  int64_t sb, sn, sc, batch, channels, chunk, slots;
   bool has_rows, has_t_rows;
   int64_t parts;      // of the buffer: how many of the two x does not give
-  at::Tensor buffer;  // [B][parts][chunk · C]: the rows (chunk x C) if x lacks them, then the ᵀ rows (C x chunk)
+  at::Tensor buffer;  // [slot][B][parts][chunk · C]: the rows (chunk x C) if x lacks them, then the ᵀ rows (C x chunk)
   ChunkRows(const at::Tensor& x, int64_t chunk_rows)
       : base(x.data_ptr<float>()), sb(x.stride(0)), sn(x.stride(1)), sc(x.stride(2)), batch(x.size(0)),
-        channels(x.size(2)), chunk(chunk_rows), has_rows(x.stride(2) == 1 || x.size(2) == 1),
-        has_t_rows(channel_first(x)), parts(int64_t(!has_rows) + int64_t(!has_t_rows)),
-        buffer(at::empty({batch * parts * chunk * channels}, x.options())) {}
-  float* part(int64_t b, bool t) const {
-    return buffer.data_ptr<float>() + (b * parts + (t && !has_rows ? 1 : 0)) * chunk * channels;
+        channels(x.size(2)), chunk(chunk_rows), slots(std::min<int64_t>(2, ceil_div(x.size(1), chunk_rows))),
+        has_rows(x.stride(2) == 1 || x.size(2) == 1), has_t_rows(channel_first(x)),
+        parts(int64_t(!has_rows) + int64_t(!has_t_rows)),
+        buffer(at::empty({slots * batch * parts * chunk * channels}, x.options())) {}
+  bool needs_layout() const { return parts > 0; }
+  float* part(int64_t b, bool t, int64_t c0) const {
+    const int64_t slot = c0 / chunk % slots;
+    return buffer.data_ptr<float>() + ((slot * batch + b) * parts + (t && !has_rows ? 1 : 0)) * chunk * channels;
   }
-  void lay_out(int64_t c0, int64_t c_rows) {
-    if (has_rows && has_t_rows) return;
-    // (batch, block of 64 queries) at a time, so that both threads copy even at B = 1
-    const int64_t blocks = ceil_div(c_rows, kF32Panel);
-    at::parallel_for(0, batch * blocks, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t task = begin; task < end; ++task) {
-        const int64_t b = task / blocks, r0 = (task % blocks) * kF32Panel, rows = std::min(kF32Panel, c_rows - r0);
-        const float* src = base + b * sb + (c0 + r0) * sn;
-        if (!has_rows) copy_2d(src, sn, sc, rows, channels, part(b, false) + r0 * channels, channels);
-        if (!has_t_rows) copy_2d(src, sc, sn, channels, rows, part(b, true) + r0, chunk);
-      }
-    });
+  // backward_schedule's ChunkLayout: rows r0 .. r0 + rows of batch b of the chunk at c0.
+  void lay_out(int64_t c0, int64_t b, int64_t r0, int64_t rows) const {
+    const float* src = base + b * sb + (c0 + r0) * sn;
+    if (!has_rows) copy_2d(src, sn, sc, rows, channels, part(b, false, c0) + r0 * channels, channels);
+    if (!has_t_rows) copy_2d(src, sc, sn, channels, rows, part(b, true, c0) + r0, chunk);
   }
   // Row i (a query of the chunk starting at c0) of batch b, and the stride between rows.
   const float* rows(int64_t b, int64_t i, int64_t c0) const {
-    return has_rows ? base + b * sb + i * sn : part(b, false) + (i - c0) * channels;
+    return has_rows ? base + b * sb + i * sn : part(b, false, c0) + (i - c0) * channels;
   }
   int64_t rows_ld() const { return has_rows ? sn : channels; }
   // Column i of the ᵀ rows of batch b (channel 0), and the stride between channels.
   const float* t_rows(int64_t b, int64_t i, int64_t c0) const {
-    return has_t_rows ? base + b * sb + i * sn : part(b, true) + (i - c0);
+    return has_t_rows ? base + b * sb + i * sn : part(b, true, c0) + (i - c0);
   }
   int64_t t_rows_ld() const { return has_t_rows ? sc : chunk; }
 };
@@ -507,10 +592,12 @@ void attention_bwd_f32(const F32Ops& ops, const at::Tensor& grad_out, const at::
   // (DqPlan::row_buffer), added with the groups' partials into dq's layout after each chunk.
   const DqPlan dq_plan{/*first_writes=*/true, /*row_buffer=*/!dq.is_contiguous()};
 
-  const auto lay_out_chunk = [&](int64_t c0, int64_t c_rows) {
-    q_chunk.lay_out(c0, c_rows);
-    do_chunk.lay_out(c0, c_rows);
-  };
+  ChunkLayout lay_out_chunk;
+  if (q_chunk.needs_layout() || do_chunk.needs_layout())
+    lay_out_chunk = [&](int64_t c0, int64_t, int64_t b, int64_t r0, int64_t rows) {
+      q_chunk.lay_out(c0, b, r0, rows);
+      do_chunk.lay_out(c0, b, r0, rows);
+    };
   const float* lse_ptr = lse.data_ptr<float>();
   const float* delta_ptr = delta.data_ptr<float>();
 
