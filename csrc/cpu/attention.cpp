@@ -15,7 +15,8 @@
 //   keys), the fp32 kernel also splits each chunk's rows into parts, tasks of their own, each
 //   with its own dK and dV, summed in part order at the end. The numbers of groups and parts
 //   depend on the shape only (never on the thread count), so the gradients are bitwise
-//   repeatable whatever torch.get_num_threads() is.
+//   repeatable whatever torch.get_num_threads() is. The chunks are pipelined (no barrier between
+//   them: backward_schedule).
 //
 // Threads: independent tasks handed out dynamically (parallel_tasks); each task's GEMMs run
 // single-threaded. Tile-sized GEMMs gain little from MKL's own threads, and a tile loop whose
