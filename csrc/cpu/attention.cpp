@@ -25,9 +25,9 @@
 // also sees the enclosing parallel region). This library must be built with -fopenmp: the
 // `omp parallel` of at::parallel_for is a header template compiled here, serial without it.
 // Memory beyond inputs and outputs: per-thread tiles (below: 512 KiB, or two, in fp32), and for the
-// backward 2 x (groups − 1) x B x kBackwardChunk x E partial dQ buffers (two chunks' worth, as the
-// schedule is pipelined): independent of N. (The
-// fp32 kernels on our own GEMMs below also keep O(N·E) operand copies; see them.)
+// backward 2 x (groups − 1) x B x kBackwardChunk x E partial dQ buffers (two chunks' worth: the
+// chunks are pipelined), independent of N. (The fp32 kernels on our own GEMMs below also keep
+// O(N·E) operand copies; see them.)
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
@@ -37,8 +37,8 @@
 #include <algorithm>
 #include <atomic>
 #include <functional>
-#include <thread>
 #include <limits>
+#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -148,9 +148,14 @@ int64_t backward_row_parts(int64_t batch, int64_t nq, int64_t nk, int64_t block_
   return std::max<int64_t>(1, std::min({by_tasks, chunk_rows / kMinPartRows, 1 + chunk_rows / nk}));
 }
 
-// Lays out piece (b, rows r0 .. r0 + rows of the chunk) of the chunk starting at query c0 (c_rows
-// rows): backward_schedule's per-chunk preparation (our fp32 kernel: q's and dO's missing forms).
-using ChunkLayout = std::function<void(int64_t c0, int64_t c_rows, int64_t b, int64_t r0, int64_t rows)>;
+// Lays out piece (b, rows r0 .. r0 + rows of the chunk) of the chunk starting at query c0:
+// backward_schedule's per-chunk preparation (our fp32 kernel: q's and dO's missing forms), into
+// slot (c0 / chunk) % chunk_slots(nq, chunk).
+using ChunkLayout = std::function<void(int64_t c0, int64_t b, int64_t r0, int64_t rows)>;
+
+// The chunks of queries whose buffers (layouts, partial dQ) the pipelined backward_schedule keeps
+// at once: the chunk its tasks work on and the next one.
+int64_t chunk_slots(int64_t nq, int64_t chunk_rows) { return std::min<int64_t>(2, ceil_div(nq, chunk_rows)); }
 
 // The backward's schedule, shared by the fp32/fp64 and the low-precision kernels. The queries go
 // in chunks of `chunk` rows; per chunk, B x groups x row_parts tasks: task (b, g, r) runs the key
@@ -185,7 +190,7 @@ void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, a
   const int64_t k_blocks = ceil_div(nk, block_n);
   const int64_t groups = backward_groups(batch, nk, block_n);
   const int64_t chunk_rows = std::min(nq, chunk), chunks = ceil_div(nq, chunk_rows);
-  const int64_t slots = std::min<int64_t>(chunks, 2);
+  const int64_t slots = chunk_slots(nq, chunk_rows);
   // A body that adds into its dQ share (no DqPlan::first_writes) finds the buffers zeroed: here
   // first, then by the reduction that has read them.
   const auto buffer = [&](std::initializer_list<int64_t> size) {
@@ -290,7 +295,7 @@ void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, a
         case Kind::kLayout: {
           if (c >= 2 && !wait_for(all(tasks_done[c - 2], tasks))) return;
           const int64_t blocks = ceil_div(rows_of(c), kPieceRows), r0 = step.index % blocks * kPieceRows;
-          lay_out(c * chunk_rows, rows_of(c), step.index / blocks, r0, std::min(kPieceRows, rows_of(c) - r0));
+          lay_out(c * chunk_rows, step.index / blocks, r0, std::min(kPieceRows, rows_of(c) - r0));
           laid_out[c].fetch_add(1, std::memory_order_acq_rel);
           break;
         }
@@ -527,7 +532,7 @@ struct ChunkRows {
   at::Tensor buffer;  // [slot][B][parts][chunk · C]: the rows (chunk x C) if x lacks them, then the ᵀ rows (C x chunk)
   ChunkRows(const at::Tensor& x, int64_t chunk_rows)
       : base(x.data_ptr<float>()), sb(x.stride(0)), sn(x.stride(1)), sc(x.stride(2)), batch(x.size(0)),
-        channels(x.size(2)), chunk(chunk_rows), slots(std::min<int64_t>(2, ceil_div(x.size(1), chunk_rows))),
+        channels(x.size(2)), chunk(chunk_rows), slots(chunk_slots(x.size(1), chunk_rows)),
         has_rows(x.stride(2) == 1 || x.size(2) == 1), has_t_rows(channel_first(x)),
         parts(int64_t(!has_rows) + int64_t(!has_t_rows)),
         buffer(at::empty({slots * batch * parts * chunk * channels}, x.options())) {}
@@ -595,7 +600,7 @@ void attention_bwd_f32(const F32Ops& ops, const at::Tensor& grad_out, const at::
 
   ChunkLayout lay_out_chunk;
   if (q_chunk.needs_layout() || do_chunk.needs_layout())
-    lay_out_chunk = [&](int64_t c0, int64_t, int64_t b, int64_t r0, int64_t rows) {
+    lay_out_chunk = [&](int64_t c0, int64_t b, int64_t r0, int64_t rows) {
       q_chunk.lay_out(c0, b, r0, rows);
       do_chunk.lay_out(c0, b, r0, rows);
     };
