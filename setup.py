@@ -6,7 +6,8 @@ Environment:
   ATTNSEG_SKIP_CUDA=1     never build the CUDA sources
   ATTNSEG_FORCE_CUDA=1    build them, and fail if that is impossible (CI sets this)
   CUDA_HOME / CUDA_PATH   the CUDA toolkit (default: found from nvcc, else /usr/local/cuda)
-  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;8.6;9.0": Ampere and Hopper)
+  TORCH_CUDA_ARCH_LIST    GPU architectures (default "8.0;8.6;9.0+PTX": SASS for Ampere and Hopper,
+                          and Hopper's PTX, which newer GPUs (Blackwell) JIT-compile at first use)
   ATTNSEG_DEBUG=1         -O0 -g
 Without ATTNSEG_FORCE_CUDA/ATTNSEG_SKIP_CUDA, the CUDA sources are built when torch is a CUDA
 build and a CUDA toolkit is found.
@@ -39,8 +40,8 @@ def is_cuda_toolkit(path: str | None) -> bool:
 
 
 def find_cuda_home() -> str | None:
-    """The CUDA toolkit root. `nvcc` on PATH may be a wrapper script (here /usr/local/bin/nvcc
-    execs /usr/local/cuda-13.0/bin/nvcc), so its folder's parent is only a candidate: every
+    """The CUDA toolkit root. `nvcc` on PATH may be a wrapper script (e.g. /usr/local/bin/nvcc
+    exec-ing /usr/local/cuda-13.0/bin/nvcc), so its folder's parent is only a candidate: every
     candidate must hold bin/nvcc and include/cuda_runtime.h."""
     candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
     nvcc = shutil.which("nvcc")
@@ -61,7 +62,7 @@ def find_cuda_home() -> str | None:
 
 
 os.environ.setdefault("MAX_JOBS", default_max_jobs())
-os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;9.0")
+os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;8.6;9.0+PTX")
 cuda_home = find_cuda_home()
 if cuda_home:
     # must be set before torch.utils.cpp_extension is imported: it fixes CUDA_HOME at import

@@ -1,6 +1,7 @@
 """attnseg: fused position and channel attention (DANet) for PyTorch."""
 
 from . import reference
+from ._backends import check_backend
 from ._ops import DoubleBackwardError, native_available, native_unavailable_reason
 from .checkpoints import load_mmseg_dahead, load_official_danet_head
 from .context import NonLocal2d, ObjectContextAttention
@@ -11,6 +12,7 @@ from .functional import (
     attention,
     available_backends,
     channel_attention,
+    explain,
     position_attention,
     resolve_backend,
 )
@@ -31,7 +33,9 @@ __all__ = [
     "attention",
     "available_backends",
     "channel_attention",
+    "check_backend",
     "convert_model",
+    "explain",
     "load_mmseg_dahead",
     "load_official_danet_head",
     "native_available",

@@ -151,13 +151,16 @@ def _first_order_only(op_name: str, grads, sources):
 
 
 def register_attention_autograd(fwd_name: str, bwd_op) -> None:
-    """Wire ``fwd_name`` (q, k, v, scale) -> (out, lse) to ``bwd_op`` for autograd."""
+    """Wire ``fwd_name`` (q, k, v, scale, *options) -> (out, lse) to ``bwd_op`` for autograd;
+    ``bwd_op`` takes (grad_out, grad_lse, q, k, v, out, lse, scale, *options). The options are
+    non-tensor arguments (the chunked op's budget)."""
 
     def setup_context(ctx, inputs, output):
-        q, k, v, scale = inputs
+        q, k, v, scale, *options = inputs
         out, lse = output
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.scale = scale
+        ctx.options = tuple(options)
 
     def backward(ctx, grad_out, grad_lse):
         q, k, v, out, lse = ctx.saved_tensors
@@ -165,11 +168,11 @@ def register_attention_autograd(fwd_name: str, bwd_op) -> None:
             grad_out = torch.zeros_like(out)
         create_graph = torch.is_grad_enabled()
         with torch.no_grad():  # the kernels are not differentiable: never record them
-            grads = bwd_op(grad_out, grad_lse, q, k, v, out, lse, ctx.scale)
+            grads = bwd_op(grad_out, grad_lse, q, k, v, out, lse, ctx.scale, *ctx.options)
         with torch.set_grad_enabled(create_graph):
             sources = (grad_out, q, k, v) + ((grad_lse,) if grad_lse is not None else ())
             dq, dk, dv = _first_order_only(fwd_name, grads, sources)
-        return dq, dk, dv, None
+        return (dq, dk, dv, None) + (None,) * len(ctx.options)
 
     torch.library.register_autograd(fwd_name, backward, setup_context=setup_context)
 

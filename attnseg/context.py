@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from . import functional as F_attn
-from .modules import _backend_repr, _check_backend
+from ._backends import check_backend
+from .modules import backend_repr
 from .onnx import module_backend
 
 __all__ = ["ObjectContextAttention", "NonLocal2d"]
@@ -106,7 +107,7 @@ class ObjectContextAttention(nn.Module):
         out_channels: channels of the output (512 in HRNet-OCR).
         norm_layer: normalisation layer class (``nn.BatchNorm2d``, or ``nn.SyncBatchNorm``).
         dropout: ``nn.Dropout2d`` probability after the output conv (0.05 in HRNet-OCR; 0 for none).
-        backend: "auto", "native", "triton" or "reference" (see :mod:`attnseg.functional`).
+        backend: "auto", "native", "triton", "chunked" or "reference" (see :mod:`attnseg.functional`).
 
     ``forward(x, coarse_logits)`` with coarse_logits [B, K, H, W] (K soft object regions, e.g.
     the auxiliary head's class logits):
@@ -141,7 +142,7 @@ class ObjectContextAttention(nn.Module):
         if not callable(norm_layer):
             raise ValueError(f"{owner}: norm_layer must be a callable returning a module (e.g. nn.BatchNorm2d), got {norm_layer!r}")
         self.dropout = float(dropout)
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.scale = float(key_channels) ** -0.5
         self.object_context_block = _ObjectAttentionBlock(in_channels, key_channels, norm_layer)
         self.conv_bn_dropout = nn.Sequential(
@@ -178,7 +179,7 @@ class ObjectContextAttention(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, key_channels={self.key_channels}, "
-            f"out_channels={self.out_channels}, dropout={self.dropout}, {_backend_repr(self.backend)}"
+            f"out_channels={self.out_channels}, dropout={self.dropout}, {backend_repr(self.backend)}"
         )
 
 
@@ -190,7 +191,7 @@ class NonLocal2d(nn.Module):
         inter_channels: width of θ, φ, g (default ``max(1, in_channels // 2)``).
         use_scale: False: s = 1, the paper's embedded Gaussian; True: s = inter_channels ** -0.5,
             as mmcv's ``NonLocal2d(use_scale=True)``.
-        backend: "auto", "native", "triton" or "reference".
+        backend: "auto", "native", "triton", "chunked" or "reference".
         bn_layer: True: W = Sequential(1×1 conv, BatchNorm2d) with the BN's weight and bias
             zero-initialised (the paper's recipe); False: W = a 1×1 conv, zero-initialised.
             Either way the block starts as the identity.
@@ -213,7 +214,7 @@ class NonLocal2d(nn.Module):
             raise ValueError(f"{owner}: bn_layer must be a bool, got {bn_layer!r}")
         self.use_scale = use_scale
         self.bn_layer = bn_layer
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.scale = float(inter_channels) ** -0.5 if use_scale else 1.0
         self.g = nn.Conv2d(in_channels, inter_channels, kernel_size=1)
         self.theta = nn.Conv2d(in_channels, inter_channels, kernel_size=1)
@@ -234,5 +235,5 @@ class NonLocal2d(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"in_channels={self.in_channels}, inter_channels={self.inter_channels}, "
-            f"use_scale={self.use_scale}, bn_layer={self.bn_layer}, {_backend_repr(self.backend)}"
+            f"use_scale={self.use_scale}, bn_layer={self.bn_layer}, {backend_repr(self.backend)}"
         )

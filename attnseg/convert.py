@@ -50,8 +50,8 @@ import torch
 from torch import nn
 
 from .context import _non_local, _object_attention
-from .modules import (ChannelAttention, PositionAttention, _attend_channels, _attend_positions, _backend_repr,
-                      _check_backend)
+from ._backends import check_backend
+from .modules import (ChannelAttention, PositionAttention, _attend_channels, _attend_positions, backend_repr)
 
 __all__ = [
     "ConversionReport",
@@ -80,7 +80,7 @@ class FusedMMSegPAM(nn.Module):
                                  self.backend)
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}, {_backend_repr(self.backend)}"
+        return f"channels={self.channels}, {backend_repr(self.backend)}"
 
 
 class FusedMMSegCAM(nn.Module):
@@ -90,7 +90,7 @@ class FusedMMSegCAM(nn.Module):
         return _attend_channels(x, self.gamma.scale.reshape(1), "official", self.backend)
 
     def extra_repr(self) -> str:
-        return _backend_repr(self.backend)
+        return backend_repr(self.backend)
 
 
 class FusedObjectAttentionBlock(nn.Module):
@@ -104,7 +104,7 @@ class FusedObjectAttentionBlock(nn.Module):
         return _object_attention(self, x, proxy, self.key_channels, float(self.key_channels) ** -0.5, self.backend)
 
     def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, key_channels={self.key_channels}, {_backend_repr(self.backend)}"
+        return f"in_channels={self.in_channels}, key_channels={self.key_channels}, {backend_repr(self.backend)}"
 
 
 class FusedNonLocal2d(nn.Module):
@@ -117,7 +117,7 @@ class FusedNonLocal2d(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, inter_channels={self.inter_channels}, use_scale={self.use_scale}, "
-                f"{_backend_repr(self.backend)}")
+                f"{backend_repr(self.backend)}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,7 +506,7 @@ def convert_model(model: nn.Module, backend: str = "auto", verbose: bool = False
 
     Args:
         model: any ``nn.Module`` (a whole segmentor, a head, or one attention module).
-        backend: given to every replacement: "auto", "native", "triton" or "reference".
+        backend: given to every replacement: "auto", "native", "triton", "chunked" or "reference".
         verbose: print the :class:`ConversionReport` (what was converted, what was left and why).
         return_report: return ``(model, report)`` instead of ``model``.
 
@@ -519,7 +519,7 @@ def convert_model(model: nn.Module, backend: str = "auto", verbose: bool = False
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_model: model must be an nn.Module, got {type(model).__name__}")
-    backend = _check_backend(backend)
+    backend = check_backend(backend)
     if not isinstance(verbose, bool) or not isinstance(return_report, bool):
         raise TypeError(f"convert_model: verbose and return_report must be bools, got {verbose!r}, {return_report!r}")
     report = ConversionReport()

@@ -1,18 +1,15 @@
 """Functional API: argument checks, layout, backend choice. Kernels never decide policy.
 
-Backends (the ``backend=`` argument of every call):
+Backends (the ``backend=`` argument of every call; :mod:`attnseg._backends` is their registry):
 
 * ``"native"``: the compiled C++/CUDA ops (``torch.ops.attnseg.*``): fused, tiled, online
   softmax; CPU kernels always, CUDA kernels (csrc/cuda) when the build had nvcc.
 * ``"triton"``: the Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1``).
+* ``"chunked"``: queries in chunks, every product a library GEMM through torch (cuBLAS, MKL,
+  oneDNN); O(B·chunk·Nk) memory, any device (:mod:`attnseg.chunked`).
 * ``"reference"``: the pure-PyTorch code of :mod:`attnseg.reference` (materialises the maps).
-* ``"auto"`` (default): on CUDA, triton if available, else native, else reference; on the CPU,
-  native if the extension loaded, else reference. :func:`available_backends` shows the choice.
-  Why triton first on CUDA: its kernels autotune their tile sizes per GPU and shape, while the
-  CUDA C++ kernels use fixed 32-row tiles within 48 KiB of shared memory (portable, verified
-  in the emulator). Neither has been timed on a GPU yet. The rule will follow the table of
-  ``python benchmarks/gpu_check.py`` (docs/gpu_check.md: native, triton, SDPA's memory-efficient
-  kernel and the official math, per dtype and size) once it has been run on a GPU.
+* ``"auto"`` (default): chosen per call from the measured table (device kind, dtype, mode and
+  size; the rule is in :mod:`attnseg._backends`). :func:`explain` says what it picks and why.
 
 A backend named explicitly that cannot run raises :class:`BackendUnavailableError`; only
 ``"auto"`` ever chooses for you.
@@ -20,9 +17,13 @@ A backend named explicitly that cannot run raises :class:`BackendUnavailableErro
 
 from __future__ import annotations
 
+import math
+from typing import Optional
+
 import torch
 
-from . import _ops, reference
+from . import _backends
+from ._backends import BackendUnavailableError, Choice
 
 __all__ = [
     "BACKENDS",
@@ -30,17 +31,14 @@ __all__ = [
     "attention",
     "available_backends",
     "channel_attention",
+    "explain",
     "position_attention",
     "resolve_backend",
 ]
 
-BACKENDS = ("auto", "native", "triton", "reference")
+BACKENDS = _backends.BACKEND_NAMES
 CAM_VARIANTS = ("official", "paper")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-class BackendUnavailableError(RuntimeError):
-    """A backend asked for by name cannot run on the given inputs."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -48,72 +46,88 @@ class BackendUnavailableError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
-def _native_unavailable(device: torch.device) -> str | None:
-    if not _ops.native_available():
-        return f"the compiled extension did not load ({_ops.native_unavailable_reason()})"
-    if device.type == "cpu":
-        return None
-    if device.type == "cuda":
-        if not _ops.native_cuda_built():
-            return "attnseg was built without its CUDA kernels (no nvcc or a CPU-only torch at build time)"
-        if not torch.cuda.is_available():
-            return "the CUDA kernels are built in, but no CUDA device is available (torch.cuda.is_available() is False)"
-        index = torch.cuda.current_device() if device.index is None else device.index
-        if not 0 <= index < torch.cuda.device_count():
-            return f"there is no CUDA device {index} ({torch.cuda.device_count()} visible)"
-        return _ops.cuda_architecture_mismatch(torch.cuda.get_device_capability(index))
-    return f"no native kernels for device type {device.type!r}"
-
-
-def _triton_unavailable(device: torch.device) -> str | None:
-    try:
-        from . import triton as attnseg_triton
-    except Exception as exc:  # triton missing or broken
-        return f"attnseg.triton could not be imported ({type(exc).__name__}: {exc})"
-    return attnseg_triton.unavailable_reason(device)
-
-
-def _unavailable_reason(backend: str, device: torch.device) -> str | None:
-    if backend == "reference":
-        return None
-    if backend == "native":
-        return _native_unavailable(device)
-    if backend == "triton":
-        return _triton_unavailable(device)
-    raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-
-
 def available_backends(device: str | torch.device = "cpu") -> dict[str, str | None]:
     """Map every concrete backend to ``None`` (usable on ``device``) or the reason it is not.
 
-    ``available_backends("cpu")["auto"]`` names the backend that ``"auto"`` picks there.
+    ``available_backends(device)["auto"]`` names what ``"auto"`` picks there for a large map in
+    fp32 when the table has no row (:func:`attnseg._backends.default_backend`); the choice for
+    a given call, which reads the measured table, is :func:`explain`'s.
     """
     device = torch.device(device)
     result: dict[str, str | None] = {
-        name: _unavailable_reason(name, device) for name in ("native", "triton", "reference")
+        name: _backends.get(name).unavailable_reason(device) for name in _backends.concrete_names()
     }
     result["auto"] = resolve_backend("auto", device)
     return result
 
 
-def resolve_backend(backend: str, device: str | torch.device) -> str:
+def resolve_backend(backend: str, device: str | torch.device, dtype: Optional[torch.dtype] = None) -> str:
     """The concrete backend that ``backend`` means for tensors on ``device``.
 
-    Raises :class:`BackendUnavailableError` if a backend named explicitly cannot run there.
+    For ``"auto"`` without a call to look at, the default for a large map (see
+    :func:`available_backends`; :func:`explain` takes the call's tensors). Raises
+    :class:`BackendUnavailableError` if a backend named explicitly cannot run there.
     """
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    _backends.check_backend(backend)
     device = torch.device(device)
     if backend == "auto":
-        order = ("triton", "native", "reference") if device.type == "cuda" else ("native", "reference")
-        for name in order:
-            if _unavailable_reason(name, device) is None:
-                return name
-        return "reference"
-    reason = _unavailable_reason(backend, device)
+        candidates = _backends.auto_candidates(device, dtype)
+        return _backends.default_backend("attention", device, "forward", float("inf"), candidates)[0]
+    reason = _backends.get(backend).unavailable_reason(device, dtype)
     if reason is not None:
         raise BackendUnavailableError(f"backend={backend!r} cannot run on {device.type} tensors: {reason}")
     return backend
+
+
+def _training(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _choose(backend: str, op: str, tensors, sizes: dict) -> _backends.Backend:
+    """The backend object a call runs on: ``backend`` checked, or auto's choice for these inputs."""
+    first = tensors[0]
+    if backend != "auto":
+        return _backends.get(resolve_backend(backend, first.device, first.dtype))
+    choice = _backends.choose(op, first.device, first.dtype, _training(*tensors), sizes)
+    return _backends.get(choice.backend)
+
+
+def explain(*tensors, op: str = "attention", training: Optional[bool] = None) -> Choice:
+    """What ``backend="auto"`` picks for a call on these inputs, and why.
+
+    ``explain(q, k, v)`` for :func:`attention` ([B, Nq, E], [B, Nk, E], [B, Nk, Ev]);
+    ``explain(x, query, key, value)`` for :func:`position_attention` (4-D);
+    ``explain(x, op="channel_attention")`` for :func:`channel_attention`.
+    ``training`` defaults to what the call would see (grad mode and ``requires_grad``).
+    Returns a :class:`attnseg._backends.Choice`: ``.backend``, ``.reason``, ``.key`` (the
+    table's key) and ``.rows`` (the measured rows the choice read); ``str()`` reads as a sentence.
+    """
+    if op not in ("attention", "channel_attention"):
+        raise ValueError(f"explain: op must be 'attention' or 'channel_attention', got {op!r}")
+    if not tensors or not all(isinstance(t, torch.Tensor) for t in tensors):
+        raise TypeError("explain: pass the call's tensors: (q, k, v), (x, query, key, value) or (x,)")
+    if training is None:
+        training = _training(*tensors)
+    first = tensors[0]
+    if op == "channel_attention":
+        sizes = _channel_sizes(first)
+    elif len(tensors) == 4 and first.dim() == 4:  # position_attention(x, query, key, value)
+        x, query = tensors[0], tensors[1]
+        n = x.shape[2] * x.shape[3]
+        sizes = {"B": x.shape[0], "Nq": n, "Nk": n, "E": query.shape[1], "Ev": x.shape[1]}
+    elif len(tensors) == 3:
+        sizes = _attention_sizes(*tensors)
+    else:
+        raise TypeError("explain: pass (q, k, v) for attention or (x, query, key, value) for position_attention")
+    return _backends.choose(op, first.device, first.dtype, training, sizes)
+
+
+def _attention_sizes(q, k, v) -> dict:
+    return {"B": q.shape[0], "Nq": q.shape[1], "Nk": k.shape[1], "E": q.shape[2], "Ev": v.shape[2]}
+
+
+def _channel_sizes(x) -> dict:
+    return {"B": x.shape[0], "C": x.shape[1], "N": math.prod(x.shape[2:])}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,23 +185,8 @@ def _scale_value(fn: str, scale) -> float:
 # ---------------------------------------------------------------------------------------------
 
 
-def _attention_op(backend: str):
-    if backend == "native":
-        return torch.ops.attnseg.attention_fwd
-    from .triton import attention as triton_attention
-
-    return triton_attention.attention_fwd
-
-
-def _channel_op(backend: str):
-    if backend == "native":
-        return torch.ops.attnseg.channel_attention_fwd
-    from .triton import channel_attention as triton_channel
-
-    return triton_channel.channel_attention_fwd
-
-
-def attention(q, k, v, scale: float = 1.0, *, backend: str = "auto", return_lse: bool = False):
+def attention(q, k, v, scale: float = 1.0, *, backend: str = "auto", return_lse: bool = False,
+              chunk_budget_mib: Optional[float] = None):
     """Fused softmax(q kᵀ · scale) v without materialising the Nq×Nk map.
 
     Args:
@@ -195,9 +194,11 @@ def attention(q, k, v, scale: float = 1.0, *, backend: str = "auto", return_lse:
         k: [B, Nk, E] keys.
         v: [B, Nk, Ev] values (Ev may differ from E).
         scale: logits multiplier (1.0 for DANet's PAM, E ** -0.5 for OCR / transformers).
-        backend: "auto", "native", "triton" or "reference".
+        backend: "auto", "native", "triton", "chunked" or "reference".
         return_lse: also return the row logsumexp of the scaled logits, [B, Nq] in fp32
             (fp64 for fp64 inputs).
+        chunk_budget_mib: the chunked backend's budget for one chunk's temporaries, MiB
+            (default: ``ATTNSEG_CHUNK_BUDGET_MIB``, else :mod:`attnseg.config`'s rule).
 
     All inputs share one device and one dtype (float16, bfloat16, float32 or float64);
     accumulation is in fp32 (fp64 for fp64). Returns out: [B, Nq, Ev], contiguous, q's dtype.
@@ -214,18 +215,14 @@ def attention(q, k, v, scale: float = 1.0, *, backend: str = "auto", return_lse:
     if v.shape[1] != k.shape[1]:
         raise ValueError(f"{fn}: v has Nk = {v.shape[1]} rows but k has Nk = {k.shape[1]}; they must match")
     scale = _scale_value(fn, scale)
-    backend = resolve_backend(backend, q.device)
-    if backend == "reference":
-        if not return_lse:  # the logsumexp is another pass over the materialised Nq x Nk map
-            return reference.attention(q, k, v, scale)
-        out, lse = reference.attention_with_lse(q, k, v, scale)
-        lse = lse.to(_ops._lse_dtype(q.dtype))
-    else:
-        out, lse = _attention_op(backend)(q, k, v, scale)
+    chosen = _choose(backend, "attention", (q, k, v), _attention_sizes(q, k, v))
+    options = {"budget_mib": chunk_budget_mib} if chosen.name == "chunked" else {}
+    out, lse = chosen.attention(q, k, v, scale, need_lse=return_lse, **options)
     return (out, lse) if return_lse else out
 
 
-def position_attention(x, query, key, value, gamma, *, backend: str = "auto"):
+def position_attention(x, query, key, value, gamma, *, backend: str = "auto",
+                       chunk_budget_mib: Optional[float] = None):
     """DANet position attention after its 1×1 convolutions: gamma · attend(x) + x.
 
     Args:
@@ -233,7 +230,8 @@ def position_attention(x, query, key, value, gamma, *, backend: str = "auto"):
         query, key: [B, E, H, W] outputs of query_conv and key_conv (E = C / 8 in DANet).
         value: [B, C, H, W] output of value_conv.
         gamma: [1] residual weight.
-        backend: "auto", "native", "triton" or "reference".
+        backend: "auto", "native", "triton", "chunked" or "reference".
+        chunk_budget_mib: the chunked backend's chunk budget, MiB (see :func:`attention`).
 
     Matches the official ``PAM_Module`` (no 1/sqrt(E) scale). Returns [B, C, H, W]; the fused
     backends keep x's memory format (the reference returns what the official code returns).
@@ -249,17 +247,10 @@ def position_attention(x, query, key, value, gamma, *, backend: str = "auto"):
         if tuple(t.shape) != (b, channels, h, w):
             raise ValueError(f"{fn}: {name} must have shape {(b, channels, h, w)} to match x and query, got {tuple(t.shape)}")
     _check_gamma(fn, gamma, x)
-    backend = resolve_backend(backend, x.device)
-    if backend == "reference":
-        return reference.position_attention(x, query, key, value, gamma)
-    # [B, C, H, W] -> [B, N, C] views: strides (C·N, 1, N); the kernels read them without a copy.
-    q = query.flatten(2).transpose(1, 2)
-    k = key.flatten(2).transpose(1, 2)
-    v = value.flatten(2).transpose(1, 2)
-    out, _ = _attention_op(backend)(q, k, v, 1.0)
-    attended = out.transpose(1, 2).view(b, c, h, w)
-    # gamma · attended + x with the official code's type promotion (fp32 gamma, bf16 x -> fp32)
-    return torch.addcmul(x, gamma, attended)
+    sizes = {"B": b, "Nq": h * w, "Nk": h * w, "E": query.shape[1], "Ev": c}
+    chosen = _choose(backend, "attention", (x, query, key, value, gamma), sizes)
+    options = {"budget_mib": chunk_budget_mib} if chosen.name == "chunked" else {}
+    return chosen.position_attention(x, query, key, value, gamma, **options)
 
 
 def channel_attention(x, gamma, *, variant: str = "official", backend: str = "auto"):
@@ -270,15 +261,13 @@ def channel_attention(x, gamma, *, variant: str = "official", backend: str = "au
         gamma: [1] residual weight.
         variant: "official" (A = softmax(rowmax(E) − E), what DANet checkpoints were trained
             with) or "paper" (A = softmax(E)); E = X Xᵀ, accumulated in fp32.
-        backend: "auto", "native", "triton" or "reference".
+        backend: "auto", "native", "triton", "chunked" (the math through library GEMMs, Gram
+            matrix and softmax in fp32) or "reference".
     """
     fn = "channel_attention"
     _check_tensor(fn, "x", x, 4, "[B, C, H, W]")
     _check_gamma(fn, gamma, x)
     if variant not in CAM_VARIANTS:
         raise ValueError(f"{fn}: variant must be one of {CAM_VARIANTS}, got {variant!r}")
-    backend = resolve_backend(backend, x.device)
-    if backend == "reference":
-        return reference.channel_attention(x, gamma, variant)
-    y, _ = _channel_op(backend)(x.flatten(2), variant == "official")
-    return torch.addcmul(x, gamma, y.view(x.shape))
+    chosen = _choose(backend, "channel_attention", (x, gamma), _channel_sizes(x))
+    return chosen.channel_attention(x, gamma, variant == "official")

@@ -10,21 +10,15 @@ import torch
 from torch import nn
 
 from . import functional as F_attn
+from ._backends import check_backend
 from .onnx import module_backend
 
 __all__ = ["PositionAttention", "ChannelAttention", "DANetHead"]
 
 
-def _check_backend(backend: str) -> str:
-    if not isinstance(backend, str) or backend not in F_attn.BACKENDS:
-        raise ValueError(f"backend must be one of {F_attn.BACKENDS}, got {backend!r}")
-    return backend
-
-
-def _backend_repr(backend: str) -> str:
-    if backend != "auto":
-        return f"backend={backend!r}"
-    return f"backend='auto' (cpu: {F_attn.resolve_backend('auto', 'cpu')})"
+def backend_repr(backend: str) -> str:
+    """How a module's extra_repr shows its backend ("auto" chooses per call: attnseg.explain)."""
+    return f"backend={backend!r}"
 
 
 def _attend_positions(x, query, key, value, gamma, backend: str):
@@ -46,7 +40,7 @@ class PositionAttention(nn.Module):
         in_channels: C of the [B, C, H, W] input (any C >= 1, as the official ``PAM_Module``).
         reduction: the query/key width is C // reduction (8 in DANet; the official
             ``PAM_Module(60)`` has width 60 // 8 = 7). A width of 0 is an error.
-        backend: "auto", "native", "triton" or "reference" (see :mod:`attnseg.functional`).
+        backend: "auto", "native", "triton", "chunked" or "reference" (see :mod:`attnseg.functional`).
         key_channels: optional keyword, the query/key width itself (mmsegmentation's
             ``pam_channels``); when given, ``reduction`` is not used.
 
@@ -74,7 +68,7 @@ class PositionAttention(nn.Module):
         self.in_channels = in_channels
         self.reduction = reduction
         self.key_channels = key_channels
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.query_conv = nn.Conv2d(in_channels, key_channels, kernel_size=1)
         self.key_conv = nn.Conv2d(in_channels, key_channels, kernel_size=1)
         self.value_conv = nn.Conv2d(in_channels, in_channels, kernel_size=1)
@@ -90,7 +84,7 @@ class PositionAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, key_channels={self.key_channels}, "
-                f"{_backend_repr(self.backend)}")
+                f"{backend_repr(self.backend)}")
 
 
 def _attend_channels(x, gamma, variant: str, backend: str):
@@ -105,7 +99,7 @@ class ChannelAttention(nn.Module):
         in_channels: optional, C of the input; checked in forward when given.
         variant: "official" (softmax(rowmax(E) − E), as DANet's code and checkpoints) or
             "paper" (softmax(E), as the paper writes it).
-        backend: "auto", "native", "triton" or "reference".
+        backend: "auto", "native", "triton", "chunked" or "reference".
 
     Parameters: gamma ([1], zero-initialised), as the official ``CAM_Module``.
     """
@@ -118,7 +112,7 @@ class ChannelAttention(nn.Module):
             raise ValueError(f"ChannelAttention: in_channels must be a positive int or None, got {in_channels!r}")
         self.in_channels = in_channels
         self.variant = variant
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         self.gamma = nn.Parameter(torch.zeros(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -133,7 +127,7 @@ class ChannelAttention(nn.Module):
 
     def extra_repr(self) -> str:
         channels = f"in_channels={self.in_channels}, " if self.in_channels is not None else ""
-        return f"{channels}variant={self.variant!r}, {_backend_repr(self.backend)}"
+        return f"{channels}variant={self.variant!r}, {backend_repr(self.backend)}"
 
 
 def _conv_bn_relu(in_channels: int, out_channels: int, norm_layer) -> nn.Sequential:

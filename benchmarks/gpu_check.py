@@ -1,4 +1,4 @@
-"""One command for the day a GPU is lent: the GPU tests, then a timing table, in under 8 minutes.
+"""One command for a GPU machine: the GPU tests, then a timing table, in under 8 minutes.
 
     python benchmarks/gpu_check.py                 # on a CUDA machine; writes docs/gpu_check.md
     python benchmarks/gpu_check.py --dry-run       # anywhere: print the plan and the predicted skips
@@ -76,8 +76,8 @@ from _common import (
 GIB = 1024**3
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 ELEMENT_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-PAM_IMPLS = ("native", "triton", "sdpa", "math")
-CAM_IMPLS = ("native", "triton", "math")
+PAM_IMPLS = ("native", "triton", "chunked", "sdpa", "math")
+CAM_IMPLS = ("native", "triton", "chunked", "math")
 MODES = ("fwd", "fwd+bwd")
 SIZES = (9216, 32768)
 BATCHES = (1, 8)
@@ -205,9 +205,10 @@ def _case_call(case: Case, device: torch.device):
             inputs = [leaf.transpose(1, 2) for leaf in leaves]
         attend = {"native": lambda q, k, v: attnseg.attention(q, k, v, 1.0, backend="native"),
                   "triton": lambda q, k, v: attnseg.attention(q, k, v, 1.0, backend="triton"),
+                  "chunked": lambda q, k, v: attnseg.attention(q, k, v, 1.0, backend="chunked"),
                   "sdpa": _sdpa_efficient, "math": attnseg.reference.attention}[case.impl]
         # dO as PositionAttention's backward hands it over (its output goes back to channel-first):
-        # channel-first views too; the first GPU run passed a contiguous dO (docs/gpu_check.md)
+        # channel-first views too; the H200 run of 2026-12-04 passed a contiguous dO (docs/gpu_check.md)
         grad_out = (torch.randn(case.batch, case.n, EV, device=device, dtype=dtype) if case.impl == "sdpa" else
                     torch.randn(case.batch, EV, case.n, device=device, dtype=dtype).transpose(1, 2))
     else:
@@ -218,6 +219,7 @@ def _case_call(case: Case, device: torch.device):
         gamma = torch.ones(1, device=device, dtype=dtype)  # gamma · A X + x, with A X in the timed work
         attend = {"native": lambda x: attnseg.channel_attention(x, gamma, backend="native"),
                   "triton": lambda x: attnseg.channel_attention(x, gamma, backend="triton"),
+                  "chunked": lambda x: attnseg.channel_attention(x, gamma, backend="chunked"),
                   "math": lambda x: attnseg.reference.channel_attention(x, gamma)}[case.impl]
         grad_out = torch.randn(case.batch, CAM_C, case.n, 1, device=device, dtype=dtype)
 
@@ -262,7 +264,7 @@ def run_case(payload: dict, device: str = "cuda") -> dict:
 def run_group(payloads: list[dict], device: str = "cuda") -> dict:
     """Child entry point: the cases of one group (the impls compared in one row group: same op,
     mode, size, batch and dtype) one after another in one process, so that they share one CUDA
-    context; the first GPU run spent about 8 s a case on a fresh process each, most of it
+    context; the H200 run of 2026-12-04 spent about 8 s a case on a fresh process each, most of it
     starting CUDA. ``{"results": [run_case's result, or {"error": reason}] ...}`` in order. After
     an error other than running out of memory (which may leave the context unusable) the group
     stops, and the caller runs the cases not reported each in a process of its own."""
@@ -289,7 +291,7 @@ def profile_case(payload: dict, device: str = "cuda") -> dict:
     """Child entry point: one call of the case under torch.profiler, after two warm-up calls; the
     kernels (CUDA) or operators (CPU) by self time: ``{"kernels": [[name, calls, ms], ...]}``.
 
-    The first GPU run found the CUDA C++ backward 7-16x slower than Triton with no way to tell
+    The H200 run of 2026-12-04 found the CUDA C++ backward 7-16x slower than Triton with no way to tell
     which of its kernels (dV, dK/dQ with the ordered dQ counters, dQ conversion) takes the time.
     """
     from torch.profiler import ProfilerActivity, profile
@@ -421,7 +423,7 @@ def pytest_environment(attnseg_dir: str | Path, environ=os.environ) -> dict:
 
     pytest puts ``tests/`` on sys.path, not the repository root, so an attnseg built in place
     (``python setup.py build_ext --inplace``, not installed) is importable by the timings (which
-    add the checkout) but not by the tests: the first GPU run here lost its tests that way. When
+    add the checkout) but not by the tests: the H200 run of 2026-12-04 lost its tests that way. When
     the imported attnseg is this checkout's, the checkout goes first on the tests' PYTHONPATH.
     """
     env = {**environ, "ATTNSEG_REQUIRE_NATIVE": "1"}
@@ -480,7 +482,7 @@ def environment_lines(attnseg) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="GPU tests and a timing table for a lent GPU (< 8 minutes).",
+    parser = argparse.ArgumentParser(description="GPU tests and a timing table on a GPU machine (< 8 minutes).",
                                      epilog="See the module docstring for the method and the FLOP convention.")
     parser.add_argument("--output", type=Path, default=REPO_ROOT / "docs" / "gpu_check.md",
                         help="the Markdown report (default docs/gpu_check.md)")
@@ -491,6 +493,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--compile-timeout", type=float, default=180.0,
                         help="seconds for the first triton case of each op, mode and dtype (default 180)")
     parser.add_argument("--skip-tests", action="store_true", help="timings only")
+    parser.add_argument("--table", type=Path, default=REPO_ROOT / "attnseg" / "backend_table.json",
+                        help="the measured table backend='auto' reads: this GPU's rows replace those of the "
+                             "same key (default attnseg/backend_table.json)")
     parser.add_argument("--skip-profile", action="store_true",
                         help="no kernel profile of the native fp16 forward+backward (N = 9,216, B = 1)")
     parser.add_argument("--dry-run", action="store_true",
@@ -590,6 +595,22 @@ def time_cases(results: list[CaseResult], runner, args, deadline: float, free_by
             show(result)
 
 
+def backend_table_rows(results: list[CaseResult], kind: str, source: str) -> list[dict]:
+    """The measured rows of the backends and the math, as attnseg/backend_table.json holds them."""
+    rows = []
+    for result in results:
+        case = result.case
+        if result.median_s is None or case.impl == "sdpa":
+            continue
+        sizes = ({"B": case.batch, "Nq": case.n, "Nk": case.n, "E": E, "Ev": EV} if case.op == "pam"
+                 else {"B": case.batch, "C": CAM_C, "N": case.n})
+        rows.append({"op": "attention" if case.op == "pam" else "channel_attention", "device": kind,
+                     "dtype": case.dtype, "mode": "forward" if case.mode == "fwd" else "training", **sizes,
+                     "backend": case.impl, "median_ms": round(result.median_s * 1e3, 4),
+                     "peak_mib": round(result.peak_mib, 2), "source": source})
+    return rows
+
+
 def main(argv=None) -> int:
     """Exit status: 0 all ran, 1 a test or a case failed, 2 no CUDA device."""
     args = parse_args(argv)
@@ -629,6 +650,13 @@ def main(argv=None) -> int:
     write_report(args.output, environment, tests, results, time.monotonic() - started, profile)
     print(args.output.read_text())
     print(f"written to {args.output}")
+    rows = backend_table_rows(results, attnseg._backends.device_kind(torch.device("cuda")),
+                              f"{torch.cuda.get_device_name()}, benchmarks/gpu_check.py, {time.strftime('%Y-%m-%d')}")
+    if rows and args.table is not None:
+        from backend_table import merge_rows
+
+        print(f"{len(rows)} rows written to {args.table} ({merge_rows(str(args.table), rows)} in all), "
+              "which backend='auto' reads")
     failed_tests = any(o.get("failed") or o.get("errors") or "problem" in o for o in tests.values())
     return 1 if failed_tests or any(r.status == "failed" for r in results) else 0
 

@@ -17,7 +17,9 @@ quadratically. This script measures both, over a sweep of square-ish feature map
   call produces count in its peak.
 
 Defaults: B = 1, C = Ev = 512, E = C/8 = 64 (the DANet head), scale 1, float32, sizes 32², 48²,
-64², 96², 128² and 128×256 (N = 32,768, a whole 1024×2048 Cityscapes frame at stride 8). Where
+64² and 96² (N = 9,216, a 768 crop at stride 8); ``--full`` adds 128² and 128×256 (N = 32,768, a
+whole 1024×2048 Cityscapes frame at stride 8). The plot goes to ``pam_memory.png`` unless
+``--plot`` or ``--no-plot`` says otherwise. Where
 one N×N map of the reference would exceed 2 GiB (so at 128×256) the reference is skipped unless
 ``--reference-at-huge`` asks for it (it needs several 4 GiB maps and minutes per call there).
 
@@ -52,7 +54,8 @@ the sweep and still prints what was measured.
 
 Usage (from the repository root):
 
-    python benchmarks/pam_memory.py                        # the full sweep, native vs reference
+    python benchmarks/pam_memory.py                        # 32² to 96², native vs reference (~2 min on 2 cores)
+    python benchmarks/pam_memory.py --full                 # 32² to 128×256 (~20 min on 2 cores)
     python benchmarks/pam_memory.py --quick                # CI: 16², 24², 32², 1 repeat
     python benchmarks/pam_memory.py --sizes 96x96,128x128 --scopes op --modes fwd+bwd
     python benchmarks/pam_memory.py --csv benchmarks/results/pam.csv --plot benchmarks/results/pam.png
@@ -104,11 +107,13 @@ from _common import (
 
 attnseg = import_attnseg()
 
-DEFAULT_SIZES = "32x32,48x48,64x64,96x96,128x128,128x256"
+DEFAULT_SIZES = "32x32,48x48,64x64,96x96"  # about 2 minutes on 2 CPU cores, seconds on a GPU
+FULL_SIZES = "32x32,48x48,64x64,96x96,128x128,128x256"  # --full: up to a whole Cityscapes frame
 QUICK_SIZES = "16x16,24x24,32x32"
+DEFAULT_PLOT = "pam_memory.png"  # written to the current folder unless --plot says otherwise
 SCOPES = ("op", "module")
 MODES = ("fwd", "fwd+bwd")
-FUSED_BACKENDS = ("native", "triton", "reference")  # "reference" only to test the plumbing
+FUSED_BACKENDS = ("native", "triton", "chunked", "auto", "reference")  # "reference" only to test the plumbing
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 REFERENCE_MAP_LIMIT_BYTES = 2 * 1024**3  # beyond one map this big the reference needs --reference-at-huge
 BASELINE = "reference"
@@ -262,7 +267,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--sizes", type=parse_sizes, default=None,
                         help=f"feature-map sizes HxW, comma-separated (default {DEFAULT_SIZES})")
     parser.add_argument("--quick", action="store_true",
-                        help=f"CI mode: sizes {QUICK_SIZES}, 1 repeat (unless --sizes/--repeats say otherwise)")
+                        help=f"CI mode: sizes {QUICK_SIZES}, 1 repeat, no plot (unless --sizes/--repeats say otherwise)")
+    parser.add_argument("--full", action="store_true",
+                        help=f"the full sweep, sizes {FULL_SIZES} (about 20 minutes on 2 CPU cores)")
     parser.add_argument("--backend", choices=FUSED_BACKENDS, default="native",
                         help="the fused backend compared with the reference (default native; 'reference' "
                              "compares the reference with itself, to test this script)")
@@ -293,10 +300,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="CPU: memory a case may allocate before it fails with 'out of memory' instead "
                              "of waking the OOM killer (default: the MemAvailable at start; 0: no limit)")
     parser.add_argument("--csv", metavar="PATH", help="write one row per case")
-    parser.add_argument("--plot", metavar="PATH.png", help="memory and time against N, log-log (needs matplotlib)")
+    parser.add_argument("--plot", metavar="PATH.png", default=None,
+                        help=f"memory and time against N, log-log (needs matplotlib; default {DEFAULT_PLOT}, "
+                             "none with --quick)")
+    parser.add_argument("--no-plot", action="store_true", help="write no plot")
     args = parser.parse_args(argv)
+    if args.quick and args.full:
+        parser.error("--quick and --full: choose one")
     if args.sizes is None:
-        args.sizes = parse_sizes(QUICK_SIZES if args.quick else DEFAULT_SIZES)
+        args.sizes = parse_sizes(QUICK_SIZES if args.quick else FULL_SIZES if args.full else DEFAULT_SIZES)
+    if args.plot is None and not args.quick:
+        args.plot = DEFAULT_PLOT
+    if args.no_plot:
+        args.plot = None
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
     if args.repeats < 1 or args.warmups < 1:
@@ -313,6 +329,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def backend_unavailable_reason(backend: str, device: str) -> str | None:
+    if backend == "auto":  # always runs: it chooses among what is available
+        return None
     try:
         return attnseg.available_backends(device)[backend]
     except Exception as exc:  # a broken backend module must not stop the baseline's rows
@@ -351,8 +369,17 @@ def run_sweep(planned: list[CaseResult], runner: IsolatedRunner, args) -> None:
         limit_gib = args.memory_limit_gib
         headroom = available_memory_bytes() if limit_gib is None else int(limit_gib * 1024**3) or None
     to_run = [result for result in planned if result.status == "pending"]
+    # time left, estimated from the time so far and each case's cost model: its N² work (the
+    # reference's and the fused backends' time grow as N²), the backward three times the forward
+    costs = [r.case.batch * r.case.pixels ** 2 * (3 if r.case.mode == "fwd+bwd" else 1) for r in to_run]
+    started = time.perf_counter()
     for index, result in enumerate(to_run, 1):
-        progress(f"[{index}/{len(to_run)}] {result.case.label} ...", end="")
+        done = sum(costs[: index - 1])
+        left = ""
+        if done:
+            seconds = (time.perf_counter() - started) * sum(costs[index - 1:]) / done
+            left = f", about {seconds:.0f} s left"
+        progress(f"[{index}/{len(to_run)}{left}] {result.case.label} ...", end="")
         try:
             outcome = runner.run(run_case, dataclasses.asdict(result.case), timeout_s=args.timeout,
                                  memory_headroom_bytes=headroom)

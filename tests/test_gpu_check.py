@@ -23,9 +23,10 @@ def test_plan_covers_the_issue_grid_in_priority_order():
     cases = gc.plan_cases()
     pam = [c for c in cases if c.op == "pam"]
     cam = [c for c in cases if c.op == "cam"]
-    assert len(pam) == 2 * 2 * 3 * 2 * 4 and len(cam) == 2 * 2 * 3 * 2 * 3
+    assert len(pam) == 2 * 2 * 3 * 2 * 5 and len(cam) == 2 * 2 * 3 * 2 * 4
     assert {c.n for c in cases} == {9216, 32768} and {c.batch for c in cases} == {1, 8}
-    assert {c.impl for c in pam} == {"native", "triton", "sdpa", "math"}
+    assert {c.impl for c in pam} == {"native", "triton", "chunked", "sdpa", "math"}
+    assert {c.impl for c in cam} == {"native", "triton", "chunked", "math"}
     assert len(set(cases)) == len(cases)
     # fp16 first, fp32 last: a spent budget cuts fp32 rows first
     order = [c.dtype for c in cases]
@@ -118,7 +119,7 @@ def test_dry_run_prints_the_plan():
     proc = subprocess.run([sys.executable, str(BENCHMARKS / "gpu_check.py"), "--dry-run", "--dtypes", "float32"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "56 cases" in proc.stdout and "skipped: would need 96 GiB" in proc.stdout
+    assert "72 cases" in proc.stdout and "skipped: would need 96 GiB" in proc.stdout
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
@@ -134,7 +135,8 @@ def test_bad_dtype_is_refused():
         gc.parse_args(["--dtypes", "float8"])
 
 
-@pytest.mark.parametrize("op, impl", [("pam", "native"), ("pam", "math"), ("cam", "native"), ("cam", "math")])
+@pytest.mark.parametrize("op, impl", [("pam", "native"), ("pam", "chunked"), ("pam", "math"), ("cam", "native"),
+                                      ("cam", "chunked"), ("cam", "math")])
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_run_case_measures_small_cases_on_the_cpu(op, impl, mode):
     pytest.importorskip("attnseg")
@@ -253,3 +255,11 @@ def test_time_cases_marks_what_the_budget_leaves_not_run():
     runner = _InProcessRunner()
     gc.time_cases(results, runner, gc.parse_args([]), gc.time.monotonic() + 1, free_bytes=64 * GIB)
     assert runner.calls == [] and [r.status for r in results] == ["not run"] * 2
+
+
+def test_measured_rows_become_backend_table_rows():
+    results = [_result("chunked", 0.002, op="pam", mode="fwd+bwd"), _result("sdpa", 0.003, op="pam", mode="fwd+bwd"),
+               _result("math", None, status="not run", op="pam", mode="fwd+bwd")]
+    rows = gc.backend_table_rows(results, "cuda:sm_90", "test")
+    assert [r["backend"] for r in rows] == ["chunked"]  # sdpa is no backend; unmeasured rows are left out
+    assert rows[0]["mode"] == "training" and rows[0]["op"] == "attention" and rows[0]["median_ms"] == 2.0

@@ -24,7 +24,7 @@ from mmengine.model import is_model_wrapper
 from mmengine.registry import HOOKS
 
 from .. import convert_model
-from ..modules import _check_backend
+from .._backends import check_backend
 
 __all__ = ["ConvertAttentionHook"]
 
@@ -34,7 +34,7 @@ class ConvertAttentionHook(Hook):
     """Run :func:`attnseg.convert_model` on ``runner.model`` before training, validation or testing.
 
     Args:
-        backend: "auto", "native", "triton" or "reference", given to every replacement.
+        backend: "auto", "native", "triton", "chunked" or "reference", given to every replacement.
         verbose: log the conversion report through ``runner.logger`` (always logs a one-line
             summary).
     """
@@ -42,7 +42,7 @@ class ConvertAttentionHook(Hook):
     priority = "VERY_HIGH"  # before hooks that look at the model (EMA copies, for one)
 
     def __init__(self, backend: str = "auto", verbose: bool = True):
-        self.backend = _check_backend(backend)
+        self.backend = check_backend(backend)
         if not isinstance(verbose, bool):
             raise TypeError(f"ConvertAttentionHook: verbose must be a bool, got {verbose!r}")
         self.verbose = verbose
