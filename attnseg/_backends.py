@@ -337,9 +337,25 @@ def choose(op: str, device, dtype: torch.dtype, training: bool, sizes: dict, *,
     key = {"op": op, "device": kind or device_kind(device), "dtype": str(dtype).replace("torch.", ""),
            "mode": _mode(training)}
     available = tuple(candidates) if candidates is not None else auto_candidates(device, dtype)
+    table = table if table is not None else table_rows()
+    # the same call shape meets the same choice: memoised per table (a call's lookup is Python work)
+    memo_key = (id(table), *key.values(), *sorted(sizes.items()), available)
+    memo = _CHOICES.get(memo_key)
+    if memo is not None and memo[0] is table:
+        return memo[1]
+    choice = _choose(op, device, key, available, sizes, table)
+    if len(_CHOICES) > 4096:
+        _CHOICES.clear()
+    _CHOICES[memo_key] = (table, choice)
+    return choice
+
+
+_CHOICES: dict[tuple, tuple] = {}
+
+
+def _choose(op: str, device: torch.device, key: dict, available: tuple, sizes: dict, table: tuple) -> Choice:
     work = row_work({"op": op, **sizes})
-    rows = [row for row in (table if table is not None else table_rows())
-            if all(row.get(field) == value for field, value in key.items())]
+    rows = [row for row in table if all(row.get(field) == value for field, value in key.items())]
     if rows:
         nearest = min(rows, key=lambda row: abs(math.log(row_work(row) / work)))
         if abs(math.log(row_work(nearest) / work)) <= math.log(SIZE_FACTOR):

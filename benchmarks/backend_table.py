@@ -4,8 +4,11 @@ For each op (PAM's generic attention at the DANet head's widths, E = 64, Ev = 51
 channel-first [B, N, E] views the module makes; CAM at C = 512, official variant), size, dtype
 and mode ("forward" under ``torch.no_grad()``; "training", forward then backward with inputs
 that require grad), every backend that can run here and the math (``attnseg.reference``) are
-timed and measured for peak memory, each case in a fresh process (``_common.IsolatedRunner``;
-method of ``_common.PeakMemoryMeter`` and ``measure_call``, as in ``pam_memory.py``).
+timed and measured for peak memory. Times: the backends and the math of one size in one fresh
+process, their calls in turns (:func:`run_times`; median of up to ``--repeats`` rounds). Peak
+memory: each case in a fresh process of its own (``_common.IsolatedRunner``, the method of
+``_common.PeakMemoryMeter``, as in ``pam_memory.py``), which would disturb the timing of small
+cases (it trims the allocator before every call) and is therefore kept apart from it.
 
 The table printed has each row's time and peak against the math of the same size. With
 ``--write`` (default ``attnseg/backend_table.json``) the rows replace those of the same key
@@ -29,6 +32,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
 
@@ -130,15 +134,47 @@ def build_call(case: Case):
     return call, drop_grads
 
 
-def run_case(payload: dict) -> dict:
-    """Child entry point: the case's median time (s) and largest peak (MiB)."""
+def run_peak(payload: dict) -> dict:
+    """Child entry point: the case's largest peak (MiB) over two calls after a warm-up."""
     case = Case(**payload)
     torch.set_num_threads(case.threads)
     meter = PeakMemoryMeter(torch.device(case.device))
     call, drop_grads = build_call(case)
-    measured = measure_call(call, meter, repeats=case.repeats, warmups=2, before_each=drop_grads,
-                            time_budget_s=case.time_budget_s, cuda_events=case.device == "cuda")
-    return {"peak_mib": measured.peak_mib, "median_s": measured.median_s, "calls": len(measured.times_s)}
+    measured = measure_call(call, meter, repeats=2, warmups=1, before_each=drop_grads)
+    return {"peak_mib": measured.peak_mib}
+
+
+def run_times(payloads: list[dict]) -> dict:
+    """Child entry point: the median time (s) of each case of one size, timed in turns.
+
+    The cases' calls alternate, in reversed order every other round, so that a host whose speed
+    drifts slows them alike; nothing else runs between them (the memory meter's page trimming,
+    which would make every call fault its memory in anew, is kept out of the timing)."""
+    cases = [Case(**payload) for payload in payloads]
+    torch.set_num_threads(cases[0].threads)
+    synchronize = torch.cuda.synchronize if cases[0].device == "cuda" else (lambda: None)
+    calls = [build_call(case) for case in cases]
+
+    def timed(call, drop_grads) -> float:
+        drop_grads()
+        synchronize()
+        started = time.perf_counter()
+        call()
+        synchronize()
+        return time.perf_counter() - started
+
+    for _ in range(2):  # warm-up: one-time allocations, thread pools, kernels' first use
+        for call, drop_grads in calls:
+            timed(call, drop_grads)
+    times: list[list[float]] = [[] for _ in cases]
+    budget, repeats = cases[0].time_budget_s * len(cases), cases[0].repeats
+    for index in range(repeats):
+        if index and sum(map(sum, times)) >= budget:
+            break
+        order = list(range(len(cases)))
+        for i in (order if index % 2 == 0 else order[::-1]):
+            times[i].append(timed(*calls[i]))
+    return {"median_s": [statistics.median(t) for t in times], "calls": len(times[0])}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -152,9 +188,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=2, help="B (default 2)")
     parser.add_argument("--backends", type=parse_choices(tuple(n for n in attnseg._backends.concrete_names() if n != "reference")),
                         default=None, help="default: every backend that auto may pick here")
-    parser.add_argument("--repeats", type=int, default=15, help="timed calls per case (default 15)")
-    parser.add_argument("--time-budget", type=float, default=8.0,
-                        help="stop repeating a case past this many seconds of timed calls (default 8)")
+    parser.add_argument("--repeats", type=int, default=21, help="rounds of timed calls per size (default 21)")
+    parser.add_argument("--time-budget", type=float, default=4.0,
+                        help="stop the rounds once the calls add up to this many seconds per case (default 4; "
+                             "at least one round runs)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--write", nargs="?", const=DEFAULT_TABLE, default=None, metavar="PATH",
                         help=f"merge the rows into this table (default when given without a path: {DEFAULT_TABLE})")
@@ -254,7 +291,8 @@ def main(argv=None) -> int:
     date = datetime.date.today().isoformat()
     source = args.source or f"{machine_name(args.device)}, benchmarks/backend_table.py, {date}"
     print(f"backends against the math on {kind} ({machine_name(args.device)}); torch {torch.__version__}, "
-          f"{args.threads} threads; each case in a fresh process, median of up to {args.repeats} calls")
+          f"{args.threads} threads; times: median of up to {args.repeats} rounds of the backends' calls in turns, "
+          "one process per size; peaks: a fresh process per case")
     runner = IsolatedRunner(preload=("torch", "attnseg"))
     cases = [Case(op, backend, side, args.batch, dtype, mode, args.device, args.threads, args.repeats,
                   args.time_budget)
@@ -262,18 +300,30 @@ def main(argv=None) -> int:
              for backend in [MATH, *args.backends]]
     results: list[tuple[Case, dict]] = []
     failed = 0
-    for index, case in enumerate(cases, 1):
+    groups: dict[tuple, list[Case]] = {}
+    for case in cases:
+        groups.setdefault((case.op, case.dtype, case.mode, case.side), []).append(case)
+    for index, group in enumerate(groups.values(), 1):
         elapsed = time.perf_counter() - started
-        left = f", about {elapsed / (index - 1) * (len(cases) - index + 1):.0f} s left" if index > 1 else ""
-        progress(f"[{index}/{len(cases)}{left}] {case.op} {case.dtype} {case.mode} N={case.n} B={case.batch} "
-                 f"{case.backend} ...", end="")
-        outcome = runner.run(run_case, dataclasses.asdict(case), timeout_s=600)
-        if outcome.result is None:
-            failed += 1
-            progress(f" failed: {outcome.failure}")
+        left = f", about {elapsed / (index - 1) * (len(groups) - index + 1):.0f} s left" if index > 1 else ""
+        first = group[0]
+        progress(f"[{index}/{len(groups)}{left}] {first.op} {first.dtype} {first.mode} N={first.n} B={first.batch}: "
+                 f"{', '.join(c.backend for c in group)} ...", end="")
+        timing = runner.run(run_times, [dataclasses.asdict(c) for c in group], timeout_s=1800)
+        if timing.result is None:
+            failed += len(group)
+            progress(f" failed: {timing.failure}")
             continue
-        results.append((case, outcome.result))
-        progress(f" {format_seconds(outcome.result['median_s'])}, {format_mib(outcome.result['peak_mib'])} MiB")
+        cells = []
+        for case, median_s in zip(group, timing.result["median_s"]):
+            peak = runner.run(run_peak, dataclasses.asdict(case), timeout_s=600)
+            if peak.result is None:
+                failed += 1
+                cells.append(f"{case.backend} failed: {peak.failure}")
+                continue
+            results.append((case, {"median_s": median_s, "peak_mib": peak.result["peak_mib"]}))
+            cells.append(f"{case.backend} {format_seconds(median_s)} / {format_mib(peak.result['peak_mib'])} MiB")
+        progress(f" {'; '.join(cells)}")
     math_of = {(c.op, c.dtype, c.mode, c.side): r for c, r in results if c.backend == MATH}
     lines = []
     for case, result in results:
