@@ -5,6 +5,7 @@ Rows ("impls"), all fed the same input tensors:
 * "triton": ``attnseg.attention(q, k, v, scale, backend="triton")``. CUDA only here: on the CPU
   Triton runs only under its interpreter (TRITON_INTERPRET=1), far too slow to time.
 * "native": ``attnseg.attention(..., backend="native")``, the compiled extension.
+* "chunked": ``attnseg.attention(..., backend="chunked")``, queries in chunks on torch's GEMMs.
 * "reference": ``attnseg.reference.attention``, which materialises the Nq×Nk map: the baseline.
 * "sdpa": ``torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)`` on the same
   tensors seen as [B, 1, N, E] (a view: SDPA's fused kernels take only 4-D inputs). PyTorch picks
@@ -108,11 +109,11 @@ attnseg = import_attnseg()
 
 DEFAULT_SIZES = "32x32,48x48,64x64,96x96,128x128"
 QUICK_SIZES = "8x8,16x16,24x24"
-IMPLS = ("triton", "native", "reference", "sdpa")
+IMPLS = ("triton", "native", "chunked", "reference", "sdpa")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 BASELINE = "reference"
-FUSED_IMPLS = ("triton", "native")  # flash-attention kernels: the backward recomputes S = q kᵀ
+FUSED_IMPLS = ("triton", "native", "chunked")  # their backward recomputes S = q kᵀ
 CASE_TIMEOUT_S = 1800.0
 FLOP_CONVENTION = ("useful FLOPs (the reference's matmuls, 1 multiply-add = 2 FLOPs, softmax not counted), "
                    "the same count for every row: fwd 2·B·N²·(E + Ev); fwd+bwd 3× that, "
@@ -209,6 +210,7 @@ def run_case(payload: dict) -> dict:
     attend = {
         "triton": functools.partial(attnseg.attention, backend="triton"),
         "native": functools.partial(attnseg.attention, backend="native"),
+        "chunked": functools.partial(attnseg.attention, backend="chunked"),
         "reference": attnseg.reference.attention,
         "sdpa": sdpa,
     }[case.impl]
@@ -403,7 +405,8 @@ def csv_row(r: CaseResult, results: list[CaseResult]) -> dict:
 
 
 def write_plot(path: str, results: list[CaseResult], args) -> str | None:
-    colors = {"triton": "tab:green", "native": "tab:red", "reference": "tab:blue", "sdpa": "tab:orange"}
+    colors = {"triton": "tab:green", "native": "tab:red", "chunked": "tab:purple", "reference": "tab:blue",
+              "sdpa": "tab:orange"}
     panels = []
     for mode in args.modes:
         row = [PlotPanel(f"{mode}: median time", "N = H*W", "seconds", {}),

@@ -231,6 +231,17 @@ def test_cli_prints_the_architectures_inside_the_cuda_kernels(tmp_path):
     assert f"attnseg CUDA SASS:" in result.stdout and ", ".join(archs["sass"]) in result.stdout, result.stdout
 
 
+@pytest.mark.skipif(not attnseg._ops.native_cuda_built(), reason="attnseg was built without its CUDA kernels")
+@pytest.mark.skipif("TORCH_CUDA_ARCH_LIST" in os.environ, reason="built for a TORCH_CUDA_ARCH_LIST of its own")
+def test_default_build_carries_ptx_for_newer_gpus():
+    # setup.py's default "8.0;8.6;9.0+PTX": SASS for sm_80, sm_86, sm_90 and sm_90's PTX, which a
+    # newer GPU (Blackwell, sm_100 / sm_120) JIT-compiles; without it those GPUs get no native kernels
+    archs = attnseg._ops.native_cuda_architectures()
+    assert archs["sass"] == ["sm_80", "sm_86", "sm_90"] and archs["ptx"] == ["compute_90"], archs
+    assert attnseg._ops.cuda_architecture_mismatch((10, 0)) is None
+    assert attnseg._ops.cuda_architecture_mismatch((7, 5)) is not None
+
+
 def test_license_matches_pyproject():
     license_text = (REPO / "LICENSE").read_text()
     assert license_text.startswith("MIT License")

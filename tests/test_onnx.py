@@ -31,6 +31,8 @@ def _trained(module):
 # name: (module, channels of x, whether forward takes coarse logits with K regions)
 MODULES = {
     "PositionAttention": (lambda: PositionAttention(16), 16, None),
+    "PositionAttention-chunked": (lambda: PositionAttention(16, backend="chunked"), 16, None),
+    "ChannelAttention-chunked": (lambda: ChannelAttention(16, backend="chunked"), 16, None),
     "ChannelAttention": (lambda: ChannelAttention(16), 16, None),
     "DANetHead": (lambda: DANetHead(64, 3), 64, None),
     "ObjectContextAttention": (lambda: ObjectContextAttention(16, 8, 12), 16, 4),
