@@ -14,13 +14,14 @@ channel attention). :mod:`attnseg.functional` validates arguments and calls them
 2. The key is the op (``attention`` or ``channel_attention``), the device kind (``cpu:avx2``,
    ``cpu:avx512``, ``cuda:sm_90``, ...: the CPU kernels' instruction set, the GPU
    architecture), the dtype and the mode (``forward``, or ``training`` when an input requires
-   grad under grad mode). Within a key the row taken is the measured size nearest in work
-   (B·Nq·Nk·(E + Ev) for attention, B·C²·N for CAM), if one lies within a factor of
+   grad under grad mode). Within a key the row taken is the measured size nearest in map size
+   (B·Nq·Nk elements for attention, B·C²·N work for CAM), if one lies within a factor of
    :data:`SIZE_FACTOR`.
 3. That size must have a row for every candidate; then the choice is the fastest candidate whose
    peak memory is at most :data:`MEMORY_BOUND` of the math's at that size, or the fastest of all,
-   the math included, when the math's own peak is at most :data:`SMALL_MAP_MIB` (where the map
-   is small, speed decides). If none is within the bound, the one with the least memory.
+   the math included, when the call's own map (B·Nq·Nk, or B·C·C for CAM, in its dtype) is at
+   most :data:`SMALL_MAP_MIB` (where the map is small, speed decides). If none is within the
+   bound, the one with the least memory.
 4. Otherwise the documented default (:func:`default_backend`).
 
 :func:`explain` returns the choice and its reason; ``available_backends()`` shows it too.
@@ -59,10 +60,10 @@ __all__ = [
 # A fused or chunked backend is eligible where its measured peak is at most this share of the
 # math's at the same size: the memory a user swaps attnseg in for.
 MEMORY_BOUND = 0.25
-# ... unless the math's own peak is at most this many MiB: then the map is small, every
-# candidate is eligible and the fastest wins.
-SMALL_MAP_MIB = 64.0
-# A measured size serves calls whose work is within this factor of it.
+# ... unless the call's own attention map is at most this many MiB (the math holds two or three
+# of them): then the map is small, every candidate is eligible and the fastest wins.
+SMALL_MAP_MIB = 16.0
+# A measured size serves calls whose size (row_size) is within this factor of it.
 SIZE_FACTOR = 4.0
 
 TABLE_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "backend_table.json")
@@ -170,7 +171,7 @@ class ChunkedBackend(Backend):
                "O(B·chunk·Nk) memory, any device")
 
     def unavailable_reason(self, device, dtype=None):
-        return None  # torch's own GEMMs: wherever torch runs bmm
+        return _torch_device_unavailable(device)  # torch's own GEMMs: wherever torch has the device
 
     def attention(self, q, k, v, scale, *, need_lse=True, budget_mib: Optional[float] = None):
         from . import chunked
@@ -181,6 +182,31 @@ class ChunkedBackend(Backend):
         from . import chunked
 
         return chunked.channel_attention(x3, official)
+
+
+_device_verdicts: dict[str, Optional[str]] = {}
+
+
+def _torch_device_unavailable(device: torch.device) -> Optional[str]:
+    """None if torch can make tensors on ``device``, else why not (checked once per device)."""
+    device = torch.device(device)
+    if device.type in ("cpu", "meta"):
+        return None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device is available (torch.cuda.is_available() is False)"
+        index = torch.cuda.current_device() if device.index is None else device.index
+        if not 0 <= index < torch.cuda.device_count():
+            return f"there is no CUDA device {index} ({torch.cuda.device_count()} visible)"
+        return None
+    name = str(device)
+    if name not in _device_verdicts:
+        try:
+            torch.empty(0, device=device)
+            _device_verdicts[name] = None
+        except Exception as exc:  # torch has no such device here
+            _device_verdicts[name] = f"torch cannot make tensors on {name} ({type(exc).__name__}: {exc})"
+    return _device_verdicts[name]
 
 
 class ReferenceBackend(Backend):
@@ -269,11 +295,18 @@ def table_rows(path: Optional[str] = None) -> tuple[dict, ...]:
     return _load_table(path or TABLE_PATH)
 
 
-def row_work(row: dict) -> float:
-    """A row's (or a call's) work: B·Nq·Nk·(E + Ev) for attention, B·C²·N for CAM."""
+def row_size(row: dict) -> float:
+    """A row's (or a call's) size for matching: B·Nq·Nk map elements for attention (time and
+    memory grow with the map), B·C²·N work for CAM."""
     if row["op"] == "attention":
-        return float(row["B"]) * row["Nq"] * row["Nk"] * (row["E"] + row["Ev"])
+        return float(row["B"]) * row["Nq"] * row["Nk"]
     return float(row["B"]) * row["C"] * row["C"] * row["N"]
+
+
+def map_mib(op: str, sizes: dict, dtype: torch.dtype) -> float:
+    """The call's attention map in MiB: B·Nq·Nk (B·C·C for CAM) elements of ``dtype``."""
+    elements = sizes["B"] * (sizes["Nq"] * sizes["Nk"] if op == "attention" else sizes["C"] * sizes["C"])
+    return elements * torch.empty((), dtype=dtype).element_size() / 2**20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,14 +322,14 @@ class Choice:
         return f"{self.backend}: {self.reason}"
 
 
-def default_backend(op: str, device: torch.device, mode: str, work: float, available: tuple[str, ...]) -> tuple[str, str]:
+def default_backend(op: str, device: torch.device, mode: str, size: float, available: tuple[str, ...]) -> tuple[str, str]:
     """The documented default where the table has no complete row: (backend, why).
 
     * CUDA: chunked, for both ops and modes. In the H200 run of 2026-12-04 the math on cuBLAS
       was faster than every fused kernel for CAM, and for PAM in 7 of 8 forward rows and every
       training row; chunked runs the math's GEMMs (plus one recomputed product in training) in
       bounded memory. Predicted, not yet measured on a GPU.
-    * CPU: native; for attention maps of at most :data:`CPU_SMALL_WORK` work, the math itself
+    * CPU: native; for attention maps of at most :data:`CPU_SMALL_MAP` elements, the math itself
       (the reference: on the AVX2 rows of the table the math is fastest at N = 256, native from
       N = 1,024 on).
     * Any other device: chunked (torch's GEMMs are all there is).
@@ -304,8 +337,8 @@ def default_backend(op: str, device: torch.device, mode: str, work: float, avail
     if device.type == "cuda":
         choice, why = "chunked", "the default on CUDA (the math's cuBLAS GEMMs in bounded memory)"
     elif device.type == "cpu":
-        if op == "attention" and work <= CPU_SMALL_WORK:
-            choice, why = "reference", f"the default on the CPU for small maps (work <= {CPU_SMALL_WORK:.3g}): the math"
+        if op == "attention" and size <= CPU_SMALL_MAP:
+            choice, why = "reference", f"the default on the CPU for maps of at most {CPU_SMALL_MAP:,} elements: the math"
             return choice, why
         choice, why = "native", "the default on the CPU"
     else:
@@ -316,9 +349,9 @@ def default_backend(op: str, device: torch.device, mode: str, work: float, avail
     return choice, why
 
 
-# The CPU default's small-map threshold, B·Nq·Nk·(E + Ev): B = 2, N = 512 of the DANet head
-# (E + Ev = 576), between the table's N = 256 (the math fastest) and N = 1,024 (native fastest).
-CPU_SMALL_WORK = 2.0 * 512 * 512 * 576
+# The CPU default's small-map threshold, B·Nq·Nk elements: B = 2, N = 512, between the table's
+# N = 256 (the math fastest) and N = 1,024 (native fastest) at B = 2.
+CPU_SMALL_MAP = 2 * 512 * 512
 
 
 def _mode(training: bool) -> str:
@@ -343,7 +376,7 @@ def choose(op: str, device, dtype: torch.dtype, training: bool, sizes: dict, *,
     memo = _CHOICES.get(memo_key)
     if memo is not None and memo[0] is table:
         return memo[1]
-    choice = _choose(op, device, key, available, sizes, table)
+    choice = _choose(op, device, dtype, key, available, sizes, table)
     if len(_CHOICES) > 4096:
         _CHOICES.clear()
     _CHOICES[memo_key] = (table, choice)
@@ -353,28 +386,30 @@ def choose(op: str, device, dtype: torch.dtype, training: bool, sizes: dict, *,
 _CHOICES: dict[tuple, tuple] = {}
 
 
-def _choose(op: str, device: torch.device, key: dict, available: tuple, sizes: dict, table: tuple) -> Choice:
-    work = row_work({"op": op, **sizes})
+def _choose(op: str, device: torch.device, dtype: torch.dtype, key: dict, available: tuple, sizes: dict,
+            table: tuple) -> Choice:
+    size = row_size({"op": op, **sizes})
+    small = map_mib(op, sizes, dtype) <= SMALL_MAP_MIB
     rows = [row for row in table if all(row.get(field) == value for field, value in key.items())]
     if rows:
-        nearest = min(rows, key=lambda row: abs(math.log(row_work(row) / work)))
-        if abs(math.log(row_work(nearest) / work)) <= math.log(SIZE_FACTOR):
+        nearest = min(rows, key=lambda row: abs(math.log(row_size(row) / size)))
+        if abs(math.log(row_size(nearest) / size)) <= math.log(SIZE_FACTOR):
             fields = ("B", "Nq", "Nk", "E", "Ev") if op == "attention" else ("B", "C", "N")
             at_size = [row for row in rows if all(row[f] == nearest[f] for f in fields)]
             measured = {row["backend"]: row for row in at_size}
             missing = [name for name in available if name not in measured]
             if not missing:
-                return _measured_choice(key, available, measured, tuple(at_size))
-            backend, why = default_backend(op, device, key["mode"], work, available)
+                return _measured_choice(key, available, measured, tuple(at_size), small)
+            backend, why = default_backend(op, device, key["mode"], size, available)
             return Choice(backend, f"{why}; the table's nearest size has no row for {', '.join(missing)}",
                           key, tuple(at_size))
-    backend, why = default_backend(op, device, key["mode"], work, available)
+    backend, why = default_backend(op, device, key["mode"], size, available)
     return Choice(backend, f"{why}; no measured row within {SIZE_FACTOR:g}x of this size", key, ())
 
 
-def _measured_choice(key: dict, available: tuple[str, ...], measured: dict, rows: tuple) -> Choice:
+def _measured_choice(key: dict, available: tuple[str, ...], measured: dict, rows: tuple, small: bool) -> Choice:
     math_row = measured.get("math")
-    small = math_row is None or math_row["peak_mib"] <= SMALL_MAP_MIB
+    small = small or math_row is None
     candidates = list(available)
     if small and math_row is not None and _math_is_safe(key):
         # a small map: the math itself may be fastest (no kernel's fixed costs), and its memory is small
@@ -394,7 +429,7 @@ def _measured_choice(key: dict, available: tuple[str, ...], measured: dict, rows
         return Choice(best, f"no candidate within {MEMORY_BOUND:g} of the math's peak at {where}; "
                             f"the least memory ({times}{source})", key, rows)
     best = min(eligible, key=lambda name: measured[name]["median_ms"])
-    bound = ("the math's peak is small, speed decides" if small
+    bound = ("the map is small, speed decides" if small
              else f"peak at most {MEMORY_BOUND:g} of the math's")
     return Choice(best, f"fastest measured at {where} ({bound}; {times}{source})", key, rows)
 
