@@ -9,7 +9,8 @@ One place for everything a benchmark script needs besides its own workload:
 * :class:`PeakMemoryMeter`: peak memory of a call above what was resident before it (see its
   docstring for the method), and :func:`check_memory_meter`, which validates it on tensors of
   known size.
-* :func:`measure_call`: warm-up, then repeats, each timed (and measured for memory).
+* :func:`measure_call`: warm-up, then repeats, each timed (and measured for memory);
+  :func:`forward_call`: a forward (or forward and backward) and its gradient reset, to measure.
 * :class:`GemmRoofline`: torch.mm's FLOP/s before and after a sweep; :class:`PairedGemmProbe` and
   :func:`paired_of_roof`: the same read beside every call of a case, for hosts whose speed drifts.
 * :func:`parse_sizes`, :func:`parse_choices`: argparse types; :func:`machine_load_note`: a
@@ -397,6 +398,25 @@ class CallMeasurement:
     @property
     def median_s(self) -> float:
         return statistics.median(self.times_s)
+
+
+def forward_call(forward: Callable[[], torch.Tensor], leaves: Sequence[torch.Tensor],
+                 grad_out: torch.Tensor | None) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(call, drop_grads) of a workload: ``forward()`` under ``torch.no_grad()`` when ``grad_out``
+    is None, else ``forward().backward(grad_out)``; ``drop_grads`` sets every leaf's .grad to None."""
+    if grad_out is not None:
+        def call():
+            forward().backward(grad_out)
+    else:
+        def call():
+            with torch.no_grad():
+                forward()
+
+    def drop_grads():
+        for leaf in leaves:
+            leaf.grad = None
+
+    return call, drop_grads
 
 
 def measure_call(call: Callable[[], Any], meter: PeakMemoryMeter, *, repeats: int, warmups: int = 1,

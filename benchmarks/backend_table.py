@@ -47,6 +47,7 @@ from _common import (  # noqa: E402
     format_ratio,
     format_seconds,
     format_table,
+    forward_call,
     import_attnseg,
     measure_call,
     parse_choices,
@@ -117,21 +118,8 @@ def build_call(case: Case):
             def forward():
                 return attnseg.channel_attention(x, gamma, backend=case.backend)
         out_shape = tuple(x.shape)
-    if train:
-        grad_out = torch.randn(out_shape, device=device, dtype=dtype)
-
-        def call():
-            forward().backward(grad_out)
-    else:
-        def call():
-            with torch.no_grad():
-                forward()
-
-    def drop_grads():
-        for leaf in leaves:
-            leaf.grad = None
-
-    return call, drop_grads
+    grad_out = torch.randn(out_shape, device=device, dtype=dtype) if train else None
+    return forward_call(forward, leaves, grad_out)
 
 
 def run_peak(payload: dict) -> dict:

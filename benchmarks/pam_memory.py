@@ -95,6 +95,7 @@ from _common import (
     format_ratio,
     format_seconds,
     format_table,
+    forward_call,
     import_attnseg,
     machine_load_note,
     measure_call,
@@ -201,22 +202,8 @@ def build_workload(case: Case) -> Workload:
         leaves = [x, *module.parameters()]
         out_shape = (b, c, case.height, case.width)
 
-    if train:
-        grad_out = torch.randn(out_shape, device=device, dtype=dtype)
-
-        def call():
-            forward().backward(grad_out)
-    else:
-
-        def call():
-            with torch.no_grad():
-                forward()
-
-    def drop_grads():
-        for leaf in leaves:
-            leaf.grad = None
-
-    return Workload(call, drop_grads)
+    grad_out = torch.randn(out_shape, device=device, dtype=dtype) if train else None
+    return Workload(*forward_call(forward, leaves, grad_out))
 
 
 def run_case(payload: dict) -> dict:
