@@ -475,14 +475,32 @@ def _time_call(call: Callable[[], Any], meter: PeakMemoryMeter, cuda_events: boo
 
 
 GEMM_ROOFLINE_SIZE = 2048  # torch.mm of two 2048 x 2048 matrices: the GEMM throughput of a dtype
+GEMM_PROBE_SIZE = 256  # the first, small GEMM that measures a dtype's rate before the probe's size is set
+GEMM_PROBE_TARGET_S = 0.5  # a roofline GEMM takes about this long, at most GEMM_ROOFLINE_SIZE
+
+
+def gemm_probe_size(device: torch.device, dtype: torch.dtype, target_s: float = GEMM_PROBE_TARGET_S) -> int:
+    """The roofline GEMM's size for ``dtype`` here: GEMM_ROOFLINE_SIZE where that takes at most
+    ``target_s``, else the size (a multiple of 128, at least GEMM_PROBE_SIZE) that takes about
+    ``target_s`` at the rate a GEMM_PROBE_SIZE³ torch.mm measures now. Where the dtype has no
+    GEMM instructions (bf16 on CPUs without AVX-512 BF16 or AMX: about 0.2 GFLOP/s) a 2048³ product
+    would take over a minute a call."""
+    a, b = (torch.randn(GEMM_PROBE_SIZE, GEMM_PROBE_SIZE, device=device).to(dtype) for _ in range(2))
+    meter = PeakMemoryMeter(device)
+    torch.mm(a, b)  # warm-up
+    seconds = min(_time_call(lambda: torch.mm(a, b), meter, device.type == "cuda") for _ in range(3))
+    rate = 2 * GEMM_PROBE_SIZE**3 / max(seconds, 1e-9)
+    size = int((rate * target_s / 2) ** (1 / 3)) // 128 * 128
+    return max(GEMM_PROBE_SIZE, min(GEMM_ROOFLINE_SIZE, size))
 
 
 def gemm_throughput(payload: dict) -> dict:
     """Child entry point: FLOP/s of ``torch.mm`` on two ``size`` x ``size`` matrices of ``dtype``
-    (name) on ``device`` with ``threads`` torch threads: 2 warm-ups, then the median of ``repeats``."""
+    (name) on ``device`` with ``threads`` torch threads: 2 warm-ups, then the median of ``repeats``.
+    Without a ``size``, :func:`gemm_probe_size` picks it."""
     torch.set_num_threads(payload["threads"])
-    device, size = torch.device(payload["device"]), payload.get("size", GEMM_ROOFLINE_SIZE)
-    dtype = getattr(torch, payload["dtype"])
+    device, dtype = torch.device(payload["device"]), getattr(torch, payload["dtype"])
+    size = payload.get("size") or gemm_probe_size(device, dtype)
     a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
     meter = PeakMemoryMeter(device)
     measured = measure_call(lambda: torch.mm(a, b), meter, repeats=payload.get("repeats", 7), warmups=2,
@@ -499,15 +517,15 @@ class PairedGemmProbe:
     apart from one minute to the next, so a roofline read before and after a sweep says little about
     the minute a case ran in).
 
-    :meth:`read` takes the faster of ``calls`` torch.mm calls of ``GEMM_ROOFLINE_SIZE``² matrices
-    (dtype, device and threads as the case) into a result buffer made once. Read it before every
+    :meth:`read` takes the faster of ``calls`` torch.mm calls of ``size``² matrices (dtype, device
+    and threads as the case; ``size`` from :func:`gemm_probe_size`) into a result buffer made once. Read it before every
     timed call and once after the last; :meth:`pair` gives each call the faster of the two readings
     around it, the stricter roofline, so a slow spell that hit the GEMM but not the call cannot lift
     the call's "of roof"."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, calls: int = PAIRED_GEMM_CALLS):
-        self.a, self.b = (torch.randn(GEMM_ROOFLINE_SIZE, GEMM_ROOFLINE_SIZE, device=device).to(dtype)
-                          for _ in range(2))
+        self.size = gemm_probe_size(device, dtype)
+        self.a, self.b = (torch.randn(self.size, self.size, device=device).to(dtype) for _ in range(2))
         # into a buffer made once: a 16 MiB result allocated and freed per reading would move glibc's
         # mmap threshold and so change the case's own peak-memory reading
         self.c = torch.mm(self.a, self.b)  # also the warm-up: thread pool, GEMM kernel selection
@@ -519,7 +537,7 @@ class PairedGemmProbe:
     def read(self) -> None:
         fastest = min(_time_call(lambda: torch.mm(self.a, self.b, out=self.c), self.meter, self.cuda_events)
                       for _ in range(self.calls))
-        self.readings.append(2 * GEMM_ROOFLINE_SIZE**3 / fastest)
+        self.readings.append(2 * self.size**3 / fastest)
 
     def pair(self, times_s: list[float]) -> list[float]:
         """The FLOP/s each of the last ``len(times_s)`` calls is judged against (see the class)."""
@@ -545,6 +563,7 @@ class GemmRoofline:
     def __init__(self, runner: IsolatedRunner, device: str, dtype: str, threads: int):
         self.runner, self.payload = runner, {"device": device, "dtype": dtype, "threads": threads}
         self.measured: list[float] = []
+        self.sizes: list[int] = []
         self.failure: str | None = None
 
     def measure(self) -> None:
@@ -553,6 +572,7 @@ class GemmRoofline:
             self.failure = outcome.failure
         else:
             self.measured.append(outcome.result["flop_per_s"])
+            self.sizes.append(outcome.result["size"])
 
     @property
     def flop_per_s(self) -> float | None:
@@ -565,8 +585,10 @@ class GemmRoofline:
         p = self.payload
         if not self.measured:
             return f"roofline: not measured ({self.failure})"
-        readings = ", ".join(f"{f / 1e9:.0f}" for f in self.measured)
-        return (f"roofline: torch.mm {p['dtype']} {GEMM_ROOFLINE_SIZE}^3 on {p['device']}, {p['threads']} thread(s), "
+        readings = ", ".join(f"{f / 1e9:.3g}" for f in self.measured)
+        sizes = "/".join(str(size) for size in sorted(set(self.sizes)))
+        return (f"roofline: torch.mm {p['dtype']} {sizes}^3 (sized to take about {GEMM_PROBE_TARGET_S:g} s, at most "
+                f"{GEMM_ROOFLINE_SIZE}^3) on {p['device']}, {p['threads']} thread(s), "
                 f"median of 7 in a fresh process, before and after the sweep: {readings} GFLOP/s; the faster is "
                 "used; roofline time = the case's FLOPs / that; 'of roof' = roofline time / median time")
 

@@ -239,7 +239,8 @@ def run_case(payload: dict) -> dict:
         probe.read()
     kernel = sdpa_kernel_choice(q, k, v, case.scale) if case.impl == "sdpa" else None
     return {"times_s": measured.times_s, "peak_mib": measured.peak_mib, "sdpa_kernel": kernel,
-            "paired_flop_per_s": probe.pair(measured.times_s) if probe else []}
+            "paired_flop_per_s": probe.pair(measured.times_s) if probe else [],
+            "paired_gemm_size": probe.size if probe else None}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -257,6 +258,7 @@ class CaseResult:
     peak_mib: float | None = None
     sdpa_kernel: str | None = None
     paired_flop_per_s: list[float] = dataclasses.field(default_factory=list)  # --paired-roofline
+    paired_gemm_size: int | None = None  # the size of its torch.mm (_common.gemm_probe_size)
 
     @property
     def median_s(self) -> float | None:
@@ -355,6 +357,7 @@ def run_all(results: list[CaseResult], args, runner: IsolatedRunner) -> None:
         result.times_s, result.peak_mib = outcome.result["times_s"], outcome.result["peak_mib"]
         result.sdpa_kernel = outcome.result["sdpa_kernel"]
         result.paired_flop_per_s = outcome.result["paired_flop_per_s"]
+        result.paired_gemm_size = outcome.result.get("paired_gemm_size")
         progress(f" {format_seconds(result.median_s)}")
 
 
@@ -463,8 +466,10 @@ def main(argv=None) -> int:
     print("vs ref: time / reference time, same size and mode (below 1 is faster)")
     print(roofline.describe())
     if args.paired_roofline:
+        sizes = "/".join(str(n) for n in sorted({r.paired_gemm_size for r in results if r.paired_gemm_size}))
         print(f"paired roofline (--paired-roofline), used for the table: in each case's process torch.mm "
-              f"{args.dtype} {GEMM_ROOFLINE_SIZE}^3, the faster of {PAIRED_GEMM_CALLS} calls, read before every "
+              f"{args.dtype} {sizes or GEMM_ROOFLINE_SIZE}^3 (sized to its measured rate), the faster of "
+              f"{PAIRED_GEMM_CALLS} calls, read before every "
               "timed call and after the last; each call's roofline time = the case's FLOPs / the faster of "
               "the two readings around it; 'roofline' and 'of roof' = the medians over the calls of that "
               "time and of roofline time / call time")

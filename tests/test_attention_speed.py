@@ -71,3 +71,18 @@ def test_tiny_cpu_run_with_a_paired_roofline(tmp_path, capsys):
     assert row["roofline_paired"] == "yes" and len(readings) == len(times) == 3 and min(readings) > 0
     expected = statistics.median(int(row["useful_flop"]) / f / t for f, t in zip(readings, times))
     assert float(row["of_roof"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_gemm_probe_is_sized_to_the_measured_rate(monkeypatch):
+    import torch
+
+    _common = common
+    # a GEMM rate of 0.2 GFLOP/s (bf16 without bf16 instructions): the probe shrinks to the floor
+    monkeypatch.setattr(_common, "_time_call", lambda call, meter, cuda_events: 2 * 256**3 / 0.2e9)
+    assert _common.gemm_probe_size(torch.device("cpu"), torch.float32) == _common.GEMM_PROBE_SIZE
+    # 100 GFLOP/s: (1e11 · 0.5 / 2)^(1/3) = 2,924, capped at the full size
+    monkeypatch.setattr(_common, "_time_call", lambda call, meter, cuda_events: 2 * 256**3 / 1e11)
+    assert _common.gemm_probe_size(torch.device("cpu"), torch.float32) == _common.GEMM_ROOFLINE_SIZE
+    # 2.6 GFLOP/s: (2.6e9 · 0.25)^(1/3) = 866 -> 768, a 0.35 s product
+    monkeypatch.setattr(_common, "_time_call", lambda call, meter, cuda_events: 2 * 256**3 / 2.6e9)
+    assert _common.gemm_probe_size(torch.device("cpu"), torch.float32) == 768
