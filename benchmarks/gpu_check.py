@@ -498,7 +498,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "same key (default attnseg/backend_table.json)")
     parser.add_argument("--skip-profile", action="store_true",
                         help="no kernel profile of the native fp16 forward+backward (N = 9,216, B = 1)")
-    parser.add_argument("--dry-run", action="store_true",
+    parser.add_argument("--dry-run", "--plan", action="store_true", dest="dry_run",
                         help="print the plan and the predicted skips (for --gpu-memory GiB free) and exit")
     parser.add_argument("--gpu-memory", type=float, default=79.0,
                         help="free GiB assumed by --dry-run (default 79, an 80 GB H100)")
@@ -520,11 +520,57 @@ def case_timeout(case: Case, args, compiled: set) -> float:
     return max(args.case_timeout, args.compile_timeout)
 
 
-def print_plan(cases: list[Case], free_bytes: int) -> None:
+# The cost model of --plan, from the H200 run of 2026-12-04 (docs/gpu_check.md): a child process
+# that initialises CUDA took about 8 s; the extension's build for sm_90 alone 135 s on 16 cores.
+PROCESS_START_S = 8.0
+BUILD_S = 135.0
+TRITON_FIRST_CASE_S = 30.0  # compile and autotune of a Triton kernel family (not measured: a guess)
+DTYPE_SLOWDOWN = {"float16": 1.0, "bfloat16": 1.0, "float32": 8.0}  # fp32 without tensor cores (a guess)
+UNMEASURED_IMPL_S = {"chunked": "math", "sdpa": "math"}  # an impl with no row: timed like this one
+
+
+def predicted_case_s(case: Case, medians: dict) -> float:
+    """Seconds ``case`` takes in the plan's model: its warm-ups and timed calls at the H200 run's
+    median of the same (or a stand-in) impl, op, mode, size and batch in fp16, scaled by dtype."""
+    impl = case.impl if (case.op, case.impl, case.mode, case.n, case.batch) in medians else \
+        UNMEASURED_IMPL_S.get(case.impl, "math")
+    median = medians.get((case.op, impl, case.mode, case.n, case.batch))
+    if median is None:  # no stand-in either: the slowest measured row of the op
+        median = max((m for key, m in medians.items() if key[0] == case.op), default=1.0)
+    median *= DTYPE_SLOWDOWN[case.dtype]
+    calls = WARMUPS + max(1, min(REPEATS, math.ceil(CASE_TIMING_S / median)))
+    return calls * median
+
+
+def estimate_seconds(cases: list[Case], free_bytes: int, rows: list[dict], tests_s: float) -> dict:
+    """The plan's cost model (see the constants above): build, tests, one process per row group,
+    Triton's first compiles and every case's calls; a math row predicted not to fit costs nothing."""
+    medians = {("pam" if r["op"] == "attention" else "cam", r["backend"],
+                "fwd" if r["mode"] == "forward" else "fwd+bwd", r.get("Nq") or r.get("N"), r["B"]): r["median_ms"] / 1e3
+               for r in rows if r["device"] == "cuda:sm_90" and r["dtype"] == "float16"}
+    groups = {case.key for case in cases}
+    triton_firsts = {(case.op, case.mode, case.dtype) for case in cases if case.impl == "triton"}
+    timings = sum(predicted_case_s(case, medians) for case in cases if not predicted_skip(case, free_bytes))
+    parts = {"build": BUILD_S, "tests": tests_s, "process starts": PROCESS_START_S * len(groups),
+             "triton compiles": TRITON_FIRST_CASE_S * len(triton_firsts), "timed calls": timings}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def print_plan(cases: list[Case], free_bytes: int, tests_s: float = 0.0) -> None:
     print(f"{len(cases)} cases, most useful first (free memory assumed: {free_bytes / GIB:.0f} GiB):")
     for index, case in enumerate(cases, 1):
         skip = predicted_skip(case, free_bytes)
         print(f"  {index:3d}. {case.label}" + (f"  -> skipped: {skip}" if skip else ""))
+    peers = "SDPA's memory-efficient kernel (PAM), the official math (attnseg.reference)"
+    print(f"impls: {', '.join(PAM_IMPLS)} (PAM); {', '.join(CAM_IMPLS)} (CAM); peers: {peers}")
+    sys.path.insert(0, str(REPO_ROOT))
+    from attnseg import _backends  # noqa: PLC0415  (the table's H200 rows are the model's data)
+
+    parts = estimate_seconds(cases, free_bytes, list(_backends.table_rows()), tests_s)
+    print("cost model (H200 run of 2026-12-04: " + ", ".join(f"{k} {v:.0f} s" for k, v in parts.items()
+                                                            if k != "total") + ")")
+    print(f"estimated total: {parts['total']:.0f} s")
 
 
 def record_case(result: CaseResult, measured: dict) -> None:
@@ -617,7 +663,7 @@ def main(argv=None) -> int:
     cases = plan_cases(args.dtypes)
     if args.dry_run:
         try:
-            print_plan(cases, int(args.gpu_memory * GIB))
+            print_plan(cases, int(args.gpu_memory * GIB), 0.0 if args.skip_tests else args.test_budget)
             sys.stdout.flush()
         except BrokenPipeError:
             # The reader stopped early (`--dry-run | head`): end quietly, as a Unix filter does, with

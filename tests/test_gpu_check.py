@@ -120,6 +120,18 @@ def test_dry_run_prints_the_plan():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "72 cases" in proc.stdout and "skipped: would need 96 GiB" in proc.stdout
+    assert "estimated total: " in proc.stdout and "cost model (H200 run of 2026-12-04" in proc.stdout
+
+
+def test_plan_cost_model():
+    cases = [gc.Case("pam", "math", "fwd", 9216, 1, "float16"), gc.Case("pam", "chunked", "fwd", 9216, 1, "float16")]
+    rows = [{"op": "attention", "device": "cuda:sm_90", "dtype": "float16", "mode": "forward", "Nq": 9216, "B": 1,
+             "backend": "math", "median_ms": 0.5}]
+    parts = gc.estimate_seconds(cases, 79 * GIB, rows, tests_s=100.0)
+    calls = gc.WARMUPS + gc.REPEATS  # 0.5 ms: the time budget never cuts the 10 timed calls
+    assert parts["timed calls"] == pytest.approx(2 * calls * 0.0005)  # chunked timed like the math
+    assert parts["process starts"] == gc.PROCESS_START_S  # one row group
+    assert parts["total"] == pytest.approx(gc.BUILD_S + 100.0 + gc.PROCESS_START_S + parts["timed calls"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the behaviour without a GPU")
