@@ -24,7 +24,7 @@ The Triton kernels' autotune configs are compiled offline for the same architect
 sizes (``attnseg.triton.offline``): registers, spills, shared memory, warps / stages, and whether
 the kernel's prune filter keeps them.
 
-``--check`` exits 1 when an ENFORCED row misses a threshold of issue 11 (``THRESHOLDS``); every
+``--check`` exits 1 when an ENFORCED row misses a threshold (``THRESHOLDS``); every
 row prints PASS / FAIL regardless, and the output says which rows are enforced. Compiles are
 cached by source hash under build/kernel_report/ and run in parallel (``--jobs``): a cold run
 takes minutes on 2 cores (mostly the Triton configs, ~1.5 s each), a cached one seconds.
@@ -1324,7 +1324,7 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
     enforced = [e.name for e in _entries(rows) if e.enforced]
     say("## CUDA kernels\n")
     say("Enforced kernels (their FAILs, and their op's FLOP ratio, fail `--check`): "
-        + (", ".join(enforced) if enforced else "none yet (the kernels of issue 11 will be)") + ".\n")
+        + (", ".join(enforced) if enforced else "none") + ".\n")
     say("Occupancy limits: " + "; ".join(
         f"{a.label}: {a.regs_per_sm // 1024}K registers (per warp in units of {a.reg_unit}), {a.max_warps} warps, "
         f"{a.max_blocks} blocks, {a.smem_per_sm // 1024} KiB shared memory per SM, {a.smem_per_block // 1024} KiB "

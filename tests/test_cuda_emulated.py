@@ -4,7 +4,7 @@ The emulator compiles the same kernel headers and host launchers (csrc/cuda/host
 extension, with g++, and runs every CUDA thread as a fiber (see simt.h for the model). These
 tests check what that can check: the kernels' arithmetic, indexing, masking of ragged tiles,
 strides and barriers, against the fp64 reference. What it cannot check (speed, real tensor-core
-rounding, memory-model effects beyond barriers) is stated in README.md.
+rounding, memory-model effects beyond barriers) is stated in docs/cuda_kernels.md.
 
 Tolerances: ``helpers.assert_matches_reference`` (the flash-attention criterion, justified in
 helpers.py): the kernel's error against fp64 must be within 2x PyTorch's own error in the same
