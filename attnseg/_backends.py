@@ -34,7 +34,7 @@ import functools
 import json
 import math
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
