@@ -62,7 +62,7 @@ def _load_failure_message(exc: BaseException) -> str:
         return (f"attnseg was imported from the source folder {package_dir}, which has no compiled extension "
                 f"(attnseg._C); {where}. Run from another folder (Python puts the current folder or the "
                 "script's folder first on sys.path), or install in place for development with "
-                "`pip install -e .` (README.md, Develop)")
+                "`pip install -e .` (docs/develop.md)")
     if not built:
         return (f"{package_dir} has no compiled extension attnseg._C ({type(exc).__name__}: {exc}); "
                 "reinstall attnseg with `pip install .` from its source")

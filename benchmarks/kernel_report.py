@@ -1496,7 +1496,7 @@ def _triton_section(say, triton_rows, failures, detail: bool) -> None:
     say("Every autotune config of every Triton kernel launch at DANet sizes (B = 1, N = "
         f"{SHAPES[0].nq}, E = 64, Ev = 512, C = 512, channel-first q/k/v views), compiled for the architecture by "
         "`attnseg.triton.offline`; `kept` is the kernel's prune filter's verdict on that architecture. "
-        f"Check (issue 12): no kept config spills (stack > 0), "
+        f"Check: no kept config spills (stack > 0), "
         f"enforced for {', '.join(TRITON_NO_SPILL_ENFORCED)} (the dtypes of the prune's measured table), printed "
         "for the others; `clean dropped` "
         "counts configs the prune drops although they compile without spills and fit the shared memory (needs "

@@ -52,14 +52,14 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         path = args.out or os.path.join(tmp, "danet_head.onnx")
         export(head, path, args.exporter, args.in_channels)
-        session = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+        runtime = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
         print(f"exported {path} with the {args.exporter} exporter ({os.path.getsize(path) / 2**20:.1f} MiB)")
         worst = 0.0
         for b, h, w in ((1, 24, 24), (3, 12, 30)):
             x = torch.randn(b, args.in_channels, h, w)
             with torch.no_grad():
                 expected = head(x)
-            got = session.run(None, {"features": x.numpy()})
+            got = runtime.run(None, {"features": x.numpy()})
             diff = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
             worst = max(worst, diff)
             print(f"  input {tuple(x.shape)}: outputs {[tuple(g.shape) for g in got]}, max |onnx - torch| = {diff:.2e}")

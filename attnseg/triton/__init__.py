@@ -298,9 +298,10 @@ def make_prune(shared_bytes, live_elements, budget: int, caps, operand: str, cal
     shared memory ``shared_bytes(block, stages, args)`` fits the device, and (3) whose live tile
     elements ``live_elements(block, args)`` per thread stay within ``budget`` (tensor-core dots on
     sm_90; 0.6 of it before sm_90) or ``_FMA_BUDGET`` at 8 warps and 2 stages (fp32-IEEE and
-    fp64 dots). The budgets were calibrated by
-    compiling the configs for sm_90 and sm_80 at DANet sizes and reading registers and spills
-    from the cubins (``python tests/test_triton.py``). If nothing is left, the config with the
+    fp64 dots). The budgets are fitted to the registers and spills of every config compiled for
+    sm_90 and sm_80 at DANet sizes (``python tests/test_triton.py [arch] [dtype] [N]`` prints them;
+    the calibration table above is written by ``python benchmarks/kernel_report.py --triton-all
+    --write-triton-calibration``: docs/triton.md). If nothing is left, the config with the
     smallest tiles is kept. ``operand`` names the kernel argument whose dtype the dots take.
     """
 

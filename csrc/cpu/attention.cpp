@@ -19,9 +19,9 @@
 //   them: backward_schedule).
 //
 // Threads: independent tasks handed out dynamically (parallel_tasks); each task's GEMMs run
-// single-threaded. Tile-sized GEMMs gain little from MKL's own threads, and a tile loop whose
-// GEMMs used MKL's two threads was measured 8x slower than one thread on a busy 2-core machine;
-// so each task sets MKL's thread-local thread count to 1 (when the BLAS is MKL; an OpenMP BLAS
+// single-threaded. Tile-sized GEMMs gain little from MKL's own threads, and MKL threads nested
+// inside our tasks oversubscribe the cores (8x slower on 2 cores: docs/performance.md); so each
+// task sets MKL's thread-local thread count to 1 (when the BLAS is MKL; an OpenMP BLAS
 // also sees the enclosing parallel region). This library must be built with -fopenmp: the
 // `omp parallel` of at::parallel_for is a header template compiled here, serial without it.
 // Memory beyond inputs and outputs: per-thread tiles (below: 512 KiB, or two, in fp32), and for the

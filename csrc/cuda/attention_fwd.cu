@@ -1,4 +1,5 @@
-// attnseg::attention_fwd on CUDA: kernels in attention.cuh, launch logic in host.h.
+// attnseg::attention_fwd on CUDA: the kernels in flash_attention.cuh (fp16/bf16), ffma_attention.cuh
+// (fp32) and attention.cuh (the generic ones); host.h chooses and launches them.
 #include <torch/library.h>
 
 #include "launch.cuh"

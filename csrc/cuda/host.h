@@ -497,8 +497,8 @@ bool try_flash_bwd_dkdq(Launch& launch, const AttnBwdParams<T>& base, int64_t ba
 // strides (kQueriesMajor): an operand laid out the other way goes element by element instead of
 // by 16-byte cp.async, for every tile of every block (two 2-byte loads with index arithmetic per
 // element against a few MMAs). So when one of q, dO has its tokens at unit stride and the other its
-// features (q channel-first from PAM's convolutions, dO a plain [B, N, Ev] gradient: the first GPU
-// run's case), the narrower of the two is copied once into the other's layout, O(N · min(E, Ev)).
+// features (q channel-first from PAM's convolutions, dO a plain contiguous [B, N, Ev] gradient),
+// the narrower of the two is copied once into the other's layout, O(N · min(E, Ev)).
 // Only for the flash kernels: the other kernels take each operand's strides as they are.
 inline std::pair<at::Tensor, at::Tensor> queries_in_one_layout(const at::Tensor& q, const at::Tensor& grad_out) {
   const auto tokens_major = [](const at::Tensor& t) { return keys_major(t.stride(1), t.stride(2)); };
@@ -601,7 +601,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_impl(Launch& launch
 // in the accumulation type (fp32 for fp16/bf16/fp32 inputs, fp64 for fp64). On the device that is
 // cuBLAS through ATen (tensor cores for fp16/bf16, launch.cuh); under the emulator a CPU stand-in
 // computes the same products in fp32 from the exactly converted inputs (tests/emu/emu_ops.cpp).
-// The row kernels (softmax forward and backward, symmetrize) are this project's.
+// The row kernels (softmax forward and backward, symmetrize) are ours.
 //
 // Numerics. The Gram matrices E = X Xᵀ and dA = dY Xᵀ: products of the inputs, fp32 accumulation,
 // fp32 result, never rounded to fp16 (a post-ReLU Gram matrix overflows it). The products with a
