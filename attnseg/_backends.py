@@ -29,6 +29,7 @@ channel attention). :mod:`attnseg.functional` validates arguments and calls them
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import json
@@ -78,33 +79,37 @@ class BackendUnavailableError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 
 
-class Backend:
+class Backend(abc.ABC):
     """One backend: ``name``, availability, and its entry points.
 
     ``attention(q, k, v, scale)`` returns ``(out, lse)`` through a custom-op pair whose autograd
     is registered once (:mod:`attnseg._ops`); ``channel_product(x3, official)`` returns A X for
     x3 [B, C, N]. The position- and channel-attention entry points add gamma · (...) + x.
+    ``chunk_budget_mib`` is the chunked backend's; the others have no chunks and take no notice.
     """
 
     name = ""
     summary = ""
 
+    @abc.abstractmethod
     def unavailable_reason(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> Optional[str]:
-        raise NotImplementedError
+        """None if the backend can run on tensors of ``device`` (and ``dtype``), else why not."""
 
-    def attention(self, q, k, v, scale: float, *, need_lse: bool = True):
-        raise NotImplementedError
+    @abc.abstractmethod
+    def attention(self, q, k, v, scale: float, *, need_lse: bool = True, chunk_budget_mib: Optional[float] = None):
+        """(out, lse) of softmax(q kᵀ · scale) v; lse may be None where ``need_lse`` is False."""
 
+    @abc.abstractmethod
     def channel_product(self, x3: torch.Tensor, official: bool) -> torch.Tensor:
-        raise NotImplementedError
+        """A X of CAM for x3 [B, C, N]."""
 
-    def position_attention(self, x, query, key, value, gamma, **options):
+    def position_attention(self, x, query, key, value, gamma, *, chunk_budget_mib: Optional[float] = None):
         b, c, h, w = x.shape
         # [B, C, H, W] -> [B, N, C] views: strides (C·N, 1, N); the kernels read them without a copy.
         q = query.flatten(2).transpose(1, 2)
         k = key.flatten(2).transpose(1, 2)
         v = value.flatten(2).transpose(1, 2)
-        out, _ = self.attention(q, k, v, 1.0, need_lse=False, **options)
+        out, _ = self.attention(q, k, v, 1.0, need_lse=False, chunk_budget_mib=chunk_budget_mib)
         attended = out.transpose(1, 2).view(b, c, h, w)
         # gamma · attended + x with the official code's type promotion (fp32 gamma, bf16 x -> fp32)
         return torch.addcmul(x, gamma, attended)
@@ -128,15 +133,14 @@ class NativeBackend(Backend):
         if device.type == "cuda":
             if not _ops.native_cuda_built():
                 return "attnseg was built without its CUDA kernels (no nvcc or a CPU-only torch at build time)"
-            if not torch.cuda.is_available():
-                return "the CUDA kernels are built in, but no CUDA device is available (torch.cuda.is_available() is False)"
+            missing = _torch_device_unavailable(device)
+            if missing is not None:
+                return f"the CUDA kernels are built in, but {missing}"
             index = torch.cuda.current_device() if device.index is None else device.index
-            if not 0 <= index < torch.cuda.device_count():
-                return f"there is no CUDA device {index} ({torch.cuda.device_count()} visible)"
             return _ops.cuda_architecture_mismatch(torch.cuda.get_device_capability(index))
         return f"no native kernels for device type {device.type!r}"
 
-    def attention(self, q, k, v, scale, *, need_lse=True):
+    def attention(self, q, k, v, scale, *, need_lse=True, chunk_budget_mib=None):
         return torch.ops.attnseg.attention_fwd(q, k, v, scale)
 
     def channel_product(self, x3, official):
@@ -154,7 +158,7 @@ class TritonBackend(Backend):
             return f"attnseg.triton could not be imported ({type(exc).__name__}: {exc})"
         return attnseg_triton.unavailable_reason(device)
 
-    def attention(self, q, k, v, scale, *, need_lse=True):
+    def attention(self, q, k, v, scale, *, need_lse=True, chunk_budget_mib=None):
         from .triton import attention as triton_attention
 
         return triton_attention.attention_fwd(q, k, v, scale)
@@ -173,10 +177,10 @@ class ChunkedBackend(Backend):
     def unavailable_reason(self, device, dtype=None):
         return _torch_device_unavailable(device)  # torch's own GEMMs: wherever torch has the device
 
-    def attention(self, q, k, v, scale, *, need_lse=True, budget_mib: Optional[float] = None):
+    def attention(self, q, k, v, scale, *, need_lse=True, chunk_budget_mib=None):
         from . import chunked
 
-        return chunked.attention_fwd(q, k, v, scale, *config.chunk_policy(q.device, budget_mib))
+        return chunked.attention_fwd(q, k, v, scale, *config.chunk_policy(q.device, chunk_budget_mib))
 
     def channel_product(self, x3, official):
         from . import chunked
@@ -216,13 +220,13 @@ class ReferenceBackend(Backend):
     def unavailable_reason(self, device, dtype=None):
         return None
 
-    def attention(self, q, k, v, scale, *, need_lse=True):
+    def attention(self, q, k, v, scale, *, need_lse=True, chunk_budget_mib=None):
         if not need_lse:  # the logsumexp is another pass over the materialised Nq x Nk map
             return reference.attention(q, k, v, scale), None
         out, lse = reference.attention_with_lse(q, k, v, scale)
         return out, lse.to(_ops._lse_dtype(q.dtype))
 
-    def position_attention(self, x, query, key, value, gamma, **options):
+    def position_attention(self, x, query, key, value, gamma, *, chunk_budget_mib=None):
         return reference.position_attention(x, query, key, value, gamma)
 
     def channel_product(self, x3, official):

@@ -20,9 +20,9 @@ import struct
 import sys
 import warnings
 
-from ._fatbin import fatbin_architectures  # noqa: F401  (re-exported: attnseg._ops.fatbin_architectures)
-
 import torch
+
+from ._fatbin import fatbin_architectures  # noqa: F401  (re-exported: attnseg._ops.fatbin_architectures)
 
 _native_error: str | None = None
 
@@ -104,6 +104,17 @@ def native_cuda_built() -> bool:
 
 def _lse_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def check_attention_inputs(fn: str, q, k, v) -> None:
+    """The guards of every attention op on direct calls (functional.py validates user input):
+    3-D q, k, v of one dtype whose shapes fit q[B,Nq,E], k[B,Nk,E], v[B,Nk,Ev]."""
+    torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3,
+                 lambda: f"{fn}: q, k, v must be 3-D, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    torch._check(q.dtype == k.dtype == v.dtype, lambda: f"{fn}: dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    torch._check(q.shape[0] == k.shape[0] == v.shape[0] and q.shape[2] == k.shape[2] and k.shape[1] == v.shape[1],
+                 lambda: f"{fn}: shapes do not fit q[B,Nq,E], k[B,Nk,E], v[B,Nk,Ev]: "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,13 +86,7 @@ def chunk_rows(batch: int, nq: int, nk: int, dtype: torch.dtype, budget_bytes: i
 
 
 def _check_inputs(fn: str, q, k, v) -> None:
-    # functional.py validates user input; these guard direct calls of the op.
-    torch._check(q.dim() == 3 and k.dim() == 3 and v.dim() == 3,
-                 lambda: f"{fn}: q, k, v must be 3-D, got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
-    torch._check(q.dtype == k.dtype == v.dtype, lambda: f"{fn}: dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    torch._check(q.shape[0] == k.shape[0] == v.shape[0] and q.shape[2] == k.shape[2] and k.shape[1] == v.shape[1],
-                 lambda: f"{fn}: shapes do not fit q[B,Nq,E], k[B,Nk,E], v[B,Nk,Ev]: "
-                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    _ops.check_attention_inputs(fn, q, k, v)
     torch._check(q.is_floating_point(), lambda: f"{fn}: q must be floating point, got {q.dtype}")
 
 

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from . import _backends
+from . import _backends, config
 from ._backends import BackendUnavailableError, Choice
 
 __all__ = [
@@ -112,9 +112,7 @@ def explain(*tensors, op: str = "attention", training: Optional[bool] = None) ->
     if op == "channel_attention":
         sizes = _channel_sizes(first)
     elif len(tensors) == 4 and first.dim() == 4:  # position_attention(x, query, key, value)
-        x, query = tensors[0], tensors[1]
-        n = x.shape[2] * x.shape[3]
-        sizes = {"B": x.shape[0], "Nq": n, "Nk": n, "E": query.shape[1], "Ev": x.shape[1]}
+        sizes = _position_sizes(tensors[0], tensors[1])
     elif len(tensors) == 3:
         sizes = _attention_sizes(*tensors)
     else:
@@ -124,6 +122,17 @@ def explain(*tensors, op: str = "attention", training: Optional[bool] = None) ->
 
 def _attention_sizes(q, k, v) -> dict:
     return {"B": q.shape[0], "Nq": q.shape[1], "Nk": k.shape[1], "E": q.shape[2], "Ev": v.shape[2]}
+
+
+def _position_sizes(x, query) -> dict:
+    """The sizes of position_attention's attention call (its [B, N, E] views)."""
+    n = x.shape[2] * x.shape[3]
+    return {"B": x.shape[0], "Nq": n, "Nk": n, "E": query.shape[1], "Ev": x.shape[1]}
+
+
+def _check_budget(chunk_budget_mib) -> None:
+    if chunk_budget_mib is not None:  # checked whichever backend runs: a bad value is never ignored
+        config.chunk_budget_mib(chunk_budget_mib)
 
 
 def _channel_sizes(x) -> dict:
@@ -215,9 +224,9 @@ def attention(q, k, v, scale: float = 1.0, *, backend: str = "auto", return_lse:
     if v.shape[1] != k.shape[1]:
         raise ValueError(f"{fn}: v has Nk = {v.shape[1]} rows but k has Nk = {k.shape[1]}; they must match")
     scale = _scale_value(fn, scale)
+    _check_budget(chunk_budget_mib)
     chosen = _choose(backend, "attention", (q, k, v), _attention_sizes(q, k, v))
-    options = {"budget_mib": chunk_budget_mib} if chosen.name == "chunked" else {}
-    out, lse = chosen.attention(q, k, v, scale, need_lse=return_lse, **options)
+    out, lse = chosen.attention(q, k, v, scale, need_lse=return_lse, chunk_budget_mib=chunk_budget_mib)
     return (out, lse) if return_lse else out
 
 
@@ -247,10 +256,9 @@ def position_attention(x, query, key, value, gamma, *, backend: str = "auto",
         if tuple(t.shape) != (b, channels, h, w):
             raise ValueError(f"{fn}: {name} must have shape {(b, channels, h, w)} to match x and query, got {tuple(t.shape)}")
     _check_gamma(fn, gamma, x)
-    sizes = {"B": b, "Nq": h * w, "Nk": h * w, "E": query.shape[1], "Ev": c}
-    chosen = _choose(backend, "attention", (x, query, key, value, gamma), sizes)
-    options = {"budget_mib": chunk_budget_mib} if chosen.name == "chunked" else {}
-    return chosen.position_attention(x, query, key, value, gamma, **options)
+    _check_budget(chunk_budget_mib)
+    chosen = _choose(backend, "attention", (x, query, key, value, gamma), _position_sizes(x, query))
+    return chosen.position_attention(x, query, key, value, gamma, chunk_budget_mib=chunk_budget_mib)
 
 
 def channel_attention(x, gamma, *, variant: str = "official", backend: str = "auto"):

@@ -68,6 +68,7 @@ from _common import (
     IsolatedRunner,
     PeakMemoryMeter,
     format_ratio,
+    forward_call,
     import_attnseg,
     measure_call,
     progress,
@@ -223,17 +224,7 @@ def _case_call(case: Case, device: torch.device):
                   "math": lambda x: attnseg.reference.channel_attention(x, gamma)}[case.impl]
         grad_out = torch.randn(case.batch, CAM_C, case.n, 1, device=device, dtype=dtype)
 
-    def call():
-        if grad:
-            out = attend(*inputs)
-            out.backward(grad_out)
-        else:
-            with torch.no_grad():
-                attend(*inputs)
-
-    def drop_grads():
-        for tensor in leaves:
-            tensor.grad = None
+    call, drop_grads = forward_call(lambda: attend(*inputs), leaves, grad_out if grad else None)
 
     if case.impl == "sdpa":
         with warnings.catch_warnings(record=True) as caught:
