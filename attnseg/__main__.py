@@ -69,10 +69,11 @@ def main() -> int:
         except Exception as exc:
             print(f"  (could not query: {type(exc).__name__}: {exc})")
             continue
-        for name in ("native", "triton", "reference"):
-            reason = avail.get(name)
-            print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + str(reason)}")
-        print(f"  {'auto':<10} -> {avail.get('auto')}")
+        for name, reason in avail.items():
+            if name != "auto":
+                print(f"  {name:<10} {'available' if reason is None else 'unavailable: ' + str(reason)}")
+        print(f"  {'auto':<10} -> {avail.get('auto')} for a large map without a measured row "
+              "(per call: attnseg.explain)")
     return 0
 
 

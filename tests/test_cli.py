@@ -29,8 +29,9 @@ def test_cli_reports_environment(tmp_path):
     assert torch.__version__ in out
     assert attnseg.__version__ in out
     assert os.path.dirname(os.path.abspath(attnseg.__file__)) in out, "the CLI imported a different attnseg"
-    for backend in ("native", "triton", "reference", "auto"):
+    for backend in ("native", "triton", "chunked", "reference", "auto"):
         assert backend in out, f"backend {backend!r} missing from the output:\n{out}"
+    assert "chunked    available" in out
     assert "backends on cpu" in out
     expected_native = "loaded" if attnseg.native_available() else "NOT loaded"
     assert expected_native in out
