@@ -33,6 +33,50 @@ def _attend_positions(x, query, key, value, gamma, backend: str):
     return F_attn.position_attention(x, query, key, value, gamma, backend=backend)
 
 
+def _is_plain_pointwise(conv) -> bool:
+    """A bare 1×1 nn.Conv2d (no subclass, no hooks, no stride/padding/dilation/groups)."""
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1)
+        and conv.groups == 1 and conv.padding in ((0, 0), "valid")
+        and not (conv._forward_hooks or conv._forward_pre_hooks or conv._backward_hooks
+                 or conv._backward_pre_hooks)
+    )
+
+
+def _project(conv: nn.Module, x: torch.Tensor, backend: str) -> torch.Tensor:
+    """``conv(x)`` for PAM's query/key/value projections.
+
+    On the CPU a bare 1×1 ``nn.Conv2d`` is computed as one GEMM on x's [B, C, N] view (baddbmm:
+    bias + W x), which reads x where it lies and returns the NCHW output the kernels read without
+    a copy. oneDNN's convolution copies its operands into a blocked layout: at N = 9,216, C = 512
+    about 20 MiB per projection in the forward and 38 MiB in the backward, the largest temporaries
+    of the module (``python benchmarks/module_memory.py``); the GEMM is as fast. The convolution
+    runs as it is for the "reference" backend (the official code, the benchmarks' baseline),
+    off the CPU, under tracing, scripting, export or compilation, with module hooks (they must
+    see the call), and for any other module or convolution.
+    """
+    if (
+        backend == "reference"
+        or not isinstance(x, torch.Tensor) or type(x) is not torch.Tensor
+        or x.device.type != "cpu" or x.dim() != 4
+        or not _is_plain_pointwise(conv)
+        or torch.jit.is_scripting() or torch.jit.is_tracing() or torch.compiler.is_compiling()
+        or torch.onnx.is_in_onnx_export()
+        or nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+        or nn.modules.module._global_backward_hooks or nn.modules.module._global_backward_pre_hooks
+    ):
+        return conv(x)
+    b, _, h, w = x.shape
+    weight = conv.weight.flatten(1)
+    x3 = x.flatten(2)
+    if conv.bias is None:
+        out = torch.matmul(weight, x3)
+    else:
+        out = torch.baddbmm(conv.bias.view(1, -1, 1), weight.expand(b, -1, -1), x3)
+    return out.view(b, weight.shape[0], h, w)
+
+
 class PositionAttention(nn.Module):
     """DANet position attention (PAM): gamma · softmax(q kᵀ) v + x over all H·W pixel pairs.
 
@@ -79,8 +123,9 @@ class PositionAttention(nn.Module):
             raise ValueError(
                 f"PositionAttention: x must have {self.in_channels} channels, got shape {tuple(x.shape)}"
             )
-        return _attend_positions(x, self.query_conv(x), self.key_conv(x), self.value_conv(x), self.gamma,
-                                 self.backend)
+        return _attend_positions(x, _project(self.query_conv, x, self.backend),
+                                 _project(self.key_conv, x, self.backend),
+                                 _project(self.value_conv, x, self.backend), self.gamma, self.backend)
 
     def extra_repr(self) -> str:
         return (f"in_channels={self.in_channels}, key_channels={self.key_channels}, "

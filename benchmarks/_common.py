@@ -339,8 +339,21 @@ class PeakMemoryMeter:
         current = _proc_status_bytes("VmRSS")
         self._baseline = current if current is not None else self._earlier_peak
 
+    def restart_peak(self) -> None:
+        """Start a new peak, above the same baseline (a call's phases: forward, then backward)."""
+        gc.collect()
+        if self.device.type == "cuda":
+            self.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return
+        if self._malloc_trim is not None:
+            self._malloc_trim(0)
+        if self.resettable:
+            _reset_peak_rss()
+
     def stop(self) -> float:
-        """Peak above the baseline since :meth:`start`, in MiB (NaN where it cannot be known)."""
+        """Peak above the baseline since :meth:`start` (or :meth:`restart_peak`), in MiB (NaN where it
+        cannot be known)."""
         self.synchronize()
         if self.device.type == "cuda":
             peak = torch.cuda.max_memory_allocated(self.device)

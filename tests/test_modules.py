@@ -475,3 +475,73 @@ def test_position_attention_any_in_channels_matches_official(in_channels):
 def test_position_attention_width_zero_names_minimum_in_channels():
     with pytest.raises(ValueError, match=r"in_channels must be at least 8 \(= reduction\)"):
         PositionAttention(7)
+
+
+# ---------------------------------------------------------------------------------------------
+# PAM's 1×1 projections on the CPU: one GEMM on x's [B, C, N] view, no convolution
+# ---------------------------------------------------------------------------------------------
+
+
+class _OpNames(torch.utils._python_dispatch.TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+def _module_ops(module, x):
+    with _OpNames() as seen:
+        module(x).sum().backward()
+    return seen.names
+
+
+@pytest.mark.parametrize("memory_format", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("batch", [1, 3])
+def test_projections_are_gemms_and_match_the_convolutions(batch, memory_format):
+    """The GEMM path gives the convolutions' outputs and gradients (fp64, to rounding), runs no
+    convolution forward or backward, and copies no [B, C, N] operand into another layout."""
+    torch.manual_seed(0)
+    module = PositionAttention(16, reduction=4, backend="chunked").double()
+    with torch.no_grad():
+        module.gamma.fill_(0.5)
+    x = torch.randn(batch, 16, 5, 6, dtype=torch.float64).to(memory_format=memory_format).requires_grad_()
+    names = _module_ops(module, x)
+    assert not [n for n in names if n.startswith("convolution") or n == "clone"], names
+    got = {n: p.grad.clone() for n, p in module.named_parameters()}, x.grad.clone()
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    reference = PositionAttention(16, reduction=4, backend="reference").double()
+    reference.load_state_dict(module.state_dict())
+    assert "convolution.default" in _module_ops(reference, x)  # the official code's convolutions
+    expected = {n: p.grad for n, p in reference.named_parameters()}, x.grad
+    for name in expected[0]:
+        torch.testing.assert_close(got[0][name], expected[0][name], rtol=1e-10, atol=1e-12, msg=name)
+    torch.testing.assert_close(got[1], expected[1], rtol=1e-10, atol=1e-12)
+
+
+def test_projections_use_the_convolution_where_they_must():
+    """Hooks see their call, a subclass or a strided convolution runs as itself, and so does a
+    bias-free one on the GEMM path without a bias."""
+    x = torch.randn(1, 16, 4, 4)
+    module = PositionAttention(16, backend="chunked")
+    calls = []
+    handle = module.value_conv.register_forward_hook(lambda *args: calls.append("value_conv"))
+    names = _module_ops(module, x)
+    assert calls == ["value_conv"] and names.count("convolution.default") == 1
+    handle.remove()
+
+    class MyConv(nn.Conv2d):
+        pass
+
+    module.key_conv = MyConv(16, 2, 1)
+    assert _module_ops(module, x).count("convolution.default") == 1
+    module.key_conv = nn.Conv2d(16, 2, 1, bias=False)
+    with torch.no_grad():
+        expected = attnseg.reference.position_attention(x, module.query_conv(x), module.key_conv(x),
+                                                        module.value_conv(x), module.gamma)
+    assert "convolution.default" not in _module_ops(module, x)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), expected, rtol=1e-5, atol=1e-5)
