@@ -26,4 +26,9 @@ TORCH_LIBRARY(attnseg, m) {
   //   x: batch x C x N (any strides); y: batch x C x N (contiguous); attn: batch x C x C (fp32/fp64)
   m.def("channel_attention_fwd(Tensor x, bool official) -> (Tensor y, Tensor attn)");
   m.def("channel_attention_bwd(Tensor grad_y, Tensor x, Tensor attn, bool official) -> Tensor");
+  // How the fp32 CPU kernels split attention_fwd / attention_bwd for `threads` threads (csrc/cpu/
+  // schedule.h), with channel-first q, k, v and grad_out (the modules' layout): [forward query block,
+  // forward key parts, forward modelled idle share, the same for the unsplit forward, backward row
+  // parts, backward modelled idle share, the same for the shape's own row parts].
+  m.def("cpu_attention_plan(int batch, int nq, int nk, int e, int ev, int threads) -> float[]");
 }

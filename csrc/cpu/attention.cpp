@@ -46,6 +46,7 @@
 #include "f32_gemm.h"
 #include "lowp_gemm.h"
 #include "row_ops.h"
+#include "schedule.h"
 
 extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 
@@ -86,8 +87,9 @@ constexpr int64_t kBackwardTasks = 64;
 // The backward visits the queries in chunks of this many rows, so that the per-group partial
 // dQ buffers are 2 x (groups − 1) x B x kBackwardChunk x E, whatever Nq is (two chunks in flight).
 constexpr int64_t kBackwardChunk = kBlockM;
+// The fp32 backward on our GEMMs (attention_bwd_f32): keys per block, queries per chunk.
+constexpr int64_t kF32BwdBlockN = 512, kF32BwdChunk = 1024;
 
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 constexpr int64_t kRowPanel = 64;  // the backward splits a chunk's rows into parts of whole 64-row panels
 
 // Runs body(state, task) for task = 0 .. n_tasks − 1 on torch's threads, each thread taking the
@@ -148,6 +150,30 @@ int64_t backward_row_parts(int64_t batch, int64_t nq, int64_t nk, int64_t block_
   return std::max<int64_t>(1, std::min({by_tasks, chunk_rows / kMinPartRows, 1 + chunk_rows / nk}));
 }
 
+// The row parts of the fp32 backward for `threads`: the shape's own (backward_row_parts) or more,
+// up to whole kMinPartRows-row parts, where the model (schedule.h: model_backward) makes the call
+// at least 3 % faster. With more threads than a chunk's B x groups tasks, the chain of each group's
+// tasks over the chunks (each adds into the group's dKᵀ and dVᵀ after the previous chunk's) leaves
+// the other threads idle: 18 chains at N = 9,216, B = 1. Each part beyond the first keeps a dKᵀ and
+// dVᵀ of its own, B x Nk x (E + Ev) floats (20 MiB at N = 9,216, E = 64, Ev = 512), for the call.
+BackwardSplit backward_split(int64_t batch, int64_t nq, int64_t nk, int64_t e, int64_t ev, int64_t block_n,
+                             int64_t chunk, bool lay_out, bool row_buffer, int64_t threads) {
+  const int64_t chunk_rows = std::min(nq, chunk), groups = backward_groups(batch, nk, block_n);
+  const bool reduces = groups > 1 || row_buffer;
+  const auto model = [&](int64_t parts) {
+    return model_backward(batch, nq, nk, e, ev, block_n, chunk_rows, groups, parts, lay_out, reduces, threads);
+  };
+  BackwardSplit best;
+  best.row_parts = backward_row_parts(batch, nq, nk, block_n, chunk);
+  best.run = model(best.row_parts);
+  if (threads <= 1) return best;
+  for (int64_t parts = best.row_parts * 2; parts <= std::max<int64_t>(1, chunk_rows / kMinPartRows); parts *= 2) {
+    const ModelledRun run = model(parts);
+    if (run.makespan < 0.97 * best.run.makespan) best = BackwardSplit{parts, run};
+  }
+  return best;
+}
+
 // Lays out piece (b, rows r0 .. r0 + rows of the chunk) of the chunk starting at query c0:
 // backward_schedule's per-chunk preparation (our fp32 kernel: q's and dO's missing forms), into
 // slot (c0 / chunk) % chunk_slots(nq, chunk).
@@ -204,22 +230,7 @@ void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, a
   const auto rows_of = [&](int64_t c) { return std::min(chunk_rows, nq - c * chunk_rows); };
   const auto pieces = [&](int64_t c) { return batch * ceil_div(rows_of(c), kPieceRows); };
 
-  enum class Kind : uint8_t { kLayout, kTask, kReduce };
-  struct Step {
-    Kind kind;
-    int64_t chunk, index;
-  };
-  std::vector<Step> steps;
-  const auto add = [&](Kind kind, int64_t c, int64_t count) {
-    for (int64_t i = 0; i < count; ++i) steps.push_back({kind, c, i});
-  };
-  for (int64_t c = 0; c < chunks; ++c) {
-    if (c == 0 && lay_out) add(Kind::kLayout, 0, pieces(0));
-    add(Kind::kTask, c, tasks);
-    if (c > 0 && reduces) add(Kind::kReduce, c - 1, pieces(c - 1));
-    if (c + 1 < chunks && lay_out) add(Kind::kLayout, c + 1, pieces(c + 1));
-  }
-  if (reduces) add(Kind::kReduce, chunks - 1, pieces(chunks - 1));
+  const std::vector<Step> steps = backward_steps(chunks, tasks, static_cast<bool>(lay_out), reduces, pieces);
 
   std::vector<std::atomic<int64_t>> laid_out(chunks), tasks_done(chunks), reduced(chunks);
   std::vector<std::atomic<bool>> task_done(chunks * tasks);
@@ -292,14 +303,14 @@ void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, a
     const int64_t c = step.chunk;
     try {
       switch (step.kind) {
-        case Kind::kLayout: {
+        case StepKind::kLayout: {
           if (c >= 2 && !wait_for(all(tasks_done[c - 2], tasks))) return;
           const int64_t blocks = ceil_div(rows_of(c), kPieceRows), r0 = step.index % blocks * kPieceRows;
           lay_out(c * chunk_rows, step.index / blocks, r0, std::min(kPieceRows, rows_of(c) - r0));
           laid_out[c].fetch_add(1, std::memory_order_acq_rel);
           break;
         }
-        case Kind::kTask: {
+        case StepKind::kTask: {
           if (lay_out && !wait_for(all(laid_out[c], pieces(c)))) return;
           if (c >= 1 && !wait_for([&] { return task_done[(c - 1) * tasks + step.index].load(std::memory_order_acquire); }))
             return;
@@ -309,7 +320,7 @@ void backward_schedule(int64_t batch, int64_t nq, int64_t nk, int64_t block_n, a
           tasks_done[c].fetch_add(1, std::memory_order_acq_rel);
           break;
         }
-        case Kind::kReduce: {
+        case StepKind::kReduce: {
           if (!wait_for(all(tasks_done[c], tasks))) return;
           run_reduce(c, step.index);
           reduced[c].fetch_add(1, std::memory_order_acq_rel);
@@ -431,21 +442,71 @@ at::Tensor channel_rows(const at::Tensor& x) {
 // then Oᵀ /= l, written transposed into out's rows. Beyond inputs and outputs: k as rows (a copy,
 // B·Nk·E, unless k's rows have unit stride) and per thread the tile, Oᵀ and Q_iᵀ (832 KiB at E = 64,
 // Ev = 512).
-// Tiles: 256 x 256, as the micro-kernel measured fastest (the Sᵀ panels, 256 KiB, and Oᵀ, 512 KiB
-// at Ev = 512, stay in a 2 MiB L2).
-constexpr int64_t kF32BlockM = 256, kF32BlockN = 256;
+// Tiles: up to 256 queries x 256 keys, as the micro-kernel measured fastest (the Sᵀ panels, 256 KiB,
+// and Oᵀ, 512 KiB at Ev = 512, stay in a 2 MiB L2). For many threads (schedule.h: forward_split) the
+// query blocks shrink to 128 or 64 queries, and the keys may be split into 2 or 4 parts: task
+// (b, query block, part s) then runs key blocks [s·k_blocks/parts, (s+1)·k_blocks/parts), writes its
+// own normalised rows (part 0 into out, part s > 0 into an Nq x Ev buffer of its own) and lse_s, and
+// the task that finishes a query block's parts last combines them, in part order:
+//   lse = m + log Σ_s e^(lse_s − m) (m = max_s lse_s),  out = Σ_s e^(lse_s − lse) out_s,
+// parts with lse_s = −inf (no finite logit) taking no weight.
+constexpr int64_t kF32BlockM = kF32FwdMaxBlockM, kF32BlockN = kF32FwdBlockN;
+
+// Rows [i0, i0 + bm) of batch b: out and lse from the key parts' (combine, above). out rows are
+// Ev floats apart; part s > 0 at parts[s − 1], lse_parts [parts][B][Nq].
+void combine_key_parts(float* out_b, const float* parts_b, int64_t part_stride, const float* lse_parts_b,
+                       int64_t lse_part_stride, float* lse_b, int64_t parts, int64_t bm, int64_t ev) {
+  constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+  std::vector<float> weight(parts);
+  for (int64_t i = 0; i < bm; ++i) {
+    float m = kNegInf;
+    for (int64_t s = 0; s < parts; ++s) {
+      const float l = lse_parts_b[s * lse_part_stride + i];
+      m = l != l ? l : std::max(m, l);  // a NaN lse poisons the row, as in the unsplit kernel
+    }
+    if (m == kNegInf || std::isinf(m) || m != m) {  // no finite logit in any part, +inf or NaN: as unsplit
+      lse_b[i] = m;
+      if (m != kNegInf) std::fill(out_b + i * ev, out_b + (i + 1) * ev, std::numeric_limits<float>::quiet_NaN());
+      continue;
+    }
+    float sum = 0.0f;
+    for (int64_t s = 0; s < parts; ++s) {
+      const float l = lse_parts_b[s * lse_part_stride + i];
+      weight[s] = l == kNegInf ? 0.0f : std::exp(l - m);
+      sum += weight[s];
+    }
+    lse_b[i] = m + std::log(sum);
+    for (int64_t s = 0; s < parts; ++s) weight[s] /= sum;
+    float* row = out_b + i * ev;
+    // part 0 lies in out already; a part without a finite logit (weight 0) holds NaN and is skipped
+    if (weight[0] != 1.0f) {
+      if (weight[0] == 0.0f) std::fill(row, row + ev, 0.0f); else scale_row(row, ev, weight[0]);
+    }
+    for (int64_t s = 1; s < parts; ++s) {
+      if (weight[s] == 0.0f) continue;
+      const float* part = parts_b + (s - 1) * part_stride + i * ev;
+      const float w = weight[s];
+      for (int64_t c = 0; c < ev; ++c) row[c] += w * part[c];
+    }
+  }
+}
 
 // v_t: [B, Ev, Nk] with unit stride along Nk (v.transpose(1, 2) of a channel-first v).
 void attention_fwd_f32(const F32Ops& ops, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v_t,
                        double scale_d, at::Tensor& out, at::Tensor& lse) {
   const int64_t batch = q.size(0), nq = q.size(1), nk = k.size(1), e = q.size(2), ev = v_t.size(1);
-  const int64_t q_blocks = ceil_div(nq, kF32BlockM);
+  const ForwardSplit split = forward_split(batch, nq, nk, ev, plan_threads());
+  const int64_t block_m = split.block_m, parts = split.key_parts;
+  const int64_t q_blocks = ceil_div(nq, block_m), k_blocks = ceil_div(nk, kF32BlockN);
   const float scale = static_cast<float>(scale_d);
   const at::Tensor k_rows = k.stride(2) == 1 || e == 1 ? k : k.contiguous();  // A of Sᵀ = K Qᵀ: rows of E
   const float* q_ptr = q.data_ptr<float>();
   const int64_t sq_b = q.stride(0), sq_n = q.stride(1), sq_e = q.stride(2);
   const int64_t sv_b = v_t.stride(0), sv_e = v_t.stride(1);
-  float* lse_ptr = lse.data_ptr<float>();
+  // key parts: parts 1.. write their rows here, every part its lse; a counter a query block
+  const at::Tensor part_out = parts > 1 ? at::empty({parts - 1, batch, nq, ev}, q.options()) : at::Tensor();
+  const at::Tensor part_lse = parts > 1 ? at::empty({parts, batch, nq}, q.options()) : at::Tensor();
+  std::vector<std::atomic<int64_t>> parts_done(parts > 1 ? batch * q_blocks : 0);
 
   struct Scratch {
     at::Tensor q_t, tile, o_t;  // Q_iᵀ panels, Sᵀ / Pᵀ panels, Oᵀ (Ev x kF32BlockM)
@@ -457,9 +518,9 @@ void attention_fwd_f32(const F32Ops& ops, const at::Tensor& q, const at::Tensor&
                    at::empty({std::max<int64_t>(ev, 1) * kF32BlockM}, f32), std::vector<float>(kF32BlockM),
                    std::vector<float>(kF32BlockM), std::vector<float>(kF32BlockM)};
   };
-  parallel_tasks(batch * q_blocks, make_scratch, [&](Scratch& t, int64_t task) {
-    const int64_t b = task / q_blocks;
-    const int64_t i0 = (task % q_blocks) * kF32BlockM, bm = std::min(kF32BlockM, nq - i0);
+  parallel_tasks(batch * q_blocks * parts, make_scratch, [&](Scratch& t, int64_t task) {
+    const int64_t s = task % parts, block = task / parts, b = block / q_blocks;
+    const int64_t i0 = (block % q_blocks) * block_m, bm = std::min(block_m, nq - i0);
     const int64_t panels = ceil_div(bm, kF32Panel);
     float* q_t = t.q_t.data_ptr<float>();
     float* tile = t.tile.data_ptr<float>();
@@ -471,8 +532,9 @@ void attention_fwd_f32(const F32Ops& ops, const at::Tensor& q, const at::Tensor&
     std::fill(t.col_sum.begin(), t.col_sum.end(), 0.0f);
     const float* k_b = k_rows.data_ptr<float>() + b * k_rows.stride(0);
     const float* v_b = v_t.data_ptr<float>() + b * sv_b;
-    for (int64_t j0 = 0; j0 < nk; j0 += kF32BlockN) {
-      const int64_t bn = std::min(kF32BlockN, nk - j0);
+    const int64_t j_begin = s * k_blocks / parts * kF32BlockN, j_end = std::min(nk, (s + 1) * k_blocks / parts * kF32BlockN);
+    for (int64_t j0 = j_begin; j0 < j_end; j0 += kF32BlockN) {
+      const int64_t bn = std::min(kF32BlockN, j_end - j0);
       f32_gemm(ops, bn, panels * kF32Panel, e, F32A{k_b + j0 * k_rows.stride(1), k_rows.stride(1), 1}, F32B{q_t, e * kF32Panel},
                F32C{tile, bn * kF32Panel, kF32Panel}, false);
       ops.column_online_softmax(tile, bn, panels, scale, t.col_max.data(), t.col_sum.data(), t.alpha.data());
@@ -480,12 +542,22 @@ void attention_fwd_f32(const F32Ops& ops, const at::Tensor& q, const at::Tensor&
                F32C{o_t, kF32Panel, kF32BlockM}, true, t.alpha.data());
     }
     // out[i0 + i][c] = Oᵀ[c][i] / l_i; lse_i = m_i + log l_i (normalize_rows' semantics).
-    float* out_b = out.data_ptr<float>() + (b * nq + i0) * ev;
+    float* const out_rows = s == 0 ? out.data_ptr<float>() + (b * nq + i0) * ev
+                                   : part_out.data_ptr<float>() + ((s - 1) * batch * nq + b * nq + i0) * ev;
+    float* const lse_rows = parts == 1 ? lse.data_ptr<float>() + b * nq + i0
+                                       : part_lse.data_ptr<float>() + (s * batch + b) * nq + i0;
     for (int64_t i = 0; i < bm; ++i) {
       const float m = t.col_max[i], l = t.col_sum[i], inv_l = 1.0f / l;
-      lse_ptr[b * nq + i0 + i] = std::isinf(m) ? m : m + std::log(l);
-      float* out_row = out_b + i * ev;
+      lse_rows[i] = std::isinf(m) ? m : m + std::log(l);
+      float* out_row = out_rows + i * ev;
       for (int64_t c = 0; c < ev; ++c) out_row[c] = o_t[c * kF32BlockM + i] * inv_l;
+    }
+    // The last of the block's parts to finish combines them (acq_rel: it sees the others' rows).
+    if (parts > 1 && parts_done[block].fetch_add(1, std::memory_order_acq_rel) == parts - 1) {
+      combine_key_parts(out.data_ptr<float>() + (b * nq + i0) * ev,
+                        part_out.data_ptr<float>() + (b * nq + i0) * ev, batch * nq * ev,
+                        part_lse.data_ptr<float>() + b * nq + i0, batch * nq, lse.data_ptr<float>() + b * nq + i0,
+                        parts, bm, ev);
     }
   });
 }
@@ -515,7 +587,6 @@ void attention_fwd_f32(const F32Ops& ops, const at::Tensor& q, const at::Tensor&
 // contiguous), the row parts' dKᵀ and dVᵀ (few keys only: (parts − 1) x B x Nk x (E + Ev),
 // (parts − 1)·Nk ≤ the chunk) and per thread the two tiles and V_jᵀ's panels (at Ev = 512: 2 MiB
 // on AVX-512, 3 MiB on AVX2).
-constexpr int64_t kF32BwdBlockN = 512, kF32BwdChunk = 1024;
 
 // The query-side operands of a chunk, for x [B, Nq, C] (q or dO): its rows (C along the
 // reduction) and its ᵀ rows (the queries along the reduction), each with unit stride along the
@@ -590,13 +661,17 @@ void attention_bwd_f32(const F32Ops& ops, const at::Tensor& grad_out, const at::
   const bool dk_direct = channel_first(dk), dv_direct = channel_first(dv);
   at::Tensor dk_t = dk_direct ? dk.transpose(1, 2) : at::empty({batch, e, nk}, f32);
   at::Tensor dv_t = dv_direct ? dv.transpose(1, 2) : at::empty({batch, ev, nk}, f32);
-  // Few keys: each chunk's rows in parts, parts 1.. with dKᵀ and dVᵀ of their own (backward_row_parts)
-  const int64_t row_parts = backward_row_parts(batch, nq, nk, kF32BwdBlockN, kF32BwdChunk);
-  at::Tensor dk_parts = row_parts > 1 ? at::empty({row_parts - 1, batch, e, nk}, f32) : at::Tensor();
-  at::Tensor dv_parts = row_parts > 1 ? at::empty({row_parts - 1, batch, ev, nk}, f32) : at::Tensor();
   // dQ_i += dS K_j needs a row-major C: dq itself when it is contiguous, else a chunk's rows
   // (DqPlan::row_buffer), added with the groups' partials into dq's layout after each chunk.
   const DqPlan dq_plan{/*first_writes=*/true, /*row_buffer=*/!dq.is_contiguous()};
+  // Each chunk's rows in parts, parts 1.. with dKᵀ and dVᵀ of their own: for few keys
+  // (backward_row_parts), or for many threads (backward_split).
+  const int64_t row_parts =
+      backward_split(batch, nq, nk, e, ev, kF32BwdBlockN, kF32BwdChunk,
+                     q_chunk.needs_layout() || do_chunk.needs_layout(), dq_plan.row_buffer, plan_threads())
+          .row_parts;
+  at::Tensor dk_parts = row_parts > 1 ? at::empty({row_parts - 1, batch, e, nk}, f32) : at::Tensor();
+  at::Tensor dv_parts = row_parts > 1 ? at::empty({row_parts - 1, batch, ev, nk}, f32) : at::Tensor();
 
   ChunkLayout lay_out_chunk;
   if (q_chunk.needs_layout() || do_chunk.needs_layout())
@@ -983,11 +1058,31 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(const at::Tenso
   return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
 }
 
+std::vector<double> cpu_attention_plan(int64_t batch, int64_t nq, int64_t nk, int64_t e, int64_t ev, int64_t threads) {
+  TORCH_CHECK(batch >= 1 && nq >= 1 && nk >= 1 && e >= 1 && ev >= 1 && threads >= 1,
+              "attnseg::cpu_attention_plan: every size and the thread count must be >= 1, got batch=", batch,
+              ", nq=", nq, ", nk=", nk, ", e=", e, ", ev=", ev, ", threads=", threads);
+  const ForwardSplit forward = forward_split(batch, nq, nk, ev, threads);
+  const ModelledRun forward_unsplit = model_independent(forward_task_costs(batch, nq, nk, ev, kF32FwdMaxBlockM, 1), threads);
+  // channel-first q and dO: q's rows and dO's rows laid out per chunk; a channel-first dq: the row buffer
+  const BackwardSplit backward = backward_split(batch, nq, nk, e, ev, kF32BwdBlockN, kF32BwdChunk, true, true, threads);
+  const BackwardSplit shape_only = backward_split(batch, nq, nk, e, ev, kF32BwdBlockN, kF32BwdChunk, true, true, 1);
+  const int64_t chunk_rows = std::min(nq, kF32BwdChunk), groups = backward_groups(batch, nk, kF32BwdBlockN);
+  const ModelledRun backward_unsplit = model_backward(batch, nq, nk, e, ev, kF32BwdBlockN, chunk_rows, groups,
+                                                      shape_only.row_parts, true, true, threads);
+  return {double(forward.block_m), double(forward.key_parts), forward.run.idle_share(), forward_unsplit.idle_share(),
+          double(backward.row_parts), backward.run.idle_share(), backward_unsplit.idle_share()};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(attnseg, CPU, m) {
   m.impl("attention_fwd", &attention_fwd_cpu);
   m.impl("attention_bwd", &attention_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(attnseg, CompositeExplicitAutograd, m) {
+  m.impl("cpu_attention_plan", &cpu_attention_plan);
 }
 
 }  // namespace attnseg::cpu
