@@ -15,6 +15,9 @@ Read by the compiled CPU kernels (``csrc/cpu``), for tests and comparisons:
 ``ATTNSEG_CPU_F32_KERNEL``     auto (default), avx512, avx2 or aten: the fp32 kernels' instruction set.
 ``ATTNSEG_CPU_LOWP_GEMM``      auto (default), brgemm, ...: the bf16/fp16 kernels' GEMM (see
                                ``csrc/cpu/lowp_gemm.h``).
+``ATTNSEG_CPU_PLAN_THREADS``   a thread count (1-4096) the fp32 kernels split their work for instead
+                               of ``torch.get_num_threads()`` (docs/cpu_kernels.md: the split for
+                               the thread count).
 =============================  ====================================================================
 
 Build switches (``MAX_JOBS``, ``ATTNSEG_SKIP_CUDA``, ``ATTNSEG_FORCE_CUDA``,

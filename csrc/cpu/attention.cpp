@@ -13,10 +13,10 @@
 //     dK_j += scale · dSᵀ Q_i;  dQ_i(group) += scale · dS K_j
 //   then the chunk's dQ = Σ_group dQ(group), summed in group order. With few key blocks (few
 //   keys), the fp32 kernel also splits each chunk's rows into parts, tasks of their own, each
-//   with its own dK and dV, summed in part order at the end. The numbers of groups and parts
-//   depend on the shape only (never on the thread count), so the gradients are bitwise
-//   repeatable whatever torch.get_num_threads() is. The chunks are pipelined (no barrier between
-//   them: backward_schedule).
+//   with its own dK and dV, summed in part order at the end. The groups depend on the shape only;
+//   the parts on the shape and, for many threads, on the thread count (schedule.h: so the bits
+//   are repeatable for a given thread count, and under deterministic algorithms for any). The
+//   chunks are pipelined (no barrier between them: backward_schedule).
 //
 // Threads: independent tasks handed out dynamically (parallel_tasks); each task's GEMMs run
 // single-threaded. Tile-sized GEMMs gain little from MKL's own threads, and MKL threads nested
@@ -137,8 +137,8 @@ struct RowPart {
 // of B x groups. Each part other than the first accumulates its own dKᵀ and dVᵀ (B x Nk x (E + Ev)
 // floats), added in part order at the end, so the parts are at most the tasks kBackwardTasks asks
 // for, parts of at least kMinPartRows rows, and (parts − 1)·Nk ≤ the chunk's rows: those buffers
-// never outgrow the chunk's own (O(chunk · (E + Ev))). Shapes only, never the thread count, like the
-// groups. 1 for DANet's crops (Nk > 1,024, the chunk). On 2 threads of a first-generation EPYC
+// never outgrow the chunk's own (O(chunk · (E + Ev))). Shapes only, like the groups (more parts for
+// many threads: backward_split). 1 for DANet's crops (Nk > 1,024, the chunk). On 2 threads of a first-generation EPYC
 // (Zen), the fp32 backward at N = 9,216, E = Ev = 256 took 0.76 of the single part's time at
 // K = 19 and 0.62 at K = 150 (4 parts each; paired medians); at N = 576-1,024 (2 parts) the same
 // as with one. 128-row parts were slower (each part packs its key block's V_jᵀ again: 1.11 at
@@ -433,7 +433,7 @@ at::Tensor channel_rows(const at::Tensor& x) {
 #if ATTNSEG_HAVE_F32_GEMM
 // The fp32 forward on our GEMMs (f32_gemm.h: AVX-512 or AVX2, `ops`), computed transposed so that a channel-first
 // v (a convolution's output, as PositionAttention passes it) is read where it lies: per task
-// (batch, block of kF32BlockM queries), per block of kF32BlockN keys,
+// (batch, block of up to kF32BlockM queries, part of the keys: see below), per block of kF32BlockN keys,
 //   Sᵀ = K_j Q_iᵀ           (A: K's rows; B: Q_iᵀ, packed once per task into 64-query panels;
 //                            Sᵀ written as the 64-query panels the next product reads as B)
 //   column online softmax   (one query per column: max, exp, sum over the keys of the tile)
