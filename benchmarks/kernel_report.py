@@ -346,6 +346,11 @@ class CudaKernel:
     products: whether it computes matrix products (then the tensor-core checks apply to fp16/bf16,
       and the FFMA-share check to fp32).
     enforced: whether ``--check`` fails on this kernel's FAILs (and on its op's FLOP ratio).
+    dq_accumulation: for the dK/dQ kernels, "atomic" (fp32 atomic reductions: the main loop must
+      hold RED/ATOM .ADD.F32), "atomic pairs" (the same, and on sm_90 all of them the vector form
+      REDG .ADD.F32x2) or "ordered" (the deterministic path: none).
+    variant_of: the entry this one replaces under torch.use_deterministic_algorithms(True):
+      compiled and checked like the others, left out of the op's FLOP and time sums (the same work).
     """
 
     name: str
@@ -359,6 +364,8 @@ class CudaKernel:
     launches: int = 1
     enforced: bool = False
     impl: str = ""
+    dq_accumulation: str = ""
+    variant_of: str = ""
 
 
 _ATTN_TILES = {"threads": "AttnTiles<{T}>::kThreads", "smem": "AttnTiles<{T}>::kSmemBytes",
@@ -387,6 +394,11 @@ def _ffma_impl(major: str) -> str:
     return "fa2 ffma" if major == "true" else "fa2 ffma contiguous"
 
 
+_FFMA_DKDQ_TILES = {"threads": "FfmaDkdqTiles::kThreads", "smem": "FfmaDkdqTiles::kSmemBytes",
+                    "rows": "FfmaDkdqTiles::kBlockN", "cols": "FfmaDkdqTiles::kBlockQ",
+                    "head_dim": "FfmaDkdqTiles::kHeadDim", "chunk": "FfmaDkdqTiles::kChunk"}
+
+
 KERNELS = (
     CudaKernel("attention_fwd", "attention.cuh", "attention_fwd_kernel<{T}>", _ALL,
                _ATTN_TILES, old_attention_fwd, "attention_fwd", products=True),
@@ -410,8 +422,10 @@ KERNELS = (
     CudaKernel("attention_bwd_dkv", "attention.cuh", "attention_bwd_dkv_kernel<{T}>", _ALL,
                _ATTN_TILES, old_attention_dkv, "attention_bwd", products=True),
     # The flash-attention-2 backward (fp16/bf16, E <= 64) at the DANet instantiation: E = 64, the dV
-    # kernel with Ev tiles of 256, the dK/dQ kernel with all of Ev = 512 resident, both layouts.
-    # The delta kernel above (memory only) also runs before them.
+    # kernel with Ev tiles of 256, the dK/dQ kernel with all of Ev = 512 resident, both layouts; the
+    # dK/dQ kernel with its default atomic dQ accumulation and, as a variant, the ordered one that
+    # runs under torch.use_deterministic_algorithms(True). The delta kernel above (memory only)
+    # also runs before them.
     *(kernel
       for layout, major in _FLASH_LAYOUTS
       for kernel in (
@@ -420,9 +434,15 @@ KERNELS = (
                      _flash_tiles(f"FlashBwdDvTiles<64, 256, {major}>", rows="kBlockN", cols="kBlockQ"),
                      flash_attention_bwd_dv, "attention_bwd", products=True, enforced=True, impl=_fa2_impl(major)),
           CudaKernel(f"flash_attention_bwd_dkdq[{layout}]", "flash_attention_bwd.cuh",
-                     f"flash_attention_bwd_dkdq_kernel<{{T}}, 64, 512, {major}>", ("fp16", "bf16"),
+                     f"flash_attention_bwd_dkdq_kernel<{{T}}, 64, 512, {major}, false>", ("fp16", "bf16"),
                      _flash_tiles(f"FlashBwdDkdqTiles<64, 512, {major}>", rows="kBlockN", cols="kBlockQ"),
-                     flash_attention_bwd_dkdq, "attention_bwd", products=True, enforced=True, impl=_fa2_impl(major)),
+                     flash_attention_bwd_dkdq, "attention_bwd", products=True, enforced=True, impl=_fa2_impl(major),
+                     dq_accumulation="atomic pairs"),
+          CudaKernel(f"flash_attention_bwd_dkdq_ordered[{layout}]", "flash_attention_bwd.cuh",
+                     f"flash_attention_bwd_dkdq_kernel<{{T}}, 64, 512, {major}, true>", ("fp16", "bf16"),
+                     _flash_tiles(f"FlashBwdDkdqTiles<64, 512, {major}>", rows="kBlockN", cols="kBlockQ"),
+                     flash_attention_bwd_dkdq, "attention_bwd", products=True, enforced=True, impl=_fa2_impl(major),
+                     dq_accumulation="ordered", variant_of=f"flash_attention_bwd_dkdq[{layout}]"),
           CudaKernel(f"flash_attention_bwd_dq_convert[{layout}]", "flash_attention_bwd.cuh",
                      "flash_attention_bwd_dq_convert_kernel<{T}>", ("fp16", "bf16"),
                      {"threads": "256", "smem": "0"}, flash_attention_bwd_dq_convert, "attention_bwd",
@@ -430,17 +450,18 @@ KERNELS = (
       )),
     # The fp32 backward (ffma_attention.cuh) at the DANet instantiation: dV from the FFMA kernel (K
     # resident, Q and dO streamed; channel-first Q with a contiguous dO, as PAM passes them), dK and
-    # dQ from the FFMA dK/dQ kernel (channel-first Q, K, V; contiguous dO) with the ordered dQ
-    # accumulation, then the dQ conversion.
+    # dQ from the FFMA dK/dQ kernel (channel-first Q, K, V; contiguous dO) with the atomic dQ
+    # accumulation (the ordered one as its deterministic variant), then the dQ conversion.
     CudaKernel("ffma_attention_bwd_dv[channel-first-q]", "ffma_attention.cuh",
                "ffma_attention_kernel<64, 256, true, false, true>", ("fp32",), _FFMA_TILES,
                flash_attention_bwd_dv, "attention_bwd", products=True, enforced=True, impl="fa2 ffma"),
-    CudaKernel("ffma_attention_bwd_dkdq[channel-first-q]", "ffma_attention.cuh",
-               "ffma_attention_bwd_dkdq_kernel<true, false, true>", ("fp32",),
-               {"threads": "FfmaDkdqTiles::kThreads", "smem": "FfmaDkdqTiles::kSmemBytes",
-                "rows": "FfmaDkdqTiles::kBlockN", "cols": "FfmaDkdqTiles::kBlockQ",
-                "head_dim": "FfmaDkdqTiles::kHeadDim", "chunk": "FfmaDkdqTiles::kChunk"},
-               ffma_attention_bwd_dkdq, "attention_bwd", products=True, enforced=True, impl="fa2 ffma"),
+    *(CudaKernel(f"ffma_attention_bwd_dkdq{suffix}[channel-first-q]", "ffma_attention.cuh",
+                 f"ffma_attention_bwd_dkdq_kernel<true, false, true, {ordered}>", ("fp32",), _FFMA_DKDQ_TILES,
+                 ffma_attention_bwd_dkdq, "attention_bwd", products=True, enforced=True, impl="fa2 ffma",
+                 dq_accumulation=accumulation, variant_of=variant_of)
+      for suffix, ordered, accumulation, variant_of in (
+          ("", "false", "atomic", ""),
+          ("_ordered", "true", "ordered", "ffma_attention_bwd_dkdq[channel-first-q]"))),
     CudaKernel("flash_attention_bwd_dq_convert[fp32]", "flash_attention_bwd.cuh",
                "flash_attention_bwd_dq_convert_kernel<{T}>", ("fp32",), {"threads": "256", "smem": "0"},
                flash_attention_bwd_dq_convert, "attention_bwd", products=False, enforced=True, impl="fa2 ffma"),
@@ -463,7 +484,8 @@ NAMESPACE = "attnseg::cuda"
 # SASS: parse, find loops, classify
 # ---------------------------------------------------------------------------------------------
 
-_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*)\s*([^;]*);")
+# opcodes may hold a lowercase x before a digit (REDG.E.ADD.F32x2, HGMMA.64x128x16.F32)
+_INSTRUCTION = re.compile(r"^\s*/\*([0-9a-f]{4,})\*/\s+(@!?U?P[T0-9]+\s+)?([A-Z][A-Z0-9_.]*(?:x[0-9][A-Z0-9_.]*)*)\s*([^;]*);")
 _FUNCTION = re.compile(r"^\s*Function\s*:\s*(\S+)")
 
 CLASSES = ("tensor", "fma", "fp", "ldst", "int", "control", "other")
@@ -475,7 +497,7 @@ for _cls, _names in {
     "fma": "FFMA DFMA HFMA2 FFMA2",
     "fp": "FADD FMUL DADD DMUL HADD2 HMUL2 FMNMX DMNMX HMNMX2 FSETP DSETP HSETP2 FSEL FSET MUFU F2F F2FP F2I I2F "
           "I2FP F2IP FRND DSET FCHK HSET2 FSWZADD",
-    "ldst": "LDG STG LDS STS LDSM STSM LDGSTS LDGDEPBAR DEPBAR LD ST LDL STL LDC ATOM ATOMG ATOMS RED "
+    "ldst": "LDG STG LDS STS LDSM STSM LDGSTS LDGDEPBAR DEPBAR LD ST LDL STL LDC ATOM ATOMG ATOMS RED REDG "
             "UBLKCP UTMALDG UTMASTG SYNCS ULDC",
     "int": "IMAD IADD3 IADD LEA SHF SHL SHR LOP3 LOP ISETP IMNMX IABS SEL MOV PRMT SGXT POPC FLO IMUL BMSK "
            "BREV P2R R2P PLOP3 VIADD VIMNMX IDP IMNMX UIADD3 UIMAD ULEA USHF ULOP3 UISETP UMOV USEL UPRMT "
@@ -944,7 +966,30 @@ def analyse(compiled: Compiled, constants: dict) -> Row:
     if entry.products and dtype == "fp32":
         share = row.share("fma")
         row.checks["FFMA share"] = (share >= THRESHOLDS["ffma_share"], f"{share:.0%}")
+    if entry.dq_accumulation:
+        row.checks["dQ RED"] = _dq_reduction_check(entry.dq_accumulation, compiled.arch,
+                                                   row.loop.instructions if row.loop else ())
     return row
+
+
+def fp32_reductions(instructions) -> list[Instruction]:
+    """The fp32 atomic adds among `instructions`: RED / REDG / ATOM / ATOMG with .ADD.F32 (F32x2:
+    sm_90's vector form)."""
+    return [i for i in instructions if i.base in ("RED", "REDG", "ATOM", "ATOMG") and ".ADD.F32" in i.opcode]
+
+
+def _dq_reduction_check(accumulation: str, arch: int, instructions) -> tuple[bool, str]:
+    """The dK/dQ kernels' dQ path in the main loop: "atomic" needs fp32 atomic reductions there,
+    "atomic pairs" too and, on sm_90, only the vector form (red.global.add.v2.f32: F32x2);
+    "ordered" none (plain loads and stores behind the counters). Shown: the count, and how many
+    are vector ones."""
+    reds = fp32_reductions(instructions)
+    vector = sum(1 for i in reds if "F32x2" in i.opcode or "F32x4" in i.opcode)
+    shown = f"{len(reds)}" + (f" ({vector} x2)" if vector else "")
+    if accumulation == "ordered":
+        return not reds, shown
+    pairs_ok = accumulation != "atomic pairs" or arch < 90 or vector == len(reds)
+    return bool(reds) and pairs_ok, shown
 
 
 def _peak(gpu: Gpu, dtype: str, tensor: bool) -> float:
@@ -1338,7 +1383,13 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
         "LDGSTS/...), int/address (IMAD/IADD3/LEA/SHF/LOP3/ISETP/MOV/...; `64b` = its 64-bit address share: "
         "IMAD.WIDE, IADD3.X, LEA.HI.X, ...), control/sync (BRA/BAR/SHFL/...). Checks: no stack/spill "
         "(stack/spill-st/spill-ld bytes) for every kernel; HMMA, LDSM, LDGSTS in the main loop for "
-        "fp16/bf16 kernels with matrix products; FFMA share >= 40 % for fp32 ones.\n")
+        "fp16/bf16 kernels with matrix products; FFMA share >= 40 % for fp32 ones; `dQ RED` for the dK/dQ "
+        "kernels: the fp32 atomic reductions (RED/ATOM .ADD.F32) in the main loop, with how many are sm_90's "
+        "vector form (`x2`: REDG .ADD.F32x2, red.global.add.v2.f32): the default (atomic) dQ path needs them, "
+        "and the flash kernel (adjacent cell pairs) only vector ones on sm_90 (the FFMA kernel's cells are not "
+        "adjacent: scalar); the `_ordered` variant, which runs under "
+        "torch.use_deterministic_algorithms(True), must have none (it waits for the previous key block and "
+        "adds with plain loads and stores). Variants are left out of the op's FLOP and time sums below.\n")
     for r in rows:
         c = r.compiled
         if c.entry.enforced:
@@ -1422,7 +1473,7 @@ def _cuda_sections(say, rows: list[Row], archs, dtypes, shapes, failures) -> Non
     body = []
     kernel_body = []
     for op, impl in dict.fromkeys((e.op, e.impl) for e in _entries(rows)):
-        entries = [e for e in _entries(rows, op) if e.impl == impl]
+        entries = [e for e in _entries(rows, op) if e.impl == impl and not e.variant_of]
         op_enforced = any(e.enforced for e in entries)
         op_label = op + (f" ({impl})" if impl else "") + (" [enforced]" if op_enforced else "")
         # only the dtypes this implementation has kernels for (the flash forward: fp16/bf16)

@@ -239,8 +239,9 @@ FFMA_PATHS = [
 def test_ffma_kernel_paths(emu, nq, nk, e, ev, channel_first, fwd_template, fwd_paths, dv_template, dv_paths,
                            dkdq):
     """fp32 with 1 <= E <= 128 takes the forward and dV from ffma_attention_kernel
-    (ffma_attention.cuh), and with E <= 64 dK and dQ from ffma_attention_bwd_dkdq_kernel (ordered
-    dQ accumulation, then the dQ conversion), with the tile sizes and load axes of host.h's rules;
+    (ffma_attention.cuh), and with E <= 64 dK and dQ from ffma_attention_bwd_dkdq_kernel (the
+    default atomic dQ accumulation, then the dQ conversion), with the tile sizes and load axes of
+    host.h's rules;
     E > 64 takes dQ and dK from the old kernels (the dK/dV kernel for its dK slices). Every layout
     matches the fp64 reference, and the results are bitwise equal to the contiguous inputs' (the
     load axes change, the shared-memory tiles and the arithmetic do not)."""
@@ -256,7 +257,7 @@ def test_ffma_kernel_paths(emu, nq, nk, e, ev, channel_first, fwd_template, fwd_
         assert all(any(name in line for line in lines) for name in old), lines
         assert not any("dkdq" in line or "dq_convert" in line for line in lines), lines
     else:
-        assert sum(f"ffma_attention_bwd_dkdq_kernel<{dkdq}>" in line for line in lines) == 1, lines
+        assert sum(f"ffma_attention_bwd_dkdq_kernel<{dkdq}, false>" in line for line in lines) == 1, lines
         assert sum("flash_attention_bwd_dq_convert_kernel<float>" in line for line in lines) == 1, lines
         assert not any(name in line for name in old for line in lines), lines
     out_c, lse_c, _ = _flash_launch(emu, q.contiguous(), k.contiguous(), v.contiguous(), 0.3)
@@ -377,7 +378,7 @@ def _kernel_line(lines, name, type_name, template):
 def test_flash_backward_load_paths(emu, dtype, nq, nk, e, ev, channel_first, optin, dv_template, dv_paths,
                                    dkdq_template, dkdq_paths):
     """fp16/bf16 with E <= 64 and Ev <= 512 take all three gradients from the flash kernels (dV
-    kernel; dK/dQ kernel with the ordered dQ accumulation, then the dQ conversion) on the load
+    kernel; dK/dQ kernel with the default atomic dQ accumulation, then the dQ conversion) on the load
     paths the strides allow, and none of the old kernels but the delta kernel; every path matches
     the fp64 reference, and the gradients are bitwise equal to the contiguous inputs' results."""
     q, k, v = (_layout(t, cf) for t, cf in zip(_attention_inputs(1, nq, nk, e, ev, dtype), channel_first))
@@ -388,7 +389,8 @@ def test_flash_backward_load_paths(emu, dtype, nq, nk, e, ev, channel_first, opt
         contiguous = helpers.check_attention_backend(_flash_bwd_run(emu, False, []), q.contiguous(), k.contiguous(),
                                                      v.contiguous(), 0.3)
     assert _kernel_line(lines, "flash_attention_bwd_dv_kernel", type_name, dv_template).endswith(dv_paths)
-    assert _kernel_line(lines, "flash_attention_bwd_dkdq_kernel", type_name, dkdq_template).endswith(dkdq_paths)
+    dkdq_line = _kernel_line(lines, "flash_attention_bwd_dkdq_kernel", type_name, dkdq_template + ", false")
+    assert dkdq_line.endswith(dkdq_paths), dkdq_line
     assert sum("flash_attention_bwd_dq_convert_kernel<" in line for line in lines) == 1, lines
     assert not any("attention_bwd_dkv_kernel<" in line or "attention_bwd_dq_kernel<" in line for line in lines), lines
     for grad, t, grad_contiguous in zip(result[2:], (q, k, v), contiguous[2:]):
@@ -426,25 +428,160 @@ def test_dkdq_falls_back_where_v_does_not_fit(emu, ev, optin):
 @pytest.mark.parametrize("dtype, kernel", [(torch.float16, "flash_attention_bwd_dkdq_kernel"),
                                            (torch.float32, "ffma_attention_bwd_dkdq_kernel")], ids=["fp16", "fp32"])
 def test_dkdq_counter_off_by_one_is_caught(emu, dtype, kernel):
-    """The dK/dQ kernels' ordered dQ accumulation (key block j adds after blocks 0 .. j - 1). A
-    planted off-by-one in its counter wait (block j waits for j + 1, or j - 1) is reported by the
-    emulator, which runs blocks in linear order, as a wait that would deadlock: not a hang, not a
-    silently different sum. Several key blocks and query tiles, two batches."""
+    """The dK/dQ kernels' ordered dQ accumulation (under torch.use_deterministic_algorithms(True):
+    key block j adds after blocks 0 .. j - 1). A planted off-by-one in its counter wait (block j
+    waits for j + 1, or j - 1) is reported by the emulator, which runs that launch's blocks in
+    linear order, as a wait that would deadlock: not a hang, not a silently different sum. The
+    default atomic path has no counters, so the same plant changes nothing there. Several key
+    blocks and query tiles, two batches."""
     q, k, v = _attention_inputs(2, 70, 150, 32, 48, dtype)
     out, lse = emu.attention_fwd(q, k, v, 0.3)
     grad_out = torch.randn(2, 70, 48, generator=torch.Generator().manual_seed(3)).to(dtype)
     emu.launches()
-    expected = emu.attention_bwd(grad_out, None, q, k, v, out, lse, 0.3)
-    assert any(kernel in line for line in emu.launches())
+    with _deterministic():
+        expected = emu.attention_bwd(grad_out, None, q, k, v, out, lse, 0.3)
+    assert any(f"{kernel}<" in line and line.split(">(")[0].endswith("true") for line in emu.launches())
     try:
         for skew in (1, -1):
             emu.set_dq_counter_skew(skew)
-            with pytest.raises(RuntimeError, match="would deadlock"):
+            with _deterministic(), pytest.raises(RuntimeError, match="would deadlock"):
                 emu.attention_bwd(grad_out, None, q, k, v, out, lse, 0.3)
+        atomic = emu.attention_bwd(grad_out, None, q, k, v, out, lse, 0.3)  # skew still planted
     finally:
         emu.set_dq_counter_skew(0)
-    for a, b in zip(expected, emu.attention_bwd(grad_out, None, q, k, v, out, lse, 0.3)):
+    with _deterministic():
+        again = emu.attention_bwd(grad_out, None, q, k, v, out, lse, 0.3)
+    for a, b in zip(expected, again):
         assert torch.equal(a, b)
+    # dK and dV do not go through the accumulator: the same bits on both paths
+    assert torch.equal(atomic[1], expected[1]) and torch.equal(atomic[2], expected[2])
+    _assert_within_reorder_bound(atomic[0], expected[0], q, k, v, out, grad_out, 0.3)
+
+
+# ---------------------------------------------------------------------------------------------
+# dQ accumulation of the dK/dQ kernels: fp32 atomic reductions by default, key-block order under
+# torch.use_deterministic_algorithms(True)
+# ---------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _deterministic(enabled=True):
+    """torch.use_deterministic_algorithms(enabled) for the block, restored after it."""
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+def _ulp(x, dtype):
+    """The spacing of `dtype`'s values at |x| (elementwise; the smallest subnormal's at 0)."""
+    info = torch.finfo(dtype)
+    _, exponent = torch.frexp(x.double().abs())  # |x| = m · 2^exponent, m in [0.5, 1)
+    return torch.clamp(torch.ldexp(torch.full_like(x, info.eps, dtype=torch.float64), exponent - 1),
+                       min=info.smallest_normal * info.eps)
+
+
+def _assert_within_reorder_bound(dq, dq_other, q, k, v, out, grad_out, scale):
+    """dq and dq_other: the same kernel's dq with its ceil(Nk / 64) fp32 partials per cell summed in
+    two orders (atomic reductions in any order, or the ordered path's key-block order). Summing m
+    terms recursively in fp32 errs by at most (m - 1)·u·Σ|term| (u = 2^-24), so two orders differ by
+    at most 2(m - 1)·u·Σ_b|partial_b| <= 2(m - 1)·u·Σ_j |dS_ij|·|K_jf| (taken from the fp64 dS, with a
+    factor 2 for dS's rounding to the input type and the partials' own fp32 error); the result is
+    then multiplied by the scale and rounded once to dq's type, which may put the two on the two
+    sides of a rounding boundary: one ulp of dq's type more. At the shapes here the fp32 term is
+    a few ulp of fp32 times m, well below the fp16/bf16 rounding of the result, so the bound is
+    in effect one fp16/bf16 ulp (and a few fp32 ulps for fp32)."""
+    qd, kd, vd, od, god = (t.double() for t in (q, k, v, out, grad_out))
+    p = torch.softmax(torch.bmm(qd, kd.transpose(1, 2)) * scale, -1)
+    dp = torch.bmm(god, vd.transpose(1, 2))
+    ds = p * (dp - (god * od).sum(-1, keepdim=True))
+    partials = math.ceil(k.shape[1] / 64)
+    fp32_term = 2 * 2 * (partials - 1) * 2.0**-24 * abs(scale) * torch.bmm(ds.abs(), kd.abs())
+    bound = fp32_term + _ulp(torch.maximum(dq.abs(), dq_other.abs()), dq.dtype)
+    excess = (dq.double() - dq_other.double()).abs() - bound
+    assert (excess <= 0).all(), f"dq differs by {float(excess.max()):.3g} more than the reordering bound"
+    return fp32_term
+
+
+# (id, dtype, channel-first, nq, nk, e, ev, dK/dQ kernel, opt-in): Nk = 200 gives four key blocks,
+# so each dq cell sums four partials, whose fp32 sum depends on the order (two commute exactly)
+DQ_ORDER_CASES = [
+    ("fp16-channel-first-ev512", torch.float16, True, 70, 200, 64, 512, "flash_attention_bwd_dkdq_kernel", SM80_OPTIN),
+    ("bf16-contiguous-e40", torch.bfloat16, False, 70, 200, 40, 96, "flash_attention_bwd_dkdq_kernel", None),
+    ("fp32-channel-first", torch.float32, True, 70, 200, 64, 96, "ffma_attention_bwd_dkdq_kernel", None),
+]
+
+
+@pytest.mark.parametrize("dtype, channel_first, nq, nk, e, ev, kernel, optin", [c[1:] for c in DQ_ORDER_CASES],
+                         ids=[c[0] for c in DQ_ORDER_CASES])
+def test_dq_accumulation_atomic_by_default_ordered_when_deterministic(emu, dtype, channel_first, nq, nk, e, ev,
+                                                                      kernel, optin):
+    """By default the dK/dQ kernel adds its dQ partials by fp32 atomic reductions (the kernel
+    instantiated with kOrderedDq = false); under torch.use_deterministic_algorithms(True) in
+    key-block order behind the counters (kOrderedDq = true). The emulator runs every launch's
+    blocks in a fresh random order (the ordered launch excepted: its protocol needs in-order
+    dispatch) and applies the reductions in a shuffled order; here each of two launches per path
+    also gets its own launch-order seed and thread schedule.
+    * The atomic path matches the fp64 reference (the backward's usual criterion) and the ordered
+      path's dq within the reordering bound of _assert_within_reorder_bound; dK and dV do not go
+      through the accumulator and are bitwise equal on both paths.
+    * The ordered path is bitwise identical across the two launches. The atomic path may differ:
+      in fp32 (dq is the accumulator times the scale) it does, which shows the emulator really
+      reorders the sums; in fp16/bf16 the difference mostly vanishes in dq's rounding."""
+    q, k, v = (_layout(t, channel_first) for t in _attention_inputs(1, nq, nk, e, ev, dtype))
+    grad_out = _layout(torch.randn(1, nq, ev, generator=torch.Generator().manual_seed(5)).to(dtype), channel_first)
+    out, lse = emu.attention_fwd(q, k, v, 0.3)
+
+    def backward(seed, deterministic):
+        emu.set_launch_order_seed(seed)
+        emu.set_schedule("random", seed)
+        emu.launches()
+        try:
+            with _deterministic(deterministic), _optin(emu, optin):
+                grads = emu.attention_bwd(grad_out, None, q, k, v, out, lse, 0.3)
+        finally:
+            emu.set_schedule("forward", 0)
+        (line,) = [line for line in emu.launches() if f"{kernel}<" in line]
+        assert line.split(">(")[0].endswith("true" if deterministic else "false"), line
+        return grads
+
+    atomic = [backward(seed, False) for seed in (11, 12)]
+    ordered = [backward(seed, True) for seed in (11, 12)]
+    for a, b in zip(*ordered):
+        assert torch.equal(a, b), "the ordered dQ accumulation is not bitwise reproducible"
+    for grads in atomic:
+        assert torch.equal(grads[1], ordered[0][1]) and torch.equal(grads[2], ordered[0][2])
+        fp32_term = _assert_within_reorder_bound(grads[0], ordered[0][0], q, k, v, out, grad_out, 0.3)
+    if dtype != torch.float32:  # a typical cell's reordering error is far below one ulp of the result
+        assert float((fp32_term / _ulp(ordered[0][0], dtype)).median()) < 0.05
+    else:
+        assert not torch.equal(atomic[0][0], atomic[1][0]), "two launches summed every dq cell in the same order"
+    with _optin(emu, optin):
+        helpers.check_attention_backend(_flash_bwd_run(emu, channel_first, []), q, k, v, 0.3)  # the atomic path
+
+
+def test_emulator_shuffles_block_and_reduction_order(emu):
+    """Every launch runs its blocks in a fresh random order and applies the fp32 reductions
+    (warp::red_add_f32) in a shuffled order at its end; set_launch_order_seed replays the sequence.
+    A sum whose fp32 value depends on the order (2^24 absorbs a 1 added to it alone) takes
+    different values across launches; a sum that is exact in any order does not; subnormals are
+    flushed to zero, as red.global.add.f32 does."""
+    order_sensitive = torch.tensor([2.0**24] + [1.0] * 20 + [-(2.0**24)])
+    emu.set_launch_order_seed(7)
+    first = [emu.red_sum(order_sensitive) for _ in range(6)]
+    emu.set_launch_order_seed(7)
+    replay = [emu.red_sum(order_sensitive) for _ in range(6)]
+    for (sum_a, order_a), (sum_b, order_b) in zip(first, replay):
+        assert torch.equal(sum_a, sum_b) and torch.equal(order_a, order_b)
+    for _, order in first:
+        assert sorted(order.tolist()) == list(range(22))
+    assert len({tuple(order.tolist()) for _, order in first}) == 6
+    assert len({float(total) for total, _ in first}) > 1
+    exact = torch.arange(1.0, 33.0)
+    assert all(float(emu.red_sum(exact)[0]) == 528.0 for _ in range(4))
+    assert float(emu.red_sum(torch.tensor([1e-40, 1e-40]))[0]) == 0.0
 
 
 FLASH_BWD_SCHEDULES = [  # (id, dtype, channel-first, nq, ev): 4 query tiles, so both ring stages are reused
@@ -459,7 +596,8 @@ FLASH_BWD_SCHEDULES = [  # (id, dtype, channel-first, nq, ev): 4 query tiles, so
 @pytest.mark.parametrize("dtype, channel_first, nq, ev", [c[1:] for c in FLASH_BWD_SCHEDULES],
                          ids=[c[0] for c in FLASH_BWD_SCHEDULES])
 def test_flash_backward_is_schedule_independent(emu, dtype, channel_first, nq, ev):
-    """The backward's flash kernels (dV; dK/dQ with its ordered dQ accumulation) give
+    """The backward's flash kernels (dV; dK/dQ with its default atomic dQ accumulation: two key
+    blocks, whose two partials a cell sum to the same fp32 value in either order) give
     bitwise-identical gradients under every schedule, over several query tiles and key blocks (as
     test_flash_forward_is_schedule_independent). Planted by hand: without the dV kernel's
     query-loop cp_async_wait the three cp.async cases here fail (and every case of

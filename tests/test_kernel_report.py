@@ -214,3 +214,58 @@ def test_partial_triton_sweep_replaces_only_its_kernels(tmp_path):
     assert table[(80, "fp16", "_attn_bwd_dq", True, 64, 512)] == {
         ((("BLOCK_M", 64), ("BLOCK_N", 32)), 4, 2): 110592}
     assert all(table[key] == value for key, value in keep.items())
+
+
+def test_dq_reduction_check():
+    """The dK/dQ kernels' dQ path in the main loop: the atomic entries need fp32 atomic reductions
+    (the flash kernel's cell pairs: only the vector form on sm_90), the ordered variants none."""
+
+    def code(*opcodes):
+        return [kr.Instruction(16 * i, op, "") for i, op in enumerate(opcodes)]
+
+    scalar = code("HMMA.16816.F32", "RED.E.ADD.F32.FTZ.RN.STRONG.GPU", "RED.E.ADD.F32.FTZ.RN.STRONG.GPU")
+    vector = code("HMMA.16816.F32", "REDG.E.ADD.F32x2.FTZ.RN.STRONG.GPU")
+    plain = code("HMMA.16816.F32", "LDG.E.64", "STG.E.64", "ATOMG.E.ADD.STRONG.GPU")  # an int atomic: not a dQ add
+    assert kr._dq_reduction_check("atomic pairs", 80, scalar) == (True, "2")
+    assert kr._dq_reduction_check("atomic pairs", 90, scalar) == (False, "2")
+    assert kr._dq_reduction_check("atomic pairs", 90, vector) == (True, "1 (1 x2)")
+    assert kr._dq_reduction_check("atomic", 90, scalar) == (True, "2")
+    assert kr._dq_reduction_check("atomic", 80, plain) == (False, "0")
+    assert kr._dq_reduction_check("ordered", 80, plain) == (True, "0")
+    assert kr._dq_reduction_check("ordered", 90, vector) == (False, "1 (1 x2)")
+    assert kr.classify("REDG.E.ADD.F32x2.FTZ.RN.STRONG.GPU") == "ldst"
+    # the parser keeps sm_90's lowercase vector suffix in the opcode
+    (parsed,) = kr.parse_sass("Function : f\n /*0080*/ REDG.E.ADD.F32x2.FTZ.RN.STRONG.GPU desc[UR4][R2.64], R6 ;")["f"]
+    assert parsed.opcode == "REDG.E.ADD.F32x2.FTZ.RN.STRONG.GPU" and parsed.operands == "desc[UR4][R2.64], R6"
+    (wgmma,) = kr.parse_sass("Function : f\n /*0a10*/ HGMMA.64x128x16.F32 R24, gdesc[UR4], R24 ;")["f"]
+    assert wgmma.opcode == "HGMMA.64x128x16.F32" and kr.classify(wgmma.opcode) == "tensor"
+
+
+def test_dkdq_kernels_are_reported_on_both_dq_paths():
+    """Every dK/dQ kernel has an enforced entry for the default atomic dQ path and one for the
+    ordered (deterministic) variant, which the op's FLOP sums leave out: the same work counted once."""
+    by_name = {e.name: e for e in kr.KERNELS}
+    pairs = [(by_name[f"flash_attention_bwd_dkdq[{layout}]"], by_name[f"flash_attention_bwd_dkdq_ordered[{layout}]"])
+             for layout in ("channel-first", "contiguous")]
+    pairs.append((by_name["ffma_attention_bwd_dkdq[channel-first-q]"],
+                  by_name["ffma_attention_bwd_dkdq_ordered[channel-first-q]"]))
+    for atomic, ordered in pairs:
+        assert atomic.enforced and ordered.enforced and atomic.impl == ordered.impl
+        assert atomic.kernel.endswith("false>") and ordered.kernel.endswith("true>")
+        assert atomic.dq_accumulation.startswith("atomic") and ordered.dq_accumulation == "ordered"
+        assert ordered.variant_of == atomic.name and not atomic.variant_of
+    assert pairs[0][0].dq_accumulation == "atomic pairs" and pairs[2][0].dq_accumulation == "atomic"
+
+    atomic, ordered = pairs[0]
+    constants = {"rows": 64, "cols": 32, "head_dim": 64, "ev_tile": 512, "threads": 128, "smem": 0}
+    rows = []
+    for entry in (atomic, ordered):
+        row = _row(entry=entry)
+        row.constants = constants
+        rows.append(row)
+    lines, failures = [], []
+    kr._cuda_sections(lines.append, rows, [80], ["fp16"], kr.SHAPES[:1], failures)
+    (flops_line,) = [line for text in lines for line in text.splitlines()
+                     if line.startswith("| attention_bwd (fa2) [enforced]")]
+    issued = kr.flash_attention_bwd_dkdq(kr.SHAPES[0], constants, 2).flops
+    assert flops_line.split("|")[4].strip() == f"{issued / 1e9:.0f}"

@@ -294,9 +294,10 @@ __global__ void __launch_bounds__(FfmaTiles<kHeadDim, kEvTile>::kThreads) ffma_a
 // through shared memory, so any Ev fits 58 KiB), both as 4 x 2 micro-tiles in the S layout above;
 // Pᵀ = exp(Sᵀ · scale − lse), dSᵀ = Pᵀ ∘ (dPᵀ − delta) to shared memory stored [query][key];
 // dK += dSᵀ Q (8 x 2 per thread, registers for the whole loop) and the tile's dQ partial dS K
-// (4 x 2 per thread), which is added to the fp32 accumulator of flash_attention_bwd.cuh in
-// key-block order (the same counter protocol as the fp16/bf16 dK/dQ kernel: bitwise
-// reproducible, no atomics). dP is computed once per (query tile, key block): with the dV kernel
+// (4 x 2 per thread), which is added to the fp32 accumulator of flash_attention_bwd.cuh as the
+// fp16/bf16 dK/dQ kernel does (kOrderedDq: by fp32 atomic reductions, the default, or in key-block
+// order behind the counters under torch.use_deterministic_algorithms, bitwise reproducible, no
+// atomics). dP is computed once per (query tile, key block): with the dV kernel
 // above the backward issues (4E + 2Ev) / (3E + 2Ev) of the useful FLOPs, 1.05 at E = 64, Ev = 512.
 // The next stage (V/dO chunk, or the next tile's Q, lse and delta) is fetched into registers
 // while the current one is computed. kQMajor / kDoMajor / kVMajor: that operand's unit-stride axis
@@ -315,9 +316,10 @@ struct FfmaDkdqTiles {
   static_assert(kSmemBytes <= 99 * 1024, "within the smallest opt-in shared memory of the targeted GPUs");
 };
 
-// grid: batch * ceil(nk / 64), block: 256, dynamic smem: kSmemBytes. Needs delta (the delta kernel)
-// and zeroed dq_accum / dq_counters; flash_attention_bwd_dq_convert_kernel then writes dq.
-template <bool kQMajor, bool kDoMajor, bool kVMajor>
+// grid: batch * ceil(nk / 64), block: 256, dynamic smem: kSmemBytes. Needs delta (the delta kernel),
+// a zeroed dq_accum and, when kOrderedDq, zeroed dq_counters; flash_attention_bwd_dq_convert_kernel
+// then writes dq.
+template <bool kQMajor, bool kDoMajor, bool kVMajor, bool kOrderedDq>
 __global__ void __launch_bounds__(FfmaDkdqTiles::kThreads) ffma_attention_bwd_dkdq_kernel(const FlashBwdParams<float> p) {
   using Tiles = FfmaDkdqTiles;
   constexpr int kBlockN = Tiles::kBlockN, kBlockQ = Tiles::kBlockQ, kThreads = Tiles::kThreads;
@@ -437,19 +439,29 @@ __global__ void __launch_bounds__(FfmaDkdqTiles::kThreads) ffma_attention_bwd_dk
     ATTNSEG_UNROLL
     for (int c = 0; c < kBlockN; ++c) fma_micro_tile(dq, ds_smem + 4 * ty * kLdDs + c, kLdDs, k_smem + c * kLd + tx, 32);
 
-    // Ordered accumulation (docs/flash_backward_design.md): key block j adds its partial after key
-    // blocks 0 .. j − 1 have, so the sum runs in the same order on every run.
-    int* const counter = p.dq_counters + b * p.dq_tiles + it;
-    if (threadIdx.x == 0) warp::wait_until_equal(counter, key_block + p.dq_counter_skew);
-    __syncthreads();
     float* const acc = p.dq_accum + ((b * p.dq_tiles + it) * kBlockQ + 4 * ty) * kHeadDim + tx;
-    ATTNSEG_UNROLL
-    for (int i = 0; i < 4; ++i)
+    if constexpr (kOrderedDq) {
+      // Ordered (docs/flash_backward_design.md): key block j adds its partial after key blocks
+      // 0 .. j − 1 have, so the sum runs in the same order on every run.
+      int* const counter = p.dq_counters + b * p.dq_tiles + it;
+      if (threadIdx.x == 0) warp::wait_until_equal(counter, key_block + p.dq_counter_skew);
+      __syncthreads();
       ATTNSEG_UNROLL
-      for (int j = 0; j < 2; ++j) acc[i * kHeadDim + 32 * j] += dq[i][j];
-    __threadfence();
-    __syncthreads();
-    if (threadIdx.x == 0) warp::st_release_gpu(counter, key_block + 1);
+      for (int i = 0; i < 4; ++i)
+        ATTNSEG_UNROLL
+        for (int j = 0; j < 2; ++j) acc[i * kHeadDim + 32 * j] += dq[i][j];
+      __threadfence();
+      __syncthreads();
+      if (threadIdx.x == 0) warp::st_release_gpu(counter, key_block + 1);
+    } else {
+      // Atomic (FlashAttention-2's): no block waits on another (the barrier at the top of the
+      // loop ends this tile's use of dS). A thread's cells tx and tx + 32 are not adjacent:
+      // scalar reductions.
+      ATTNSEG_UNROLL
+      for (int i = 0; i < 4; ++i)
+        ATTNSEG_UNROLL
+        for (int j = 0; j < 2; ++j) warp::red_add_f32(acc + i * kHeadDim + 32 * j, dq[i][j]);
+    }
   }
 
   // ---- epilogue: dK = scale · Σ dSᵀ Q in dk's layout ----

@@ -2,7 +2,9 @@
 // compiled by nvcc for the extension and by g++ for the SIMT emulator (tests/emu). Launch logic and
 // the dispatch rule: host.h. Two key-block-outer kernels split the work so that no block holds
 // more than the forward's registers: the dV kernel, and the dK/dQ kernel with V_j resident in
-// shared memory and an ordered (deterministic) fp32 dQ accumulation; a small kernel then writes dq.
+// shared memory and an fp32 dQ accumulator that every key block adds its partial to (fp32 atomic
+// reductions by default, in key-block order under torch.use_deterministic_algorithms); a small
+// kernel then writes dq.
 //
 //   S = Q Kᵀ,  P = exp(S · scale − lse)  (lse from the forward),  delta = rowsum(dO ∘ O) − dlse
 //   dV = Pᵀ dO,  dP = dO Vᵀ,  dS = P ∘ (dP − delta),  dK = scale · dSᵀ Q,  dQ = scale · dS K
@@ -39,11 +41,17 @@
 //     from the resident tile), dSᵀ = Pᵀ ∘ (dPᵀ − delta) rounded to T, dK += dSᵀ Q (the dSᵀ
 //     accumulators are the A fragment; dK stays in registers). dSᵀ also goes to shared memory;
 //     after a barrier each warp computes a 16 x 32 quarter of the tile's dQ partial dS K_j.
-//   * The partials are added to an fp32 accumulator [B][Nq][64] in key-block order: block j
-//     waits until the tile's counter reads j (ld.acquire, nanosleep back-off), adds with plain
-//     loads and stores, fences, and releases j + 1. Bitwise reproducible, no atomics, O(N·E)
-//     memory. Progress needs block j − 1 dispatched before block j (the lower linear index; GPUs
-//     dispatch in that order, as FlashAttention-3's deterministic mode assumes).
+//   * The partials are added to an fp32 accumulator [B][Nq][64], O(N·E) memory, in one of two
+//     ways (kOrderedDq, chosen on the host from torch.are_deterministic_algorithms_enabled()):
+//     - default (FlashAttention-2's): fp32 atomic reductions (warp::red_add_f32x2: one vector RED
+//       per pair of cells on sm_90, two scalar REDs elsewhere); no block waits on another. The
+//       order in which the ceil(Nk / 64) partials of a cell land varies between runs, so dq is not
+//       bitwise reproducible (it differs by fp32 rounding, far below fp16/bf16's).
+//     - ordered (deterministic): block j waits until the tile's counter reads j (ld.acquire,
+//       nanosleep back-off), adds with plain loads and stores, fences, and releases j + 1. Bitwise
+//       reproducible, no atomics, but the key blocks of a query tile take their turns one after
+//       another. Progress needs block j − 1 dispatched before block j (the lower linear index;
+//       GPUs dispatch in that order, as FlashAttention-3's deterministic mode assumes).
 //   * Issued FLOPs 2·Nq·Nk·(3E + Ev); with the dV kernel's 2E + Ev the backward issues 5E + 2Ev
 //     for the useful 3E + 2Ev (1.11 at E = 64, Ev = 512). Shared memory at E = 64, Ev = 512: 148
 //     KiB (contiguous) / 164 KiB (channel-first): sm_80 and sm_90; the host falls back to the old
@@ -124,8 +132,12 @@ struct FlashBwdParams : AttnBwdParams<T> {
   // kernel only), and which operands are copied by 16-byte cp.async rather than element by element.
   bool k_keys_major, k_async, q_async, do_async, v_async;
   int64_t dv_k_blocks;  // ceil(nk / 64)
-  // dK/dQ kernel: the ordered dQ accumulation. dq_accum [batch][ceil(nq / 32) · 32][64] fp32 and
-  // dq_counters [batch][ceil(nq / 32)] int32, both zero-initialised.
+  // dK/dQ kernels: the dQ accumulation. ordered_dq: in key-block order behind per-tile counters
+  // (set when torch.are_deterministic_algorithms_enabled(); the host then launches the kOrderedDq
+  // instantiation), else by fp32 atomic reductions. dq_accum [batch][ceil(nq / 32) · 32][64] fp32,
+  // zero-initialised; dq_counters [batch][ceil(nq / 32)] int32, zero-initialised, only when
+  // ordered_dq (nullptr otherwise).
+  bool ordered_dq;
   float* dq_accum;
   int* dq_counters;
   int64_t dq_tiles;     // ceil(nq / 32)
@@ -317,9 +329,9 @@ struct alignas(8) FloatPair {
 };
 
 // grid: batch * ceil(nk / kBlockN), block: kThreads, dynamic smem: kSmemBytes. Needs delta (the
-// delta kernel) and zeroed dq_accum / dq_counters; flash_attention_bwd_dq_convert_kernel then
-// writes dq from dq_accum.
-template <typename T, int kHeadDim, int kEvTile, bool kQueriesMajor>
+// delta kernel), a zeroed dq_accum and, when kOrderedDq (p.ordered_dq), zeroed dq_counters;
+// flash_attention_bwd_dq_convert_kernel then writes dq from dq_accum.
+template <typename T, int kHeadDim, int kEvTile, bool kQueriesMajor, bool kOrderedDq>
 __global__ void __launch_bounds__(FlashBwdDkdqTiles<kHeadDim, kEvTile, kQueriesMajor>::kThreads)
     flash_attention_bwd_dkdq_kernel(const FlashBwdParams<T> p) {
   using Tiles = FlashBwdDkdqTiles<kHeadDim, kEvTile, kQueriesMajor>;
@@ -479,29 +491,42 @@ __global__ void __launch_bounds__(FlashBwdDkdqTiles<kHeadDim, kEvTile, kQueriesM
         }
       }
 
-      // Ordered accumulation (docs/flash_backward_design.md): key block j adds its partial into the
-      // fp32 accumulator of this query tile after key blocks 0 .. j − 1 have, so the sum runs in
-      // the same order on every run. The barrier after the adds also ends this iteration's use of
-      // the ring stage and makes tile it + 1 visible.
-      int* const counter = p.dq_counters + b * p.dq_tiles + it;
-      if (threadIdx.x == 0) warp::wait_until_equal(counter, key_block + p.dq_counter_skew);
-      __syncthreads();
+      // Add the partial to this query tile's fp32 accumulator: per n-tile, the cell pairs (row
+      // g or g + 8, features 8n + 2t, + 1). The barrier after the adds also ends this iteration's
+      // use of the ring stage and of dSᵀ in smem, and makes tile it + 1 visible.
       float* const acc = p.dq_accum + ((b * p.dq_tiles + it) * kBlockQ + dq_m0) * kHeadDim + dq_n0;
-      ATTNSEG_UNROLL
-      for (int n = 0; n < kDqTiles; ++n) {
+      if constexpr (kOrderedDq) {
+        // Ordered (docs/flash_backward_design.md): key block j adds after key blocks 0 .. j − 1
+        // have, so the sum runs in the same order on every run.
+        int* const counter = p.dq_counters + b * p.dq_tiles + it;
+        if (threadIdx.x == 0) warp::wait_until_equal(counter, key_block + p.dq_counter_skew);
+        __syncthreads();
         ATTNSEG_UNROLL
-        for (int r = 0; r < 2; ++r) {
-          FloatPair* const cell = reinterpret_cast<FloatPair*>(acc + (g + 8 * r) * kHeadDim + 8 * n + 2 * t);
-          FloatPair sum = *cell;
-          sum.x += dq[n][2 * r];
-          sum.y += dq[n][2 * r + 1];
-          *cell = sum;
+        for (int n = 0; n < kDqTiles; ++n) {
+          ATTNSEG_UNROLL
+          for (int r = 0; r < 2; ++r) {
+            FloatPair* const cell = reinterpret_cast<FloatPair*>(acc + (g + 8 * r) * kHeadDim + 8 * n + 2 * t);
+            FloatPair sum = *cell;
+            sum.x += dq[n][2 * r];
+            sum.y += dq[n][2 * r + 1];
+            *cell = sum;
+          }
         }
+        __threadfence();
+        warp::cp_async_wait<0>();
+        __syncthreads();
+        if (threadIdx.x == 0) warp::st_release_gpu(counter, key_block + 1);
+      } else {
+        // Atomic (FlashAttention-2's): no block waits on another; the partials land in any order.
+        ATTNSEG_UNROLL
+        for (int n = 0; n < kDqTiles; ++n) {
+          ATTNSEG_UNROLL
+          for (int r = 0; r < 2; ++r)
+            warp::red_add_f32x2(acc + (g + 8 * r) * kHeadDim + 8 * n + 2 * t, dq[n][2 * r], dq[n][2 * r + 1]);
+        }
+        warp::cp_async_wait<0>();
+        __syncthreads();
       }
-      __threadfence();
-      warp::cp_async_wait<0>();
-      __syncthreads();
-      if (threadIdx.x == 0) warp::st_release_gpu(counter, key_block + 1);
     }
   };
   if (p.q_async && p.do_async) {

@@ -290,10 +290,12 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_impl(Launch& launch, const at::
 // layout allows, as the forward). Where also Ev <= 512 and the kernel's shared memory (V resident:
 // about 164 KiB at Ev = 512 channel-first, 148 KiB contiguous) fits the device's opt-in limit
 // (sm_80 and sm_90, not sm_86 / sm_89 at Ev = 512), dK and dQ come from
-// flash_attention_bwd_dkdq_kernel with the ordered fp32 dQ accumulation, then
+// flash_attention_bwd_dkdq_kernel with its fp32 dQ accumulation (atomic by default, ordered under
+// torch.use_deterministic_algorithms: ordered_dq_accumulation below), then
 // flash_attention_bwd_dq_convert_kernel; otherwise from the old dQ kernel and the old dK/dV kernel
 // launched for its dK slices only. fp32 with 1 <= E <= 128 and Ev >= 1 takes dV from
-// ffma_attention_kernel (CUDA cores, ffma_attention.cuh), dK and dQ from the old kernels (the dK
+// ffma_attention_kernel (CUDA cores, ffma_attention.cuh); with 1 <= E <= 64 dK and dQ from
+// ffma_attention_bwd_dkdq_kernel (the same dQ accumulation), else from the old kernels (the dK
 // slices only). Everything else (fp64, E > 64 in fp16/bf16, E > 128 in fp32, offsets inside a tile
 // past 32 bits) runs the old kernels of attention.cuh for all three gradients.
 
@@ -373,17 +375,34 @@ bool try_flash_bwd_dv(Launch& launch, const AttnBwdParams<T>& base, int64_t batc
   return false;
 }
 
-// A dK/dQ kernel with the ordered fp32 dQ accumulation (grid B x ceil(Nk / 64), p.dv_k_blocks and
-// p.dq_tiles set), on a zeroed accumulator [B, dq_tiles · 32, 64] and counters [B, dq_tiles], then
-// flash_attention_bwd_dq_convert_kernel, which writes dq.
+// The dK/dQ kernels' dQ accumulation follows torch's determinism flag, as SDPA's backward does:
+// by default fp32 atomic reductions (no block waits on another; dq not bitwise reproducible);
+// under torch.use_deterministic_algorithms(True) in key-block order behind per-tile counters
+// (bitwise reproducible; the key blocks of a query tile take turns).
+inline bool ordered_dq_accumulation() { return at::globalContext().deterministicAlgorithms(); }
+
+// Calls fn(std::bool_constant<p.ordered_dq>).
+template <typename T, class Fn>
+void with_dq_order(const FlashBwdParams<T>& p, Fn&& fn) {
+  if (p.ordered_dq) {
+    fn(std::true_type{});
+  } else {
+    fn(std::false_type{});
+  }
+}
+
+// A dK/dQ kernel (grid B x ceil(Nk / 64), p.dv_k_blocks, p.dq_tiles and p.ordered_dq set) on a
+// zeroed accumulator [B, dq_tiles · 32, 64] (and, when p.ordered_dq, zeroed counters [B,
+// dq_tiles]), then flash_attention_bwd_dq_convert_kernel, which writes dq.
 template <typename T, class Launch, class Kernel>
-void run_ordered_dq(Launch& launch, FlashBwdParams<T> p, int64_t batch, const at::TensorOptions& workspace,
-                    Kernel kernel, int threads, size_t smem, const char* op) {
+void run_dq_accumulation(Launch& launch, FlashBwdParams<T> p, int64_t batch, const at::TensorOptions& workspace,
+                         Kernel kernel, int threads, size_t smem, const char* op) {
   const at::Tensor accum = at::zeros({batch, p.dq_tiles * 32, 64}, workspace.dtype(at::kFloat));
-  const at::Tensor counters = at::zeros({batch, p.dq_tiles}, workspace.dtype(at::kInt));
+  at::Tensor counters;
+  if (p.ordered_dq) counters = at::zeros({batch, p.dq_tiles}, workspace.dtype(at::kInt));
   p.dq_accum = accum.data_ptr<float>();
-  p.dq_counters = counters.data_ptr<int>();
-  p.dq_counter_skew = launch.dq_counter_skew();
+  p.dq_counters = p.ordered_dq ? counters.data_ptr<int>() : nullptr;
+  p.dq_counter_skew = p.ordered_dq ? launch.dq_counter_skew() : 0;
   launch.set_max_dynamic_smem(kernel, smem);
   launch(kernel, dim3(grid_dim_checked(batch * p.dv_k_blocks, kGridX, op, "B x ceil(Nk / 64)")), dim3(threads), smem,
          p);
@@ -408,11 +427,14 @@ void launch_ffma_bwd_dkdq(Launch& launch, const AttnBwdParams<float>& base, int6
   p.k_keys_major = keys_major(p.k_sn, p.k_se);
   p.dv_k_blocks = ceil_div(p.nk, FfmaDkdqTiles::kBlockN);
   p.dq_tiles = ceil_div(p.nq, FfmaDkdqTiles::kBlockQ);
+  p.ordered_dq = ordered_dq_accumulation();
   auto run = [&](auto q_major, auto do_major, auto v_major) {
-    run_ordered_dq(launch, p, batch, workspace,
-                   ffma_attention_bwd_dkdq_kernel<decltype(q_major)::value, decltype(do_major)::value,
-                                                  decltype(v_major)::value>,
-                   FfmaDkdqTiles::kThreads, FfmaDkdqTiles::kSmemBytes, op);
+    with_dq_order(p, [&](auto ordered) {
+      run_dq_accumulation(launch, p, batch, workspace,
+                          ffma_attention_bwd_dkdq_kernel<decltype(q_major)::value, decltype(do_major)::value,
+                                                         decltype(v_major)::value, decltype(ordered)::value>,
+                          FfmaDkdqTiles::kThreads, FfmaDkdqTiles::kSmemBytes, op);
+    });
   };
   auto with_v = [&](auto q_major, auto do_major) {
     if (keys_major(p.v_sn, p.v_se)) {
@@ -446,8 +468,12 @@ void launch_flash_bwd_dkdq(Launch& launch, FlashBwdParams<T> p, int64_t batch, c
   p.v_async = operand_cp_async_ok(p.v, p.v_sb, p.v_sn, p.v_se, false);
   p.q_async = operand_cp_async_ok(p.q, p.q_sb, p.q_sn, p.q_se, kQueriesMajor);
   p.do_async = operand_cp_async_ok(p.grad_out, p.do_sb, p.do_sn, p.do_se, kQueriesMajor);
-  run_ordered_dq(launch, p, batch, workspace, flash_attention_bwd_dkdq_kernel<T, 64, kEvTile, kQueriesMajor>,
-                 Tiles::kThreads, Tiles::kSmemBytes, op);
+  p.ordered_dq = ordered_dq_accumulation();
+  with_dq_order(p, [&](auto ordered) {
+    run_dq_accumulation(launch, p, batch, workspace,
+                        flash_attention_bwd_dkdq_kernel<T, 64, kEvTile, kQueriesMajor, decltype(ordered)::value>,
+                        Tiles::kThreads, Tiles::kSmemBytes, op);
+  });
 }
 
 // Runs the flash dK/dQ kernels if the rule above takes them; false: the old kernels compute dK and

@@ -38,9 +38,19 @@
 // semantics at GPU scope (ld.acquire.gpu.global.b32, st.release.gpu.global.b32): writes made by a
 // block before its release store are visible to a block whose acquire load reads that value.
 // wait_until_equal(p, v): spins on ld_acquire_gpu until *p == v, backing off with __nanosleep.
-// Under the emulator blocks run one after another in linear order, so a wait can only succeed if
-// its condition already holds: otherwise it throws simt::Error ("would deadlock") instead of
-// hanging, and a protocol that waits on a later block fails the tests.
+// Under the emulator blocks run one after another, in linear order for a launch that asks for it
+// (the protocol's progress needs the device's in-order dispatch; without it the wait throws), so a
+// wait can only succeed if its condition already holds: otherwise it throws simt::Error ("would
+// deadlock") instead of hanging, and a protocol that waits on a later block fails the tests.
+//
+// Atomic reductions (the flash backward's default dQ accumulation):
+// red_add_f32(p, a): *p += a in global memory, fp32, no value returned (red.global.add.f32).
+// red_add_f32x2(p, a, b): p[0] += a and p[1] += b in global memory, fp32, no value returned; p is
+// 8-byte aligned. PTX: one red.global.add.v2.f32 on sm_90 (PTX ISA 8.1; SASS REDG.E.ADD.F32x2),
+// two red.global.add.f32 elsewhere (SASS RED.E.ADD.F32). Relaxed, GPU scope; .add.f32 on global
+// memory flushes subnormal inputs and results to zero. The reductions of different threads land
+// in no specified order, so a sum of three or more partials is not bitwise reproducible. The
+// emulator queues them and applies them at the end of the launch in a shuffled order.
 #pragma once
 
 #include "compat.cuh"
@@ -136,6 +146,17 @@ __device__ __forceinline__ int ld_acquire_gpu(const int* p) {
 __device__ __forceinline__ void st_release_gpu(int* p, int v) {
   asm volatile("st.release.gpu.global.b32 [%0], %1;\n" ::"l"(p), "r"(v) : "memory");
 }
+__device__ __forceinline__ void red_add_f32(float* p, float a) {
+  asm volatile("red.global.add.f32 [%0], %1;\n" ::"l"(p), "f"(a) : "memory");
+}
+__device__ __forceinline__ void red_add_f32x2(float* p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("red.global.add.v2.f32 [%0], {%1, %2};\n" ::"l"(p), "f"(a), "f"(b) : "memory");
+#else
+  red_add_f32(p, a);
+  red_add_f32(p + 1, b);
+#endif
+}
 __device__ __forceinline__ void wait_until_equal(const int* p, int v) {
   unsigned sleep_ns = 32;
   while (ld_acquire_gpu(p) != v) {
@@ -175,7 +196,16 @@ inline void cp_async_wait() {
 // Blocks run one after another, so loads and stores are already ordered across blocks.
 inline int ld_acquire_gpu(const int* p) { return *p; }
 inline void st_release_gpu(int* p, int v) { *p = v; }
+inline void red_add_f32(float* p, float a) { simt::red_add_f32(p, a); }
+inline void red_add_f32x2(float* p, float a, float b) {
+  if (reinterpret_cast<uintptr_t>(p) % 8 != 0) throw simt::Error("simt: red_add_f32x2 address not 8-byte aligned");
+  simt::red_add_f32(p, a);
+  simt::red_add_f32(p + 1, b);
+}
 inline void wait_until_equal(const int* p, int v) {
+  if (!simt::options().linear_blocks)
+    throw simt::Error("simt: a counter wait in a launch whose blocks run in shuffled order; the ordered protocol "
+                      "needs in-order dispatch, which its launch must ask for");
   if (*p != v)
     throw simt::Error("simt: a wait for a counter value " + std::to_string(v) + " (now " + std::to_string(*p) +
                       ") would deadlock: blocks run in linear order, so only an earlier block could have set it");

@@ -58,6 +58,18 @@ std::string describe_params(const attnseg::cuda::FlashBwdParams<T>& p) {
          " do_async=" + (p.do_async ? "1" : "0");
 }
 
+// Whether a launch needs the device's in-order block dispatch: the dK/dQ kernels' ordered dQ
+// accumulation waits on lower-numbered blocks (csrc/cuda/flash_attention_bwd.cuh). Every other
+// launch runs its blocks in a fresh random order.
+template <typename P>
+bool needs_in_order_dispatch(const P&) {
+  return false;
+}
+template <typename T>
+bool needs_in_order_dispatch(const attnseg::cuda::FlashBwdParams<T>& p) {
+  return p.ordered_dq;
+}
+
 std::vector<std::string> launches() {
   std::vector<std::string> out;
   out.swap(launch_log());
@@ -88,6 +100,7 @@ int& dq_counter_skew_setting() {
 
 struct EmulatorLaunch {
   std::map<const void*, size_t> opted_in;
+  bool in_order = false;  // every launch in linear block order (the counter protocol's own test)
 
   // Not 0: the planted off-by-one of the dK/dQ kernel's ordered dQ accumulation (block j waits for
   // counter == j + skew), which must fail as "would deadlock".
@@ -110,16 +123,23 @@ struct EmulatorLaunch {
     const size_t default_limit = limit;
     const auto it = opted_in.find(reinterpret_cast<const void*>(kernel));
     if (it != opted_in.end()) limit = std::max(limit, it->second);
+    bool& linear = simt::options().linear_blocks;
+    linear = in_order;
     std::string entry = kernel_name(kernel);
-    if constexpr (sizeof...(Args) == 1) entry += describe_params(args...);
+    if constexpr (sizeof...(Args) == 1) {
+      entry += describe_params(args...);
+      linear = linear || needs_in_order_dispatch(args...);
+    }
     launch_log().push_back(entry);
     try {
       simt::launch(grid, block, smem, kernel, args...);
     } catch (const simt::Error& e) {
       limit = default_limit;
+      linear = false;
       TORCH_CHECK(false, "SIMT emulator: ", e.what());
     }
     limit = default_limit;
+    linear = false;
   }
   // The device's gemm is a cuBLAS call (launch.cuh), not a kernel the emulator could run. Its CPU
   // stand-in: the same batched product, accumulated and returned in the accumulation type, from the
@@ -196,8 +216,32 @@ __global__ void ordered_counter_kernel(int* counter, int* sum, int skew) {
 int64_t ordered_counter(int64_t blocks, int64_t skew) {
   TORCH_CHECK(blocks >= 1 && blocks <= 1024, "ordered_counter: 1 to 1024 blocks");
   int counter = 0, sum = 0;
-  EmulatorLaunch{}(ordered_counter_kernel, dim3(unsigned(blocks)), dim3(32), 0, &counter, &sum, int(skew));
+  EmulatorLaunch launch;
+  launch.in_order = true;  // the protocol's progress needs in-order dispatch, as on the device
+  launch(ordered_counter_kernel, dim3(unsigned(blocks)), dim3(32), 0, &counter, &sum, int(skew));
   return sum;
+}
+
+// Each block's thread 0 adds values[blockIdx.x] to *sum by warp::red_add_f32 and records its
+// position in the run order; the emulator runs blocks in a fresh order per launch and applies the
+// reductions in a shuffled order at its end.
+__global__ void red_sum_kernel(const float* values, float* sum, int* order, int* position) {
+  if (threadIdx.x != 0) return;
+  attnseg::cuda::warp::red_add_f32(sum, values[blockIdx.x]);
+  order[atomicAdd(position, 1)] = int(blockIdx.x);
+}
+
+// (the fp32 sum of `values` by reductions, one block a value, and the order the blocks ran in).
+std::tuple<at::Tensor, at::Tensor> red_sum(const at::Tensor& values) {
+  TORCH_CHECK(values.dim() == 1 && values.scalar_type() == at::kFloat && values.is_contiguous() &&
+                  values.numel() >= 1 && values.numel() <= 4096,
+              "red_sum: a contiguous float32 vector of 1 to 4096 values");
+  at::Tensor sum = at::zeros({1}, values.options());
+  at::Tensor order = at::full({values.numel()}, -1, values.options().dtype(at::kInt));
+  int position = 0;
+  EmulatorLaunch{}(red_sum_kernel, dim3(unsigned(values.numel())), dim3(32), 0, values.data_ptr<float>(),
+                   sum.data_ptr<float>(), order.data_ptr<int>(), &position);
+  return {sum, order};
 }
 
 at::Tensor racy_neighbour(const at::Tensor& in, bool with_barrier) {
@@ -219,6 +263,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("channel_attention_fwd", &channel_attention_fwd);
   m.def("channel_attention_bwd", &channel_attention_bwd);
   m.def("racy_neighbour", &racy_neighbour);
+  m.def("red_sum", &red_sum, "(sum of values by fp32 reductions, one block a value; the blocks' run order)");
+  m.def("set_launch_order_seed", [](int64_t seed) { simt::set_launch_order_seed(static_cast<uint64_t>(seed)); },
+        "restart the generator of the per-launch block and reduction orders");
   m.def("ordered_counter", &ordered_counter,
         "the ordered-accumulation counter protocol over `blocks` blocks (skew != 0: the planted bug)");
   m.def("set_max_dynamic_smem_optin", &set_max_dynamic_smem_optin,

@@ -3,8 +3,16 @@
 // Tests only; never shipped as a backend. Include this header before any kernel header.
 //
 // Model:
-//   * Blocks run one after another. Every CUDA thread of a block is a fiber (ucontext) on one OS
-//     thread; a fiber runs until it reaches a barrier, a warp collective or its end.
+//   * Blocks run one after another, in an order drawn afresh for every launch: a random permutation
+//     of the grid (from a generator seeded by set_launch_order_seed and advanced by every launch),
+//     or linear order (x fastest) when options().linear_blocks is set, which the launcher of a kernel
+//     whose cross-block protocol needs the device's in-order dispatch sets for that launch (see
+//     csrc/cuda/warp.cuh). Every CUDA thread of a block is a fiber (ucontext) on one OS thread; a
+//     fiber runs until it reaches a barrier, a warp collective or its end.
+//   * Atomic reductions without a return value (red_add_f32, behind warp::red_add_f32x2) are queued
+//     and applied when the launch ends, in an order shuffled by the same per-launch generator: a sum
+//     of three or more partials then takes different fp32 roundings on different launches, as on the
+//     device, and a kernel that reads back what it reduced within the launch sees the old value.
 //   * __syncthreads() is a barrier over the block's fibers. Warp collectives (shuffles, votes,
 //     __syncwarp, the WMMA *_sync calls, mma and ldmatrix) are barriers over the warp's 32 fibers; the last lane
 //     to arrive performs the exchange for all of them.
@@ -44,7 +52,9 @@
 //     with copies whose data is never read).
 //
 // What this cannot verify: speed, occupancy, memory-model effects beyond barriers (fences,
-// ordering of global writes between blocks), bank conflicts, real tensor-core rounding, and
+// ordering of global writes between blocks), races between blocks that run at the same time on the
+// device (here one block runs at a time, so a read-modify-write by plain loads and stores that
+// needed an atomic goes unnoticed), bank conflicts, real tensor-core rounding, and
 // writes racing an in-flight cp.async: the emulator reads the source and writes the destination
 // at the wait, so a store to either between the issue and the wait goes unnoticed.
 #pragma once
@@ -86,6 +96,7 @@ constexpr int kWarpSize = 32;
 struct Options {
   Schedule schedule = Schedule::Forward;
   uint64_t seed = 0;
+  bool linear_blocks = false;  // run blocks in linear order (else a fresh random order per launch)
   size_t max_dynamic_smem = 48 * 1024;
   size_t stack_bytes = 256 * 1024;
 };
@@ -124,9 +135,17 @@ struct Fiber {
   std::vector<std::vector<AsyncCopy>> copy_groups;
 };
 
+// A queued atomic reduction: *target += value when the launch ends.
+struct PendingRed {
+  float* target;
+  float value;
+};
+
 struct Runtime {
   Options options;
   std::mt19937_64 rng;
+  std::mt19937_64 launch_rng;  // block order and reduction order, advanced by every launch
+  std::vector<PendingRed> pending_reds;
   dim3 grid, block, block_idx;
   std::vector<Fiber> fibers;
   std::vector<std::vector<int>> warp_waiting;  // per warp: lanes waiting at a collective
@@ -336,6 +355,33 @@ inline void set_schedule(Schedule s, uint64_t seed = 0) {
   options().seed = seed;
 }
 
+// Restarts the generator that orders blocks and reductions: the launches after this call draw
+// their orders from `seed` (the default state is seed 0), each launch a fresh one.
+inline void set_launch_order_seed(uint64_t seed) { detail::runtime().launch_rng.seed(seed); }
+
+namespace detail {
+
+// fp32 with subnormals flushed to (signed) zero, as red.global.add.f32 treats inputs and results.
+inline float flush_subnormal(float x) {
+  return std::fpclassify(x) == FP_SUBNORMAL ? std::copysign(0.0f, x) : x;
+}
+
+inline void apply_pending_reds(Runtime& rt) {
+  std::shuffle(rt.pending_reds.begin(), rt.pending_reds.end(), rt.launch_rng);
+  for (const PendingRed& r : rt.pending_reds)
+    *r.target = flush_subnormal(flush_subnormal(*r.target) + flush_subnormal(r.value));
+  rt.pending_reds.clear();
+}
+
+}  // namespace detail
+
+// red.global.add.f32 (no return value): queued, applied at the end of the launch in shuffled order.
+inline void red_add_f32(float* target, float value) {
+  detail::Runtime& rt = detail::runtime();
+  if (!rt.in_kernel) throw Error("simt: red_add_f32 outside a kernel");
+  rt.pending_reds.push_back({target, value});
+}
+
 // The <<<grid, block, smem>>> launch: runs every block of the grid to completion.
 template <typename Kernel, typename... Args>
 void launch(dim3 grid, dim3 block, size_t dynamic_smem, Kernel kernel, Args... args) {
@@ -368,15 +414,21 @@ void launch(dim3 grid, dim3 block, size_t dynamic_smem, Kernel kernel, Args... a
   rt.body = &body;
   rt.error = nullptr;
   rt.in_kernel = true;
+  rt.pending_reds.clear();
   try {
-    for (unsigned z = 0; z < grid.z; ++z)
-      for (unsigned y = 0; y < grid.y; ++y)
-        for (unsigned x = 0; x < grid.x; ++x) {
-          rt.block_idx = dim3(x, y, z);
-          detail::run_block(rt);
-          if (rt.error) std::rethrow_exception(rt.error);
-        }
+    const uint64_t blocks = uint64_t(grid.x) * grid.y * grid.z;
+    if (blocks > (uint64_t(1) << 26)) throw Error("simt: grid of " + std::to_string(blocks) + " blocks too large");
+    std::vector<uint32_t> order(blocks);
+    std::iota(order.begin(), order.end(), 0u);
+    if (!rt.options.linear_blocks) std::shuffle(order.begin(), order.end(), rt.launch_rng);
+    for (const uint32_t linear : order) {
+      rt.block_idx = dim3(linear % grid.x, (linear / grid.x) % grid.y, linear / (grid.x * grid.y));
+      detail::run_block(rt);
+      if (rt.error) std::rethrow_exception(rt.error);
+    }
+    detail::apply_pending_reds(rt);
   } catch (...) {
+    rt.pending_reds.clear();
     rt.in_kernel = false;
     rt.body = nullptr;
     throw;
