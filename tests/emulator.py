@@ -7,7 +7,8 @@ import os
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EMU_DIR = os.path.join(ROOT, "tests", "emu")
-KERNEL_HEADERS = ("compat.cuh", "warp.cuh", "attention.cuh", "flash_attention.cuh", "flash_attention_bwd.cuh", "channel_attention.cuh", "host.h")
+KERNEL_HEADERS = ("compat.cuh", "warp.cuh", "attention.cuh", "flash_attention.cuh", "flash_attention_bwd.cuh",
+                  "ffma_attention.cuh", "channel_attention.cuh", "host.h")
 
 
 @functools.lru_cache(maxsize=None)
