@@ -148,6 +148,9 @@ REFERENCE_NAME = {"attention_fwd": "FA2-class", "attention_bwd": "FA2-class", "c
 # The Triton dtypes whose "no kept config spills" check fails --check: those the prune's measured
 # table (attnseg/triton/calibration.py) covers (fp32: IEEE dots, the FMA path).
 TRITON_NO_SPILL_ENFORCED = ("fp16", "bf16", "fp32")
+# Hopper: (kernel, dtype) whose every kept sm_90 config must issue wgmma (HGMMA in SASS); the
+# other kernels' counts are printed. fp32-IEEE dots run on the FMA units, no HGMMA expected.
+TRITON_HGMMA_ENFORCED = (("_attn_fwd", "fp16"), ("_attn_fwd", "bf16"))
 
 THRESHOLDS = {
     "flop_ratio": {"attention_fwd": 1.15, "attention_bwd": 1.35},  # issued / useful, per op
@@ -1092,12 +1095,16 @@ def triton_sweep(arch: int, dtype: str, n: int, kept_only: bool, kernels: frozen
             if kept_only and not is_kept:
                 continue
             key = f"{kernel.__name__}|{mode}|{sorted(config.kwargs.items())}|{config.num_warps}|{config.num_stages}"
-            cached = key in cache
+            # sm_90: count wgmma (HGMMA in SASS) too, for kept configs (a full sweep skips it for speed)
+            wants_sass = arch >= 90 and is_kept
+            cached = key in cache and (not wants_sass or "hgmma" in cache[key] or "error" in cache[key])
             if not cached:
                 try:
                     compiled = offline.compile_config(kernel, args, kwargs, config, arch)
                     regs, stack = offline.resource_usage(compiled)
                     cache[key] = {"registers": regs, "stack": stack, "shared": compiled.metadata.shared}
+                    if wants_sass:
+                        cache[key]["hgmma"] = offline.count_opcode(offline.sass(compiled), "HGMMA")
                 except Exception as exc:  # a config that does not compile is reported, not fatal
                     cache[key] = {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}"}
                 cache_file.parent.mkdir(parents=True, exist_ok=True)
@@ -1584,9 +1591,49 @@ def _triton_section(say, triton_rows, failures, detail: bool) -> None:
                                         "spills" if spills(c) else "clean"])
     say(table(["kernel (mode)", "dtype", "arch", "kept", "clean dropped", "kept that spill", "largest kept",
                "no kept spill (enforced: " + ", ".join(TRITON_NO_SPILL_ENFORCED) + ")"], summary))
+    _triton_hgmma_section(say, triton_rows, failures)
     say(f"\n{'Every config compiled' if detail else 'Kept configs (`--triton-detail`: every compiled one)'}; "
         "config = block sizes in the kernel's order (e.g. BLOCK_M x BLOCK_N x BLOCK_EV), warps, stages:\n")
     say(table(["kernel", "mode", "dtype", "arch", "config", "prune", "regs", "stack B", "shared B", ""], detail_rows))
+
+
+def triton_hgmma_rows(triton_rows) -> list[tuple[str, str, str, list[dict], list[dict], bool]]:
+    """Per sm_90 (kernel, mode, dtype): (kernel, mode, dtype, kept configs, those without HGMMA,
+    enforced), for the kept configs whose SASS was read."""
+    out = []
+    for (arch, dtype), rows in triton_rows.items():
+        if arch < 90:
+            continue
+        modes: dict[tuple[str, str], list[dict]] = {}
+        for r in rows:
+            if r["kept"] and "hgmma" in r:
+                modes.setdefault((r["kernel"], r["mode"]), []).append(r)
+        for (kernel, mode), kept in modes.items():
+            without = [c for c in kept if c["hgmma"] == 0]
+            out.append((kernel, mode, dtype, kept, without, (kernel, dtype) in TRITON_HGMMA_ENFORCED))
+    return out
+
+
+def _triton_hgmma_section(say, triton_rows, failures) -> None:
+    rows = triton_hgmma_rows(triton_rows)
+    if not rows:
+        return
+    say("\nHopper (sm_90): wgmma in the kept configs' SASS (HGMMA instructions; `mma.sync` compiles to HMMA). "
+        "Enforced: every kept config of " + ", ".join(f"{k} {d}" for k, d in TRITON_HGMMA_ENFORCED)
+        + " issues HGMMA.\n")
+    summary = []
+    for kernel, mode, dtype, kept, without, enforced in rows:
+        # printed rows: what the SASS holds (kernels without dots, BLOCK_N = 32 tiles: mma.sync)
+        verdict = ("FAIL" if without else "PASS") + " [enforced]" if enforced else (
+            "some without" if without and len(without) < len(kept) else "none" if without else "all")
+        if without and enforced:
+            failures.append(f"Triton {kernel} {dtype} sm_90: kept configs without HGMMA: "
+                            + ", ".join(_config_label(c, resources=False) for c in without))
+        summary.append([f"{kernel} {('(' + mode + ')') if mode else ''}", dtype,
+                        f"{len(kept) - len(without)} of {len(kept)}",
+                        ", ".join(f"{_config_label(c, resources=False)}: {c['hgmma']}" for c in kept[:3]),
+                        verdict])
+    say(table(["kernel (mode)", "dtype", "kept with HGMMA", "HGMMA count (first kept)", "HGMMA"], summary))
 
 
 def _config_label(c: dict, resources: bool = True) -> str:

@@ -216,6 +216,44 @@ def test_partial_triton_sweep_replaces_only_its_kernels(tmp_path):
     assert all(table[key] == value for key, value in keep.items())
 
 
+def _triton_row(kernel, hgmma, kept=True, stack=0):
+    return {"kernel": kernel, "mode": "", "blocks": {"BLOCK_M": 128, "BLOCK_N": 64}, "warps": 8, "stages": 2,
+            "kept": kept, "total": 2, "kept_count": 1, "shared_limit": 232448, "cached": True,
+            "registers": 200, "stack": stack, "shared": 65536, "hgmma": hgmma}
+
+
+def test_triton_hgmma_row_is_enforced_for_the_forward_only():
+    """A kept sm_90 fp16 forward config without HGMMA fails --check; a backward one is printed only;
+    sm_80 rows have no HGMMA row."""
+    for hgmma, expect_failure in ((8, False), (0, True)):
+        rows = {(90, "fp16"): [_triton_row("_attn_fwd", hgmma), _triton_row("_attn_bwd_dq", 0)],
+                (80, "fp16"): [{**_triton_row("_attn_fwd", 0), "shared_limit": 166912}]}
+        failures, lines = [], []
+        kr._triton_section(lines.append, rows, failures, detail=False)
+        text = "\n".join(lines)
+        assert "PASS [enforced]" in text or "FAIL [enforced]" in text
+        hgmma_failures = [f for f in failures if "HGMMA" in f]
+        assert bool(hgmma_failures) == expect_failure, failures
+        assert all("_attn_fwd" in f and "sm_90" in f for f in hgmma_failures)
+        listed = {(k, d) for k, _, d, *_ in kr.triton_hgmma_rows(rows)}
+        assert listed == {("_attn_fwd", "fp16"), ("_attn_bwd_dq", "fp16")}
+
+
+def test_count_opcode_reads_sass_lines():
+    pytest.importorskip("triton")
+    from attnseg.triton.offline import count_opcode
+
+    sass = """
+        /*0a10*/                   HGMMA.64x128x16.F32 R24, gdesc[UR4], R24 ;
+        /*0a20*/              @!P0 HGMMA.64x128x16.F32 R24, gdesc[UR8], R24, gsb0 ;
+        /*0a30*/                   HMMA.16816.F32 R4, R8, R12, R4 ;
+        /*0a40*/                   MOV R1, c[0x0][0x28] ;  // HGMMA in a comment
+"""
+    assert count_opcode(sass, "HGMMA") == 2
+    assert count_opcode(sass, "HMMA") == 1
+    assert count_opcode(sass, "MOV") == 1
+
+
 def test_dq_reduction_check():
     """The dK/dQ kernels' dQ path in the main loop: the atomic entries need fp32 atomic reductions
     (the flash kernel's cell pairs: only the vector form on sm_90), the ordered variants none."""

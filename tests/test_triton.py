@@ -160,7 +160,8 @@ def _check_attention(q, k, v, scale, names=("out", "lse", "dq", "dk", "dv"), bas
     [
         (2, 37, 130, 16, 96, 1.0),  # Nq != Nk, ragged blocks, Ev split in two slices
         (1, 130, 37, 64, 64, 0.125),  # Nq > Nk, Ev in one tile (fused dK/dV), scale = E^-0.5
-        (1, 37, 37, 16, 512, 1.0),  # DANet's Ev = 512: split across programs and looped in dK / dQ
+        (1, 37, 37, 16, 512, 1.0),  # DANet's Ev = 512: forward Ev slices, fused dK/dV (one 512 tile), dQ slices
+        (2, 50, 33, 5, 512, 0.7),  # odd E, Nq > Nk not a multiple of the block, fused dK/dV at Ev = 512
         (1, 1, 37, 64, 64, 1.0),  # one query
         (2, 37, 1, 16, 96, 1.0),  # one key: P = 1
     ],
@@ -213,6 +214,118 @@ def test_attention_float64_and_gradcheck():
     assert torch.autograd.gradcheck(
         lambda *a: attnseg.triton.attention.attention_fwd(*a, 0.7), (q, k, v), fast_mode=True
     )
+
+
+def _launched(monkeypatch):
+    """The names of the kernels the Triton attention ops launch from now on."""
+    import attnseg.triton.attention as ta
+
+    names, real = [], ta.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        names.append((kernel.__name__, {k: v for k, v in kwargs.items() if isinstance(v, bool)}))
+        return real(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(ta, "launch", spy)
+    return names
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("b, nq, nk, e, ev", [(1, 37, 600, 16, 64), (2, 20, 300, 64, 96)])
+def test_attention_split_kv_forward_matches_reference(b, nq, nk, e, ev, dtype, monkeypatch):
+    """The split-KV forward (keys in splits of 256, the last ragged; partial (out, lse) in fp32,
+    then the combine kernel), forced on by pretending to run on 132 SMs; its lse feeds the backward."""
+    import attnseg.triton.attention as ta
+
+    monkeypatch.setattr(ta, "multiprocessor_count", lambda device: 132)
+    splits, split_len = ta.kv_splits(b, nq, nk, ev, 132)
+    assert splits == -(-nk // 256) and split_len == 256
+    names = _launched(monkeypatch)
+    _check_attention(*_attention_inputs(b, nq, nk, e, ev, dtype), 0.5)
+    assert ("_attn_fwd", {"SPLIT_KV": True}) in names and ("_attn_fwd_combine", {}) in names
+
+
+@interpreter_only
+def test_attention_split_kv_nonfinite_like_unsplit(monkeypatch):
+    """+inf, -inf and NaN logits give the split forward the unsplit forward's out and lse."""
+    import attnseg.triton.attention as ta
+
+    q, k, v = (t.clone() for t in _attention_inputs(1, 6, 600, 16, 24, torch.float32))
+    q[0, 1, 0], q[0, 1, 1:] = float("inf"), 0.0  # ±inf logits, +inf in two splits (NaN softmax, lse = +inf)
+    q[0, 2, 0] = float("nan")
+    k[0, 300:, 0] = float("-inf")  # row 3: -inf logits in two of the three splits
+    q[0, 3, 0], q[0, 3, 1:] = 1.0, 0.0
+    monkeypatch.setattr(ta, "multiprocessor_count", lambda device: 132)
+    names = _launched(monkeypatch)
+    # NaN and inf are the point: numpy's invalid-value warnings (errors in the interpreter subprocess)
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        split = ta.attention_fwd(q, k, v, 1.0)
+        monkeypatch.setattr(ta, "multiprocessor_count", lambda device: None)
+        unsplit = ta.attention_fwd(q, k, v, 1.0)
+    assert ("_attn_fwd_combine", {}) in names
+    for a, c in zip(split, unsplit):
+        assert torch.equal(a.isnan(), c.isnan()) and torch.equal(a.isinf(), c.isinf())
+        finite = a.isfinite()
+        torch.testing.assert_close(a[finite], c[finite], rtol=1e-5, atol=1e-6)
+    assert split[1][0, 1] == float("inf") and split[1][0, 3].isfinite()
+
+
+@interpreter_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("ev", [96, 512])
+def test_attention_split_dkdv_path_matches_reference(ev, dtype, monkeypatch):
+    """The split dK/dV path (a dK launch looping over Ev slices, a dV launch per Ev slice: what Ev
+    wider than the fused limit takes), forced on by lowering the fused limit."""
+    import attnseg.triton.attention as ta
+
+    monkeypatch.setattr(ta, "_DKDV_FUSED_EV", 32)
+    names = _launched(monkeypatch)
+    _check_attention(*_attention_inputs(1, 45, 70, 16, ev, dtype), 0.3)
+    modes = [flags for name, flags in names if name == "_attn_bwd_dkdv"]
+    assert {"COMPUTE_DK": True, "COMPUTE_DV": False} in modes and {"COMPUTE_DK": False, "COMPUTE_DV": True} in modes
+
+
+@interpreter_only
+def test_attention_fused_dkdv_path_is_one_launch(monkeypatch):
+    """Ev = 512 (DANet's width) runs the fused dK/dV path: one launch computing both."""
+    names = _launched(monkeypatch)
+    _check_attention(*_attention_inputs(1, 40, 70, 64, 512, torch.float32), 1.0)
+    modes = [flags for name, flags in names if name == "_attn_bwd_dkdv"]
+    assert modes == [{"COMPUTE_DK": True, "COMPUTE_DV": True}]
+
+
+@interpreter_only
+def test_attention_gradcheck_split_paths(monkeypatch):
+    """gradcheck in fp64 through the split-KV forward and the split dK/dV backward."""
+    import attnseg.triton.attention as ta
+
+    monkeypatch.setattr(ta, "multiprocessor_count", lambda device: 132)
+    monkeypatch.setattr(ta, "_DKDV_FUSED_EV", 4)
+    names = _launched(monkeypatch)
+    q, k, v = (t.requires_grad_() for t in _attention_inputs(1, 3, 300, 4, 5, torch.float64))
+    assert torch.autograd.gradcheck(lambda *a: ta.attention_fwd(*a, 0.7), (q, k, v), fast_mode=True)
+    assert ("_attn_fwd_combine", {}) in names
+    assert ("_attn_bwd_dkdv", {"COMPUTE_DK": False, "COMPUTE_DV": True}) in names
+
+
+def test_kv_split_rule():
+    """Split the keys only where the forward's grid (B · ceil(Nq/128) · ceil(Ev/128)) is below
+    two waves of the SMs; never on the CPU / interpreter (sms None)."""
+    from attnseg.triton.attention import kv_splits
+
+    # DANet at 132 SMs (H100 / H200): 72 · 4 = 288 programs at B = 1, N = 9,216: enough
+    for b, n in [(1, 9216), (8, 9216), (1, 32768), (8, 32768)]:
+        assert kv_splits(b, n, n, 512, 132) == (1, n)
+    assert kv_splits(1, 9216, 9216, 512, 200) == (2, 4608)  # 288 < 400
+    assert kv_splits(1, 4096, 4096, 512, 132) == (3, 1536)  # 128 programs < 264: 3 splits
+    assert kv_splits(1, 4096, 19, 512, 132) == (1, 19)  # OCR's 19 regions: too few keys to split
+    assert kv_splits(1, 37, 600, 64, None) == (1, 600)
+    for b, nq, nk, ev, sms in [(1, 37, 100000, 64, 132), (1, 1, 257, 16, 108), (2, 500, 5000, 96, 132)]:
+        splits, split_len = kv_splits(b, nq, nk, ev, sms)
+        assert 2 <= splits <= 16 and split_len % 256 == 0
+        assert (splits - 1) * split_len < nk <= splits * split_len  # every split holds keys
 
 
 @interpreter_only
@@ -363,7 +476,7 @@ def test_bfloat16_refused_by_plain_interpreter():
 
 @interpreter_only
 @pytest.mark.usefixtures("interpreter_bf16_dot")
-@pytest.mark.parametrize("ev", [64, 96])  # fused and split backward
+@pytest.mark.parametrize("ev", [64, 96, 512])  # fused dK/dV; dQ resident (64, 96) and sliced (512)
 def test_attention_bfloat16(ev):
     _check_attention(*_attention_inputs(2, 37, 45, 16, ev, torch.bfloat16, channel_first=True), 1.0)
 
@@ -579,7 +692,7 @@ def test_calibrated_prune_keeps_only_measured_clean_configs(arch, dtype):
             assert sig in clean and clean[sig] <= _SHARED_MEMORY[arch], (kernel.__name__, sig)
         if kernel.__name__ == "_attn_fwd" and dtype != torch.float32:
             assert any(c.kwargs["BLOCK_M"] == 128 and c.kwargs["BLOCK_N"] >= 64 for c in kept)
-    assert covered >= 6  # fwd, dK, dV, dQ and the three autotuned CAM kernels
+    assert covered >= 6  # fwd, the fused dK/dV, dQ and the three autotuned CAM kernels
 
 
 @compiled_mode_only
@@ -593,6 +706,39 @@ def test_dq_keeps_the_do_tile_resident_at_danet_width(dtype, resident):
     assert kwargs["BLOCK_EV"] == (512 if resident else 128)
     for arch in (80, 90):
         assert _kept_configs(kernel, args, kwargs, arch)
+
+
+@compiled_mode_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_dkdv_is_fused_at_danet_width(dtype):
+    """At DANet's Ev = 512 on the calibrated layout, dK and dV come from one launch (S and P once
+    per key block, query block pair) with a 512-wide tile, and the prune keeps measured-clean configs
+    of it on sm_80 and sm_90; on the unaligned N = 9,409 layout (estimates only) the split path runs."""
+    launches = [(kw, a) for k, a, kw in _danet_launches(dtype, n=9216, batch=1) if k.__name__ == "_attn_bwd_dkdv"]
+    (kwargs, args), = launches
+    assert kwargs["COMPUTE_DK"] and kwargs["COMPUTE_DV"] and kwargs["BLOCK_EV"] == 512
+    import attnseg.triton.attention as ta
+
+    for arch in (80, 90):
+        kept = _kept_configs(ta._dkdv_kernel, args, kwargs, arch)
+        assert kept and all(c.num_warps == 8 for c in kept)
+        assert all(c.kwargs["BLOCK_N"] <= (32 if arch == 80 else 64) for c in kept)
+    unaligned = [kw for k, _, kw in _danet_launches(dtype, n=9409, batch=1) if k.__name__ == "_attn_bwd_dkdv"]
+    assert [(kw["COMPUTE_DK"], kw["COMPUTE_DV"]) for kw in unaligned] == [(True, False), (False, True)]
+
+
+@compiled_mode_only
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_sm90_forward_issues_wgmma(dtype):
+    """Compiled for sm_90 at the DANet shape, the forward's largest kept config uses wgmma (HGMMA)."""
+    pytest.importorskip("triton.backends.nvidia")
+    from attnseg.triton.offline import count_opcode, sass
+
+    (kernel, args, kwargs), = [launch for launch in _danet_launches(dtype, n=9216, batch=1)
+                               if launch[0].__name__ == "_attn_fwd"]
+    kept = _kept_configs(kernel, args, kwargs, 90)
+    config = max(kept, key=lambda c: (math.prod(c.kwargs.values()), c.num_stages))
+    assert count_opcode(sass(_compile(kernel, args, kwargs, config, 90)), "HGMMA") > 0, config
 
 
 @compiled_mode_only

@@ -10,17 +10,24 @@ Kernels (one program per tile, each output element written by exactly one progra
 so results are bitwise reproducible for a given autotune config; two processes whose autotuning
 picked different block sizes may differ in the last bits):
 
-* ``_attn_fwd``, grid (Nq / BLOCK_M, Ev / BLOCK_EV, B): one block of queries and one slice of
-  the value width. It streams blocks of keys with an online softmax (running row max ``m``,
+* ``_attn_fwd``, grid (Nq / BLOCK_M, Ev / BLOCK_EV · splits, B): one block of queries and one slice
+  of the value width. It streams blocks of keys with an online softmax (running row max ``m``,
   running row sum ``l``, rescaled accumulator) and writes its slice of ``out``; the Ev-slice-0
   program also writes ``lse = m + log l``. Splitting Ev across programs keeps the BLOCK_M×BLOCK_EV
   accumulator in registers at Ev = 512; the price is recomputing q kᵀ (E wide, cheap next to
-  P v) once per slice.
+  P v) once per slice. Where that grid is under two waves of the GPU's SMs (:func:`kv_splits`),
+  the keys are split too (SPLIT_KV): each program streams one split and writes its normalised
+  partial output and lse to an fp32 workspace.
+* ``_attn_fwd_combine``, grid (Nq / BLOCK_M, Ev / BLOCK_EV, B): merges the key splits,
+  ``out = Σ w_s out_s / Σ w_s``, ``lse = m + log Σ w_s``, ``w_s = exp(lse_s − m)``, ``m = max lse_s``.
 * ``_attn_bwd_delta``, grid (Nq / BLOCK_M, B): ``delta = rowsum(dO ∘ O) − grad_lse``.
 * ``_attn_bwd_dkdv``, grid (Nk / BLOCK_N, ·, B): one block of keys; loops over query blocks,
   recomputes ``P = exp(S − lse)`` and accumulates ``dV += Pᵀ dO`` and ``dK += dSᵀ Q``,
-  ``dS = P ∘ (dP − delta)``, ``dP = dO Vᵀ``. When Ev fits one tile the same program does both;
-  otherwise a dV launch splits Ev across programs and a dK launch loops over Ev for dP.
+  ``dS = P ∘ (dP − delta)``, ``dP = dO Vᵀ``. For Ev up to ``_DKDV_FUSED_EV`` (512, DANet's width;
+  128 on launches the calibration does not cover) the same program does both from one dO tile of
+  the full Ev width, so S and P are computed once per (key block, query block) pair; its dV
+  accumulator is one BLOCK_N x Ev fp32 tile (BLOCK_N = 32 or 64 at 8 warps). Wider Ev takes the
+  split path: a dV launch splits Ev across programs and a dK launch loops over Ev for dP.
 * ``_attn_bwd_dq``, grid (Nq / BLOCK_M, B): one block of queries; loops over key blocks,
   ``dQ += dS K``. Its dO tile (BLOCK_M × Ev) is loaded once, before the key loop, and stays
   on chip (shared memory or registers, as Triton lays out a loop-invariant dot operand) for Ev
@@ -47,8 +54,9 @@ from torch.library import triton_op
 from . import (LazyKernel, check_dtype, configs, dot_precision, interpreting, launch, make_prune, pow2,
                specialises_as_calibrated)
 from .. import _ops
+from .calibration import dtype_name
 
-__all__ = ["attention_bwd", "attention_fwd"]
+__all__ = ["attention_bwd", "attention_fwd", "kv_splits", "multiprocessor_count"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -63,17 +71,31 @@ def _attn_fwd(
     stride_vb, stride_vn, stride_ve,
     stride_ob, stride_om, stride_oe,
     stride_lb, stride_lm,
+    stride_os, stride_ls,  # SPLIT_KV: from one key split's partial (out, lse) to the next's; else 0
     NQ, NK, E, EV,
+    SPLIT_LEN,  # SPLIT_KV: keys per split (a multiple of every BLOCK_N); else 0
     scale_hi, scale_lo,  # scale = scale_hi + scale_lo (fp32 pair; the lo part matters in fp64)
     TUNE_NQ, TUNE_NK,  # autotune key only: Nq, Nk rounded up to a power of two
+    SPLIT_KV: tl.constexpr,  # program axis 1 also picks a split of the keys; Out, Lse: fp32 workspace
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_EV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     IS_FP64: tl.constexpr = Q.dtype.element_ty == tl.float64
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
     pid_m = tl.program_id(0)
-    pid_ev = tl.program_id(1)
     pid_b = tl.program_id(2).to(tl.int64)
+    if SPLIT_KV:  # axis 1 = (key split, Ev slice), Ev slice fastest
+        ev_slices = tl.cdiv(EV, BLOCK_EV)
+        pid_ev = tl.program_id(1) % ev_slices
+        pid_s = tl.program_id(1) // ev_slices
+        key_lo = pid_s * SPLIT_LEN
+        key_hi = tl.minimum(key_lo + SPLIT_LEN, NK)
+        Out += pid_s.to(tl.int64) * stride_os
+        Lse += pid_s.to(tl.int64) * stride_ls
+    else:
+        pid_ev = tl.program_id(1)
+        key_lo = 0
+        key_hi = NK
     Q += pid_b * stride_qb
     K += pid_b * stride_kb
     V += pid_b * stride_vb
@@ -94,8 +116,8 @@ def _attn_fwd(
     m_i = tl.full([BLOCK_M], float("-inf"), ACC)  # running row max of the scaled logits
     l_i = tl.zeros([BLOCK_M], ACC)  # running row sum of exp(logit - m_i)
     acc = tl.zeros([BLOCK_M, BLOCK_EV], ACC)
-    for start_n in range(0, NK, BLOCK_N):
-        mask_n = (start_n + offs_n) < NK
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        mask_n = (start_n + offs_n) < key_hi
         kt = tl.load(K + offs_e[:, None] * stride_ke + (start_n + offs_n)[None, :] * stride_kn,
                      mask=mask_e[:, None] & mask_n[None, :], other=0.0)
         s = tl.dot(q, kt, input_precision=DOT_PRECISION, out_dtype=ACC)
@@ -124,6 +146,50 @@ def _attn_fwd(
     # logsumexp of a row holding +inf is +inf (as torch.logsumexp), not inf + log(NaN)
     lse = tl.where(m_i == float("inf"), m_i, m_i + tl.log(l_i))
     tl.store(Lse + offs_m * stride_lm, lse, mask=mask_m & (pid_ev == 0))
+
+
+def _attn_fwd_combine(
+    OutPart, LsePart, Out, Lse,
+    stride_ps, stride_pb, stride_pm, stride_pe,
+    stride_qs, stride_qb, stride_qm,  # LsePart
+    stride_ob, stride_om, stride_oe,
+    stride_lb, stride_lm,
+    NQ, EV, SPLITS,
+    BLOCK_M: tl.constexpr, BLOCK_EV: tl.constexpr,
+):
+    # Split-KV combine: out = Σ_s w_s out_s / Σ_s w_s, lse = m + log Σ_s w_s, w_s = exp(lse_s − m),
+    # m = max_s lse_s; out_s is split s's softmax-normalised partial output (fp32 workspace).
+    ACC: tl.constexpr = LsePart.dtype.element_ty
+    pid_m = tl.program_id(0)
+    pid_ev = tl.program_id(1)
+    pid_b = tl.program_id(2).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_ev = pid_ev * BLOCK_EV + tl.arange(0, BLOCK_EV)
+    mask_m = offs_m < NQ
+    mask = mask_m[:, None] & (offs_ev < EV)[None, :]
+    LsePart += pid_b * stride_qb + offs_m * stride_qm
+    OutPart += pid_b * stride_pb + offs_m[:, None] * stride_pm + offs_ev[None, :] * stride_pe
+
+    m = tl.full([BLOCK_M], float("-inf"), ACC)
+    for s in range(0, SPLITS):
+        m = tl.maximum(m, tl.load(LsePart + s * stride_qs, mask=mask_m, other=0.0))
+    # m = +inf: a split held a +inf logit (its out_s is NaN, so is the sum; lse = +inf as unsplit).
+    # m = -inf: every split's row was all -inf (0 / 0 = NaN, lse = -inf, as unsplit).
+    m_safe = tl.where((m == float("inf")) | (m == float("-inf")), 0.0, m)
+    acc = tl.zeros([BLOCK_M, BLOCK_EV], ACC)
+    l_i = tl.zeros([BLOCK_M], ACC)
+    for s in range(0, SPLITS):
+        lse_s = tl.load(LsePart + s * stride_qs, mask=mask_m, other=0.0)  # rows past Nq: l = splits
+        out_s = tl.load(OutPart + s * stride_ps, mask=mask, other=0.0)
+        # an all -inf split weighs 0 (its out_s is 0 / 0); a NaN lse_s keeps its NaN
+        w = tl.where(lse_s == float("-inf"), 0.0, tl.exp(lse_s - m_safe))
+        acc += tl.where((lse_s == float("-inf"))[:, None], 0.0, w[:, None] * out_s)
+        l_i += w
+    acc = acc / l_i[:, None]
+    tl.store(Out + pid_b * stride_ob + offs_m[:, None] * stride_om + offs_ev[None, :] * stride_oe,
+             acc.to(Out.dtype.element_ty), mask=mask)
+    lse = tl.where(m == float("inf"), m, m_safe + tl.log(l_i))
+    tl.store(Lse + pid_b * stride_lb + offs_m * stride_lm, lse, mask=mask_m & (pid_ev == 0))
 
 
 def _attn_bwd_delta(
@@ -176,7 +242,10 @@ def _attn_bwd_dkdv(
     DOT_PRECISION: tl.constexpr,
 ):
     # Works on transposed tiles (keys along rows): Sᵀ = K Qᵀ, Pᵀ = exp(Sᵀ − lse).
-    # COMPUTE_DK and COMPUTE_DV together: Ev fits one BLOCK_EV tile, V and dO tiles are reused.
+    # COMPUTE_DK and COMPUTE_DV together (the fused path, Ev up to _DKDV_FUSED_EV): BLOCK_EV covers
+    # all of Ev, V stays resident, each query block's dO tile serves both dV += Pᵀ dO and
+    # dPᵀ = V dOᵀ, so Sᵀ and Pᵀ are computed once per (key block, query block) pair. The dV
+    # accumulator is one BLOCK_N x BLOCK_EV fp32 tile (BLOCK_N = 32 or 64 rows at Ev = 512).
     # COMPUTE_DV alone: program axis 1 picks an Ev slice. COMPUTE_DK alone: dP loops over Ev.
     IS_FP64: tl.constexpr = Q.dtype.element_ty == tl.float64
     ACC: tl.constexpr = tl.float64 if IS_FP64 else tl.float32
@@ -372,6 +441,10 @@ def _live_bwd(rows: str, cols: str):
 
 
 _TUNE_KEY = ["TUNE_NQ", "TUNE_NK", "E", "EV"]
+# The fused dK/dV path at Ev = 512 holds a BLOCK_N x 512 fp32 dV accumulator: BLOCK_N = 32 or 64 at
+# 8 warps (64 or 128 registers a thread for dV alone), BLOCK_M = 16 or 32 queries a step.
+_DKDV_FUSED_CONFIGS = configs(BLOCK_M=[16, 32], BLOCK_N=[32, 64], num_warps=[8], num_stages=[2, 3]) + configs(
+    BLOCK_M=[16], BLOCK_N=[16], num_warps=[8], num_stages=[2])  # fp32-IEEE at Ev = 512
 
 _fwd_kernel = LazyKernel(
     _attn_fwd,
@@ -380,15 +453,17 @@ _fwd_kernel = LazyKernel(
     + configs(BLOCK_M=[64, 128], BLOCK_N=[128], BLOCK_EV=[64, 128], num_warps=[4, 8], num_stages=[2, 3])
     + configs(BLOCK_M=[32, 64], BLOCK_N=[32], BLOCK_EV=[32, 64], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
     interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_EV": 64}),
-    key=_TUNE_KEY,
+    key=_TUNE_KEY + ["SPLIT_KV"],
     prune=make_prune(_shared_fwd, _live_fwd, budget=144, caps=_caps_fwd, operand="Q",
                      calibration=lambda a: ("_attn_fwd", a["BLOCK_E"])),
 )
+_combine_kernel = LazyKernel(_attn_fwd_combine)
 _delta_kernel = LazyKernel(_attn_bwd_delta)
 _dkdv_kernel = LazyKernel(
     _attn_bwd_dkdv,
     configs=configs(BLOCK_M=[32, 64], BLOCK_N=[64, 128], num_warps=[4, 8], num_stages=[2, 3, 4])
-    + configs(BLOCK_M=[16, 32], BLOCK_N=[32], num_warps=[8], num_stages=[2]),  # fp32-IEEE / fp64
+    + configs(BLOCK_M=[16, 32], BLOCK_N=[32], num_warps=[8], num_stages=[2])  # fp32-IEEE / fp64
+    + _DKDV_FUSED_CONFIGS,
     interpreter_config=triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}),
     key=_TUNE_KEY + ["COMPUTE_DK", "COMPUTE_DV", "BLOCK_EV"],
     prune=make_prune(_shared_bwd("BLOCK_N", "BLOCK_M", 2), _live_bwd("BLOCK_N", "BLOCK_M"),
@@ -409,7 +484,14 @@ _dq_kernel = LazyKernel(
 )
 
 
-_DKDV_EV = 128  # widest Ev the dK/dV kernel takes in one tile (its dV accumulator is r x Ev)
+# Widest Ev the fused dK/dV path takes (one BLOCK_N x Ev fp32 dV accumulator; DANet's width) on
+# launches that specialise as the calibrated one, where its configs were measured to compile clean
+# (fp16/bf16: BLOCK_N = 32 on sm_80, 32 or 64 on sm_90; fp32-IEEE: BLOCK_N = 16 or 32 with
+# BLOCK_M = 16). Elsewhere (unaligned strides, fp64, TF32) up to _DKDV_SLICE_EV, whose estimates
+# were fitted. Wider Ev goes to the split path: a dK launch whose dP loops over Ev slices and a dV
+# launch with an Ev slice per program, each recomputing P; its registers stay bounded at any Ev.
+_DKDV_FUSED_EV = 512
+_DKDV_SLICE_EV = 128  # the split path's Ev slice, and the fused limit where not calibrated
 # Widest Ev whose dO tile the dQ kernel keeps resident: 512 (DANet's width) for tensor-core dtypes
 # on launches that specialise as the calibrated one (attnseg/triton/calibration.py), where the
 # kept configs were measured to compile clean. Elsewhere 128, as the dK/dV kernel: fp32/fp64 dots
@@ -420,14 +502,19 @@ _DQ_RESIDENT_EV = {torch.float16: 512, torch.bfloat16: 512}
 
 
 _DQ_ARG_NAMES = tuple(inspect.signature(_attn_bwd_dq).parameters)
+_DKDV_ARG_NAMES = tuple(inspect.signature(_attn_bwd_dkdv).parameters)
 
 
-def _bwd_ev_tile(ev: int) -> tuple[int, bool]:
-    """(BLOCK_EV, whether Ev fits one tile) for the dK/dV kernel."""
-    limit = 64 if interpreting() else _DKDV_EV  # small under the interpreter so tests reach both paths
+def _bwd_ev_tile(ev: int, calibrated: bool = True) -> tuple[int, bool]:
+    """(BLOCK_EV, whether the fused dK/dV path runs) for the dK/dV kernel: Ev up to
+    ``_DKDV_FUSED_EV`` in one tile where the launch specialises as the calibrated one
+    (``calibrated``; always under the interpreter, which has no registers), up to
+    ``_DKDV_SLICE_EV`` elsewhere; wider Ev in ``_DKDV_SLICE_EV``-wide slices (64 under the
+    interpreter, so that small tests reach several slices)."""
+    limit = _DKDV_FUSED_EV if calibrated or interpreting() else _DKDV_SLICE_EV
     if ev <= limit:
         return pow2(ev), True
-    return limit, False
+    return (64 if interpreting() else _DKDV_SLICE_EV), False
 
 
 def _dq_ev_tile(ev: int, dtype: torch.dtype, calibrated: bool = True) -> tuple[int, bool]:
@@ -438,10 +525,49 @@ def _dq_ev_tile(ev: int, dtype: torch.dtype, calibrated: bool = True) -> tuple[i
     if interpreting():  # tests: Ev = 96 resident (dK/dV sliced), Ev = 512 sliced
         limit = 128
     else:
-        limit = _DQ_RESIDENT_EV.get(dtype, _DKDV_EV) if calibrated else _DKDV_EV
+        limit = _DQ_RESIDENT_EV.get(dtype, _DKDV_SLICE_EV) if calibrated else _DKDV_SLICE_EV
     if ev <= limit:
         return pow2(ev), True
-    return _bwd_ev_tile(ev)[0], False
+    return (64 if interpreting() else _DKDV_SLICE_EV), False
+
+
+# Split-KV forward: where the forward's programs (query blocks x Ev slices x batch) are fewer than
+# _FILL_WAVES waves of the GPU's SMs, the keys are split too. Counted at the reference tile (128
+# queries, 128 Ev columns: FA2's query tile, the middle of the Ev slices the configs offer), since
+# the split is decided before autotuning picks the block sizes.
+_FILL_WAVES = 2
+_FILL_TILE = 128
+_MIN_SPLIT_KEYS = 256  # keys per split at least (two BLOCK_N = 128 tiles), a multiple of every BLOCK_N
+_MAX_KV_SPLITS = 16
+
+
+def multiprocessor_count(device: torch.device) -> Optional[int]:
+    """The SMs of a CUDA ``device``; None on the CPU and under the interpreter (treated as large:
+    no split-KV)."""
+    device = torch.device(device)
+    if device.type != "cuda" or interpreting():
+        return None
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def kv_splits(batch: int, nq: int, nk: int, ev: int, sms: Optional[int]) -> tuple[int, int]:
+    """(splits, keys per split) of the keys for the forward: 1 where the unsplit grid,
+    ``batch · ceil(nq / 128) · ceil(ev / 128)`` programs, reaches ``_FILL_WAVES`` waves of
+    ``sms`` SMs (or ``sms`` is None); otherwise enough splits to reach them, at most
+    ``_MAX_KV_SPLITS`` and no fewer than ``_MIN_SPLIT_KEYS`` keys each (the last split ragged).
+
+    B = 1, N = 9,216, Ev = 512 on 132 SMs: 72 · 4 = 288 programs >= 264, no split."""
+    if sms is None or sms <= 0:
+        return 1, nk
+    programs = batch * triton.cdiv(nq, _FILL_TILE) * triton.cdiv(ev, _FILL_TILE)
+    target = _FILL_WAVES * sms
+    if programs >= target:
+        return 1, nk
+    splits = min(triton.cdiv(target, programs), triton.cdiv(nk, _MIN_SPLIT_KEYS), _MAX_KV_SPLITS)
+    if splits <= 1:
+        return 1, nk
+    split_len = triton.cdiv(triton.cdiv(nk, splits), _MIN_SPLIT_KEYS) * _MIN_SPLIT_KEYS
+    return triton.cdiv(nk, split_len), split_len
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,17 +602,37 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     if b == 0:  # an empty batch: nothing to launch (a grid may not have a zero dimension)
         return out, lse
     scale_hi, scale_lo = _scale_pair(scale)
+    splits, split_len = kv_splits(b, nq, nk, ev, multiprocessor_count(q.device))
+    if splits > 1:  # partial (out, lse) per key split in an fp32 workspace, then the combine kernel
+        out_part = torch.empty((splits, b, nq, ev), dtype=lse.dtype, device=q.device)
+        lse_part = torch.empty((splits, b, nq), dtype=lse.dtype, device=q.device)
+        dest, dest_lse = out_part, lse_part
+        split_strides = (out_part.stride(0), lse_part.stride(0))
+        dest_strides = (*out_part.stride()[1:], *lse_part.stride()[1:])
+    else:
+        dest, dest_lse = out, lse
+        split_strides = (0, 0)
+        dest_strides = (*out.stride(), *lse.stride())
 
     def grid(meta):
-        return (triton.cdiv(nq, meta["BLOCK_M"]), triton.cdiv(ev, meta["BLOCK_EV"]), b)
+        return (triton.cdiv(nq, meta["BLOCK_M"]), triton.cdiv(ev, meta["BLOCK_EV"]) * splits, b)
 
     launch(
         _fwd_kernel, grid,
-        q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        nq, nk, e, ev, scale_hi, scale_lo, pow2(nq), pow2(nk),
-        BLOCK_E=pow2(e), DOT_PRECISION=dot_precision(q.dtype),
+        q, k, v, dest, dest_lse,
+        *q.stride(), *k.stride(), *v.stride(), *dest_strides, *split_strides,
+        nq, nk, e, ev, split_len if splits > 1 else 0, scale_hi, scale_lo, pow2(nq), pow2(nk),
+        SPLIT_KV=splits > 1, BLOCK_E=pow2(e), DOT_PRECISION=dot_precision(q.dtype),
     )
+    if splits > 1:
+        block_m, block_ev = 32, min(pow2(ev), 128)
+        launch(
+            _combine_kernel, (triton.cdiv(nq, block_m), triton.cdiv(ev, block_ev), b),
+            out_part, lse_part, out, lse,
+            *out_part.stride(), *lse_part.stride(), *out.stride(), *lse.stride(),
+            nq, ev, splits,
+            BLOCK_M=block_m, BLOCK_EV=block_ev,
+        )
     return out, lse
 
 
@@ -534,10 +680,12 @@ def attention_bwd(
         HAS_GRAD_LSE=has_grad_lse, BLOCK_M=block_m_delta, BLOCK_EV=min(pow2(ev), 128),
     )
 
-    # 2. dK, dV per key block
-    block_ev, ev_single = _bwd_ev_tile(ev)
+    # 2. dK, dV per key block: one launch (fused) or a dK and a dV launch (split, Ev too wide)
     common = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride())
     dkdv_args = (q, k, v, grad_out, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(), *sizes)
+    calibrated = (dtype_name(q.dtype, precision) is not None
+                  and specialises_as_calibrated("_attn_bwd_dkdv", dict(zip(_DKDV_ARG_NAMES, dkdv_args))))
+    block_ev, ev_single = _bwd_ev_tile(ev, calibrated)
     if ev_single:
         modes = [(True, True, 1)]
     else:

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["SHARED_MEMORY", "compile_config", "cuobjdump", "danet_launches", "kept_configs", "record_launches",
-           "resource_usage"]
+__all__ = ["SHARED_MEMORY", "compile_config", "count_opcode", "cuobjdump", "danet_launches", "kept_configs",
+           "record_launches", "resource_usage", "sass"]
 
 # Opt-in shared memory per block (bytes) of an A100 (sm_80) and an H100 (sm_90): what the
 # prune filters read from the device on a GPU.
@@ -133,6 +133,20 @@ def compile_config(kernel, args, kwargs, config, arch: int):
     source = ASTSource(jit_fn, signature, constexprs, attrs)
     options = {"num_warps": config.num_warps, "num_stages": config.num_stages}
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def sass(compiled) -> str:
+    """The SASS of a compiled kernel (``cuobjdump -sass`` of its cubin)."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        return subprocess.run([str(cuobjdump()), "-sass", f.name], capture_output=True, text=True, check=True).stdout
+
+
+def count_opcode(sass_text: str, opcode: str) -> int:
+    """How many instructions of ``sass_text`` have the opcode ``opcode`` (``HGMMA`` counts
+    ``HGMMA.64x128x16.F32`` and the like; predicated instructions included)."""
+    return len(re.findall(rf"^\s*/\*[0-9a-f]+\*/\s+(?:@!?U?P\w+\s+)?{opcode}(?:\.|\s)", sass_text, re.MULTILINE))
 
 
 def resource_usage(compiled) -> tuple[int, int]:
