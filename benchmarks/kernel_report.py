@@ -1095,7 +1095,7 @@ def triton_sweep(arch: int, dtype: str, n: int, kept_only: bool, kernels: frozen
             if kept_only and not is_kept:
                 continue
             key = f"{kernel.__name__}|{mode}|{sorted(config.kwargs.items())}|{config.num_warps}|{config.num_stages}"
-            # sm_90: count wgmma (HGMMA in SASS) too, for kept configs (a full sweep skips it for speed)
+            # sm_90: count wgmma (HGMMA in SASS) too, for the kept configs only (cuobjdump -sass costs time)
             wants_sass = arch >= 90 and is_kept
             cached = key in cache and (not wants_sass or "hgmma" in cache[key] or "error" in cache[key])
             if not cached:
