@@ -968,3 +968,31 @@ if __name__ == "__main__":
             verdict = ("kept" if config in kept else "drop") + ("" if (config in kept) == fits else "  <-- mismatch")
             print(f"  {verdict:20s} {str(config.kwargs):55s} w{config.num_warps} s{config.num_stages} "
                   f"regs {regs:3d} spill {stack:5d} B shared {shared:6d} B", flush=True)
+
+
+def test_prune_takes_the_config_a_gpu_run_measured(monkeypatch):
+    """Where attnseg/triton/tuned holds a measured best config for a calibrated launch, the prune
+    keeps only it (no autotuning); elsewhere it keeps what calibration keeps."""
+    import triton
+
+    import attnseg.triton as at
+
+    configs = [triton.Config({"BLOCK_M": m}, num_warps=4, num_stages=2) for m in (32, 64, 128)]
+    monkeypatch.setattr(at, "device_limits", lambda device: (200_000, 9))
+    monkeypatch.setattr(at, "_calibrated_clean",
+                        lambda calibration, args, major, dtype: {at.config_signature(c): 1_000 for c in configs})
+    seen = []
+
+    def narrow(kept, kernel_name, args, device):
+        seen.append(kernel_name)
+        return [c for c in kept if c.kwargs["BLOCK_M"] == 64] or kept
+
+    monkeypatch.setattr(at.tuned, "narrow", narrow)
+    prune = at.make_prune(lambda *a: 0, lambda *a: 1, 1 << 30, lambda args: {}, "q",
+                          calibration=lambda args: ("_attn_fwd", "fwd"))
+    args = {"q": torch.empty(2, 2, dtype=torch.float16), "DOT_PRECISION": "ieee"}
+    kept = prune(configs, args)
+    assert seen == ["_attn_fwd"] and [c.kwargs["BLOCK_M"] for c in kept] == [64]
+    uncalibrated = at.make_prune(lambda *a: 0, lambda *a: 1, 1 << 30, lambda args: {}, "q")
+    monkeypatch.setattr(at, "_calibrated_clean", lambda *a: None)
+    assert len(uncalibrated(configs, args)) == 3 and seen == ["_attn_fwd"]
