@@ -522,6 +522,9 @@ def gemm_throughput(payload: dict) -> dict:
 
 
 PAIRED_GEMM_CALLS = 2  # a paired roofline reading: the faster of this many torch.mm calls
+# A paired reading's torch.mm takes about this long: it is read before every timed call of every
+# case, so it is sized shorter than the sweep's roofline GEMM (GEMM_PROBE_TARGET_S).
+PAIRED_GEMM_TARGET_S = 0.1
 
 
 class PairedGemmProbe:
@@ -537,7 +540,7 @@ class PairedGemmProbe:
     the call's "of roof"."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype, calls: int = PAIRED_GEMM_CALLS):
-        self.size = gemm_probe_size(device, dtype)
+        self.size = gemm_probe_size(device, dtype, PAIRED_GEMM_TARGET_S)
         self.a, self.b = (torch.randn(self.size, self.size, device=device).to(dtype) for _ in range(2))
         # into a buffer made once: a 16 MiB result allocated and freed per reading would move glibc's
         # mmap threshold and so change the case's own peak-memory reading

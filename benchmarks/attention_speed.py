@@ -113,7 +113,10 @@ IMPLS = ("triton", "native", "chunked", "reference", "sdpa")
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 BASELINE = "reference"
-FUSED_IMPLS = ("triton", "native", "chunked")  # their backward recomputes S = q kᵀ
+FUSED_IMPLS = ("triton", "native", "chunked")
+# Every product of these is a library GEMM in the input dtype, so their time follows torch.mm's rate
+# in it (0.2-3 GFLOP/s for bf16 on a CPU without bf16 instructions): --max-case-s applies to them.
+GEMM_BOUND_IMPLS = ("chunked", "reference")  # their backward recomputes S = q kᵀ
 CASE_TIMEOUT_S = 1800.0
 FLOP_CONVENTION = ("useful FLOPs (the reference's matmuls, 1 multiply-add = 2 FLOPs, softmax not counted), "
                    "the same count for every row: fwd 2·B·N²·(E + Ev); fwd+bwd 3× that, "
@@ -251,7 +254,7 @@ def run_case(payload: dict) -> dict:
 @dataclasses.dataclass
 class CaseResult:
     case: Case
-    status: str = "pending"  # then "ok" or "failed"
+    status: str = "pending"  # then "ok", "failed" or "skipped"
     reason: str = ""
     detail: str = ""
     times_s: list[float] = dataclasses.field(default_factory=list)
@@ -307,6 +310,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--warmups", type=int, default=None, help="untimed calls first (default 3 CUDA, 1 CPU)")
     parser.add_argument("--time-budget", type=float, default=60.0,
                         help="stop repeating a case once its timed calls add up to this many seconds (default 60)")
+    parser.add_argument("--max-case-s", type=float, default=10.0,
+                        help="skip a chunked or reference case that the measured torch.mm rate predicts to take "
+                             "longer than this (default 10 s; such rates are bf16 on a CPU without bf16 instructions)")
     parser.add_argument("--quick", action="store_true",
                         help=f"CI/plumbing: sizes {QUICK_SIZES}, 1 warm-up, 1 repeat (unless given)")
     parser.add_argument("--paired-roofline", action="store_true",
@@ -343,9 +349,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+def skip_slow_cases(results: list[CaseResult], roofline: GemmRoofline, max_case_s: float) -> None:
+    """Skip the GEMM-bound cases that the measured torch.mm rate predicts to take longer than
+    ``max_case_s`` (warm-up and one timed call at the case's FLOPs over that rate: a lower bound)."""
+    rate = roofline.flop_per_s
+    if not rate:
+        return
+    for r in results:
+        if r.case.impl in GEMM_BOUND_IMPLS:
+            predicted = (r.case.warmups + 1) * r.case.useful_flop / rate
+            if predicted > max_case_s:
+                r.status = "skipped"
+                r.reason = f"predicted > {max_case_s:g} s"
+                r.detail = (f"predicted at least {predicted:,.0f} s (torch.mm {r.case.dtype} at {rate / 1e9:.3g} GFLOP/s "
+                            f"here); --max-case-s {predicted * 1.5:.0f} runs it")
+
+
 def run_all(results: list[CaseResult], args, runner: IsolatedRunner) -> None:
     headroom = available_memory_bytes() if args.device == "cpu" else None  # fail cleanly, not by OOM killer
     for index, result in enumerate(results, 1):
+        if result.status == "skipped":
+            progress(f"[{index}/{len(results)}] {result.case.label}: skipped, {result.detail}")
+            continue
         progress(f"[{index}/{len(results)}] {result.case.label} ...", end="")
         outcome = runner.run(run_case, dataclasses.asdict(result.case), timeout_s=CASE_TIMEOUT_S,
                              memory_headroom_bytes=headroom)
@@ -376,7 +401,7 @@ def table_rows(results: list[CaseResult], roofline: GemmRoofline) -> list[list[s
         measured = [format_seconds(r.median_s), f"{r.tflops:.3g}", format_mib(r.peak_mib),
                     format_ratio(r.median_s, reference_time(results, c)),
                     format_seconds(roof_s) if roof_s else "-", format_ratio(of_roof, 1.0)] \
-            if r.status == "ok" else [f"failed: {r.reason}", "", "", "", "", ""]
+            if r.status == "ok" else [f"{r.status}: {r.reason}", "", "", "", "", ""]
         rows.append([f"{c.n:,}", f"{c.height}x{c.width}", c.mode, c.impl, *measured])
     return rows
 
@@ -459,6 +484,7 @@ def main(argv=None) -> int:
 
     roofline = GemmRoofline(runner, args.device, args.dtype, args.threads)
     roofline.measure()
+    skip_slow_cases(results, roofline, args.max_case_s)
     run_all(results, args, runner)
     roofline.measure()
     print(format_table(["N", "H x W", "mode", "impl", "median", "TFLOP/s", "peak MiB", "vs ref", "roofline", "of roof"],
@@ -479,7 +505,7 @@ def main(argv=None) -> int:
               f"'of roof' is at most {' / '.join(f'{c:.3f}' for c in ceilings)} here even at GEMM speed: "
               f"3(E + Ev) / (3(E + Ev) + E)")
     notes = sorted({f"sdpa picked its {r.sdpa_kernel} kernel ({r.case.mode})" for r in results if r.sdpa_kernel})
-    notes += [f"{r.case.label} failed: {r.detail or r.reason}" for r in results if r.status == "failed"]
+    notes += [f"{r.case.label} {r.status}: {r.detail or r.reason}" for r in results if r.status in ("failed", "skipped")]
     notes += [f"{r.case.label}: {len(r.times_s)} timed call(s), --time-budget reached"
               for r in results if r.status == "ok" and len(r.times_s) < args.repeats]
     if notes:

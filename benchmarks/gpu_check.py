@@ -132,9 +132,9 @@ CASE_OVERHEAD_S = 0.05  # inputs, gc and the allocator between cases (a guess)
 TRITON_COMPILE_S = 1.0
 TRITON_BENCH_S = 0.15
 TRITON_CACHED_S = 0.05  # a precompiled config loaded from the disk cache (a guess)
-TRITON_KEPT = {("_attn_fwd", "half"): 36, ("_attn_bwd_dkdv", "half"): 50, ("_attn_bwd_dq", "half"): 16,
+TRITON_KEPT = {("_attn_fwd", "half"): 16, ("_attn_bwd_dkdv", "half"): 50, ("_attn_bwd_dq", "half"): 16,
                ("_cam_nt_partial", "half"): 32, ("_cam_apply", "half"): 16, ("_cam_grad_x", "half"): 16,
-               ("_attn_fwd", "float32"): 4, ("_attn_bwd_dkdv", "float32"): 4, ("_attn_bwd_dq", "float32"): 1,
+               ("_attn_fwd", "float32"): 11, ("_attn_bwd_dkdv", "float32"): 4, ("_attn_bwd_dq", "float32"): 1,
                ("_cam_nt_partial", "float32"): 30, ("_cam_apply", "float32"): 16, ("_cam_grad_x", "float32"): 6}
 TRITON_UNALIGNED_LAUNCHES = 3  # launches per kernel compiled again for N = 9,409 (their best config): a guess
 PRECOMPILE_PROCESSES = 12
