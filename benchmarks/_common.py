@@ -465,14 +465,14 @@ def measure_call(call: Callable[[], Any], meter: PeakMemoryMeter, *, repeats: in
             break
         prepare()
         meter.start()
-        times.append(_time_call(call, meter, cuda_events))
+        times.append(time_call(call, meter, cuda_events))
         peak = meter.stop()
         if meter.resettable:
             peaks.append(peak)
     return CallMeasurement(max(peaks), times)
 
 
-def _time_call(call: Callable[[], Any], meter: PeakMemoryMeter, cuda_events: bool) -> float:
+def time_call(call: Callable[[], Any], meter: PeakMemoryMeter, cuda_events: bool) -> float:
     """Seconds one ``call`` takes (the meter synchronizes its device after it)."""
     if cuda_events:
         begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -501,7 +501,7 @@ def gemm_probe_size(device: torch.device, dtype: torch.dtype, target_s: float = 
     a, b = (torch.randn(GEMM_PROBE_SIZE, GEMM_PROBE_SIZE, device=device).to(dtype) for _ in range(2))
     meter = PeakMemoryMeter(device)
     torch.mm(a, b)  # warm-up
-    seconds = min(_time_call(lambda: torch.mm(a, b), meter, device.type == "cuda") for _ in range(3))
+    seconds = min(time_call(lambda: torch.mm(a, b), meter, device.type == "cuda") for _ in range(3))
     rate = 2 * GEMM_PROBE_SIZE**3 / max(seconds, 1e-9)
     size = int((rate * target_s / 2) ** (1 / 3)) // 128 * 128
     return max(GEMM_PROBE_SIZE, min(GEMM_ROOFLINE_SIZE, size))
@@ -551,7 +551,7 @@ class PairedGemmProbe:
         self.meter.synchronize()
 
     def read(self) -> None:
-        fastest = min(_time_call(lambda: torch.mm(self.a, self.b, out=self.c), self.meter, self.cuda_events)
+        fastest = min(time_call(lambda: torch.mm(self.a, self.b, out=self.c), self.meter, self.cuda_events)
                       for _ in range(self.calls))
         self.readings.append(2 * self.size**3 / fastest)
 

@@ -71,7 +71,7 @@ from pathlib import Path
 
 import torch
 
-from _common import REPO_ROOT, PeakMemoryMeter, forward_call, format_ratio, import_attnseg, progress
+from _common import REPO_ROOT, PeakMemoryMeter, forward_call, format_ratio, import_attnseg, progress, time_call
 
 GIB, MIB = 1024**3, 1024**2
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -530,17 +530,7 @@ def _refusal(case: Case, exc: BaseException) -> str | None:
 def _time_one(call, meter: PeakMemoryMeter, cuda: bool) -> tuple[float, float]:
     """(seconds, peak MiB) of one call: CUDA events on a GPU, perf_counter on the CPU."""
     meter.start()
-    if cuda:
-        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        begin.record()
-        call()
-        end.record()
-        meter.synchronize()
-        seconds = begin.elapsed_time(end) / 1e3
-    else:
-        started = time.perf_counter()
-        call()
-        seconds = time.perf_counter() - started
+    seconds = time_call(call, meter, cuda)
     return seconds, meter.stop()
 
 

@@ -78,11 +78,11 @@ def test_gemm_probe_is_sized_to_the_measured_rate(monkeypatch):
 
     _common = common
     # a GEMM rate of 0.2 GFLOP/s (bf16 without bf16 instructions): the probe shrinks to the floor
-    monkeypatch.setattr(_common, "_time_call", lambda call, meter, cuda_events: 2 * 256**3 / 0.2e9)
+    monkeypatch.setattr(_common, "time_call", lambda call, meter, cuda_events: 2 * 256**3 / 0.2e9)
     assert _common.gemm_probe_size(torch.device("cpu"), torch.float32) == _common.GEMM_PROBE_SIZE
     # 100 GFLOP/s: (1e11 · 0.5 / 2)^(1/3) = 2,924, capped at the full size
-    monkeypatch.setattr(_common, "_time_call", lambda call, meter, cuda_events: 2 * 256**3 / 1e11)
+    monkeypatch.setattr(_common, "time_call", lambda call, meter, cuda_events: 2 * 256**3 / 1e11)
     assert _common.gemm_probe_size(torch.device("cpu"), torch.float32) == _common.GEMM_ROOFLINE_SIZE
     # 2.6 GFLOP/s: (2.6e9 · 0.25)^(1/3) = 866 -> 768, a 0.35 s product
-    monkeypatch.setattr(_common, "_time_call", lambda call, meter, cuda_events: 2 * 256**3 / 2.6e9)
+    monkeypatch.setattr(_common, "time_call", lambda call, meter, cuda_events: 2 * 256**3 / 2.6e9)
     assert _common.gemm_probe_size(torch.device("cpu"), torch.float32) == 768
