@@ -1066,10 +1066,10 @@ std::vector<double> cpu_attention_plan(int64_t batch, int64_t nq, int64_t nk, in
   const ModelledRun forward_unsplit = model_independent(forward_task_costs(batch, nq, nk, ev, kF32FwdMaxBlockM, 1), threads);
   // channel-first q and dO: q's rows and dO's rows laid out per chunk; a channel-first dq: the row buffer
   const BackwardSplit backward = backward_split(batch, nq, nk, e, ev, kF32BwdBlockN, kF32BwdChunk, true, true, threads);
-  const BackwardSplit shape_only = backward_split(batch, nq, nk, e, ev, kF32BwdBlockN, kF32BwdChunk, true, true, 1);
   const int64_t chunk_rows = std::min(nq, kF32BwdChunk), groups = backward_groups(batch, nk, kF32BwdBlockN);
-  const ModelledRun backward_unsplit = model_backward(batch, nq, nk, e, ev, kF32BwdBlockN, chunk_rows, groups,
-                                                      shape_only.row_parts, true, true, threads);
+  const ModelledRun backward_unsplit =
+      model_backward(batch, nq, nk, e, ev, kF32BwdBlockN, chunk_rows, groups,
+                     backward_row_parts(batch, nq, nk, kF32BwdBlockN, kF32BwdChunk), true, true, threads);
   return {double(forward.block_m), double(forward.key_parts), forward.run.idle_share(), forward_unsplit.idle_share(),
           double(backward.row_parts), backward.run.idle_share(), backward_unsplit.idle_share()};
 }
